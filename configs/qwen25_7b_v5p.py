@@ -1,0 +1,33 @@
+"""Qwen2.5-7B on a v5p-64 slice (32 chips, 4 hosts): FSDP across the slice, 4-way tensor.
+
+    python -m k15.main --config=configs/qwen25_7b_v5p.py --workdir=gs://BUCKET/k15/qwen7b \
+        --config.model_path=/path/to/Qwen2.5-7B-Instruct
+
+Launch it on every host with launch/run.sh (see launch/README.md). The keys are the same as
+configs/tiny_cpu.py; `:runlocal=True` shrinks it to a CPU-sized model with the same structure.
+"""
+
+from k15 import config as k15_config
+
+
+def get_config(arg=None):
+  arg = k15_config.parse_arg(arg, runlocal=False)
+  c = k15_config.base(mode="smoke")
+  c.distributed = True
+  # Qwen2.5-7B (config.json of the released checkpoint).
+  c.model = k15_config.model_block(
+      vocab_size=152_064, embed_dim=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+      head_dim=128, mlp_dim=18_944, rope_theta=1_000_000.0, norm_eps=1e-6,
+      tie_embeddings=False, qkv_bias=True, param_dtype="float32", dtype="bfloat16",
+      attention_impl="splash", attention_block_size=512, remat="full")
+  c.model_path = ""  # a Hugging Face checkpoint directory; empty = random init
+  # 32 chips: 8-way FSDP x 4-way tensor (28 query and 4 kv heads both split 4 ways).
+  c.mesh = k15_config.mesh_block(data=1, fsdp=-1, tensor=4)
+  c.smoke = dict(batch=32, length=2048)
+  if arg.runlocal:
+    c.distributed = False
+    c.model.update(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=16, mlp_dim=128, dtype="float32", attention_impl="reference")
+    c.mesh = k15_config.mesh_block(data=-1)
+    c.smoke = dict(batch=8, length=32)
+  return c

@@ -1,0 +1,80 @@
+"""Helpers shared by the ml-collections files in configs/.
+
+A config file's `get_config(arg)` takes a short string of structural options
+(`--config=configs/tiny_cpu.py:runlocal=True,layers=4`); `parse_arg` turns it into a
+ConfigDict with typed defaults, and refuses keys it does not know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from k15 import parallel
+from k15.model import transformer
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """'a=1,b=x' -> ConfigDict(a=1, b='x'), typed like the defaults; unknown keys are an error."""
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, sep, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config arg {key!r} is not one of {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if not sep or value.lower() in ("1", "true", "yes"):
+        parsed: Any = True
+      elif value.lower() in ("0", "false", "no"):
+        parsed = False
+      else:
+        raise ValueError(f"config arg {key}={value!r}: expected true or false")
+    elif isinstance(default, (int, float)):
+      try:
+        parsed = type(default)(value)
+      except ValueError as e:
+        raise ValueError(f"config arg {key}={value!r}: expected {type(default).__name__}") from e
+    else:
+      parsed = value
+    out[key] = parsed
+  return out
+
+
+def model_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """The `model` block: every ModelConfig field, so each one is overridable by flag."""
+  fields = {f.name: f.default for f in dataclasses.fields(transformer.ModelConfig)}
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ValueError(f"unknown model keys {unknown}")
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def mesh_block(**sizes: int) -> ml_collections.ConfigDict:
+  """The `mesh` block: one size per mesh axis; -1 takes the remaining devices."""
+  out = {a: 1 for a in parallel.MESH_AXES}
+  out.update(sizes)
+  return ml_collections.ConfigDict(out)
+
+
+def base(mode: str = "smoke", seed: int = 0) -> ml_collections.ConfigDict:
+  """Keys every config has, with their defaults."""
+  c = ml_collections.ConfigDict()
+  c.mode = mode
+  c.seed = seed
+  c.mesh = mesh_block(data=-1)
+  # Logical axis -> mesh axes; see k15.parallel.DEFAULT_RULES for the names.
+  c.sharding_rules = tuple(parallel.DEFAULT_RULES)
+  # Multi-host: on a TPU pod slice set distributed=True (or K15_DISTRIBUTED=1) and leave the
+  # rest empty; jax finds the coordinator itself.
+  c.distributed = False
+  c.distributed_coordinator_address = ""
+  c.distributed_num_processes = 0
+  c.distributed_process_id = -1
+  return c

@@ -1,0 +1,42 @@
+r"""The one entry point of k15.
+
+    python -m k15.main --config=configs/tiny_cpu.py --workdir=/tmp/k15_tiny \
+        [--config.model.num_layers=4 ...]
+
+`config.mode` picks what runs. Every config key can be overridden on the command line; a key
+that does not exist is an error (the config is locked).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from k15 import parallel
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/tiny_cpu.py", "Path to an ml-collections config file[:args].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "", "Where outputs, checkpoints and logs go.")
+
+# mode -> module with `run(config, workdir)`.
+MODES = {
+    "smoke": "k15.smoke",
+}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config.mode not in MODES:
+    raise app.UsageError(f"config.mode={config.mode!r}; expected one of {sorted(MODES)}")
+  parallel.maybe_initialize_distributed(config)
+  logging.info("config:\n%s", config)
+  importlib.import_module(MODES[config.mode]).run(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,366 @@
+"""Attention with interchangeable implementations: reference, flash-style, TPU splash.
+
+One function, `attend`, serves training on packed sequences, prefill of left-padded prompts and
+single-token decode against a KV cache, because visibility is defined by segment ids and
+positions rather than by array indices:
+
+  key s is visible to query t  iff  kv_segment_ids[s] == q_segment_ids[t] != 0
+                                and kv_positions[s] <= q_positions[t].
+
+Long chain-of-thought RL (k1.5 §2.6, rollouts and training at up to 128k tokens) needs attention
+whose memory grows linearly with length; "flash" provides that in plain JAX on every backend,
+"splash" uses the Pallas kernel that ships with JAX on TPU.
+
+Einsum letters:
+  B batch, T query length, S key length, N query heads, K key/value heads, G = N // K query heads
+  per kv head (grouped-query attention: query head n = k * G + g uses kv head k), H head dim,
+  Q / C a query / key block.
+"""
+
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+IMPLS = ("reference", "flash", "splash")
+
+# A finite stand-in for -inf: exp(_NEG - _NEG) is 1, not NaN, so rows that see no key stay finite
+# (their weights are zeroed by the mask, never by underflow alone).
+_NEG = -1e30
+_INT_MAX = jnp.iinfo(jnp.int32).max
+_INT_MIN = jnp.iinfo(jnp.int32).min
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    impl: str = "reference",
+    block_size: int = 512,
+    scale: float | None = None,
+) -> jax.Array:
+  """Grouped-query attention with segment ids and position-based causality.
+
+  Args:
+    q: [B, T, N, H] queries.
+    k: [B, S, K, H] keys, with N % K == 0 (query head n uses kv head n // (N // K)).
+    v: [B, S, K, H] values.
+    q_segment_ids: int32 [B, T]; 0 marks padding, which attends to nothing.
+    kv_segment_ids: int32 [B, S]; 0 marks padding, which is never attended to.
+    q_positions: int32 [B, T].
+    kv_positions: int32 [B, S].
+    impl: "reference" (einsum + mask, materializes [B, N, T, S] scores), "flash" (blockwise online
+      softmax, O(T + S) memory in forward and backward; falls back to the reference when
+      T * S <= block_size ** 2, e.g. single-token decode, where the score matrix is no larger than
+      one block), or "splash" (TPU only, Pallas splash-attention kernel; it applies causality by
+      index, which equals causality by position when positions increase by 1 within each
+      segment, as in packed training rows and left-padded prompts; needs T == S and otherwise,
+      e.g. in decode, runs "flash").
+    block_size: query and key block length for "flash" and "splash" (a multiple of 128 for splash).
+    scale: score scale; defaults to H ** -0.5.
+
+  Returns:
+    [B, T, N, H] in q.dtype. A query that sees no key returns zeros, with finite gradients.
+  """
+  _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+  if impl not in IMPLS:
+    raise ValueError(f"Unknown attention impl={impl!r}; valid names: {', '.join(IMPLS)}.")
+  if not isinstance(block_size, int) or block_size <= 0:
+    raise ValueError(f"attention block_size must be a positive int, got {block_size!r}.")
+  if scale is None:
+    scale = q.shape[-1] ** -0.5
+  scale = float(scale)
+  seg_pos = (q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+
+  if impl == "splash":
+    backend = jax.default_backend()
+    if backend != "tpu":
+      raise ValueError(
+          f"attention impl='splash' needs a TPU (Pallas TPU kernel), but the JAX backend is "
+          f"{backend!r}; use impl='flash' or 'reference'.")
+    if q.shape[1] == k.shape[1]:
+      return _splash(q, k, v, q_segment_ids, kv_segment_ids, scale=scale, block_size=block_size)
+    impl = "flash"  # Decode / chunked prefill: splash's index causality does not apply.
+
+  t, s = q.shape[1], k.shape[1]
+  if impl == "reference" or t * s <= block_size**2:
+    return _reference(q, k, v, *seg_pos, scale=scale)
+  return _flash_padded(q, k, v, *seg_pos, scale=scale, block_size=block_size)
+
+
+def _check_inputs(q, k, v, q_seg, kv_seg, q_pos, kv_pos) -> None:
+  """Raises ValueError naming the argument whose shape or dtype does not fit."""
+  if q.ndim != 4:
+    raise ValueError(f"attention q must be [B, T, N, H], got shape {q.shape}.")
+  if k.ndim != 4 or k.shape != v.shape:
+    raise ValueError(f"attention k and v must both be [B, S, K, H], got {k.shape} and {v.shape}.")
+  b, t, n, h = q.shape
+  if k.shape[0] != b or k.shape[3] != h:
+    raise ValueError(f"attention k {k.shape} does not match q {q.shape} in batch or head dim.")
+  if n % k.shape[2]:
+    raise ValueError(
+        f"attention needs query heads N={n} divisible by kv heads K={k.shape[2]} (GQA).")
+  for name, x, want in (("q_segment_ids", q_seg, (b, t)), ("kv_segment_ids", kv_seg, k.shape[:2]),
+                        ("q_positions", q_pos, (b, t)), ("kv_positions", kv_pos, k.shape[:2])):
+    if x.shape != tuple(want):
+      raise ValueError(f"attention {name} must have shape {tuple(want)}, got {x.shape}.")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"attention {name} must be an integer array, got dtype {x.dtype}.")
+
+
+def _visible(q_seg, q_pos, kv_seg, kv_pos) -> jax.Array:
+  """[B, Q], [B, C] ids and positions -> bool [B, Q, C]: which key each query may see."""
+  same = (q_seg[:, :, None] == kv_seg[:, None, :]) & (q_seg[:, :, None] != 0)
+  return same & (kv_pos[:, None, :] <= q_pos[:, :, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference.
+
+
+def _reference(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale):
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  # GQA by splitting query heads into [K, G], so k and v are never repeated.
+  qg = q.reshape(b, t, kh, n // kh, h)
+  # Scores and softmax in float32 whatever the input dtype.
+  s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+  mask = _visible(q_seg, q_pos, kv_seg, kv_pos)[:, None, None]  # [B, 1, 1, T, S]
+  s = jnp.where(mask, s, _NEG)
+  m = lax.stop_gradient(s.max(axis=-1, keepdims=True))  # Softmax is invariant to the shift.
+  p = jnp.where(mask, jnp.exp(s - m), 0.0)
+  l = p.sum(axis=-1, keepdims=True)
+  p = p / jnp.where(l == 0.0, 1.0, l)  # A row with no visible key is all zeros.
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flash-style: online softmax over key blocks (forward), FlashAttention-2 recomputation (backward).
+
+
+def _flash_padded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale, block_size):
+  """Pads T and S to whole blocks (padding has segment id 0) and runs `_flash`."""
+  t, s = q.shape[1], k.shape[1]
+  # Blocks no longer than the sequence, so a short query (decode, T=1) costs no padded work.
+  bq, bk = min(block_size, t), min(block_size, s)
+  pad_t, pad_s = -t % bq, -s % bk
+
+  def pad(x, n):
+    return jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
+
+  out = _flash(pad(q, pad_t), pad(k, pad_s), pad(v, pad_s), pad(q_seg, pad_t), pad(kv_seg, pad_s),
+               pad(q_pos, pad_t), pad(kv_pos, pad_s), scale, bq, bk)
+  return out[:, :t]
+
+
+def _to_blocks(x, size):
+  """[B, L, ...] -> [L // size, B, size, ...]: the block index leads, for scan and indexing."""
+  x = x.reshape(x.shape[0], x.shape[1] // size, size, *x.shape[2:])
+  return jnp.swapaxes(x, 0, 1)
+
+
+def _from_blocks(x):
+  """Inverse of `_to_blocks`."""
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _block_summary(seg, pos, size):
+  """Per block and batch row: (min, max) nonzero segment id, (min, max) position of real tokens.
+
+  Used to skip block pairs that cannot contain a visible (query, key) pair, which saves about
+  half the work for causal attention. The test is conservative: it never skips a needed block.
+  """
+  seg, pos = _to_blocks(seg, size), _to_blocks(pos, size)  # [nb, B, size]
+  real = seg != 0
+  return (jnp.where(real, seg, _INT_MAX).min(-1), jnp.where(real, seg, _INT_MIN).max(-1),
+          jnp.where(real, pos, _INT_MAX).min(-1), jnp.where(real, pos, _INT_MIN).max(-1))
+
+
+def _may_see(q_sum, kv_sum) -> jax.Array:
+  """Whether some query of a query block may see some key of a key block, in any batch row."""
+  q_seg_min, q_seg_max, _, q_pos_max = q_sum
+  kv_seg_min, kv_seg_max, kv_pos_min, _ = kv_sum
+  overlap = jnp.maximum(q_seg_min, kv_seg_min) <= jnp.minimum(q_seg_max, kv_seg_max)
+  return jnp.any(overlap & (kv_pos_min <= q_pos_max))
+
+
+def _split_heads(q, kh):
+  """[B, T, N, H] -> [B, T, K, G, H]."""
+  b, t, n, h = q.shape
+  return q.reshape(b, t, kh, n // kh, h)
+
+
+def _flash_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk):
+  """Padded inputs -> (out [B, T, N, H] in q.dtype, log-sum-exp [nq, B, K, G, Q] float32)."""
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  g = n // kh
+  qb = _to_blocks(_split_heads(q, kh), bq)  # [nq, B, Q, K, G, H]
+  kb, vb = _to_blocks(k, bk), _to_blocks(v, bk)  # [nk, B, C, K, H]
+  q_segb, q_posb = _to_blocks(q_seg, bq), _to_blocks(q_pos, bq)  # [nq, B, Q]
+  kv_segb, kv_posb = _to_blocks(kv_seg, bk), _to_blocks(kv_pos, bk)  # [nk, B, C]
+  q_sum, kv_sum = _block_summary(q_seg, q_pos, bq), _block_summary(kv_seg, kv_pos, bk)
+  nk = kb.shape[0]
+
+  def query_block(xs):
+    qi, qsi, qpi, qsum = xs
+
+    def key_block(j, carry):
+      def compute(carry):
+        o, m, l = carry  # [B, K, G, Q, H], [B, K, G, Q], [B, K, G, Q]
+        s = jnp.einsum("BQKGH,BCKH->BKGQC", qi, kb[j], preferred_element_type=jnp.float32)
+        mask = _visible(qsi, qpi, kv_segb[j], kv_posb[j])[:, None, None]  # [B, 1, 1, Q, C]
+        s = jnp.where(mask, s * scale, _NEG)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        alpha = jnp.exp(m - m_new)  # Rescales what was accumulated under the old maximum.
+        l = alpha * l + p.sum(axis=-1)
+        pv = jnp.einsum("BKGQC,BCKH->BKGQH", p.astype(v.dtype), vb[j],
+                        preferred_element_type=jnp.float32)
+        return alpha[..., None] * o + pv, m_new, l
+
+      kv_sum_j = jax.tree.map(lambda x: x[j], kv_sum)
+      return lax.cond(_may_see(qsum, kv_sum_j), compute, lambda c: c, carry)
+
+    init = (jnp.zeros((b, kh, g, bq, h), jnp.float32), jnp.full((b, kh, g, bq), _NEG, jnp.float32),
+            jnp.zeros((b, kh, g, bq), jnp.float32))
+    o, m, l = lax.fori_loop(0, nk, key_block, init)
+    seen = l > 0.0
+    o = o / jnp.where(seen, l, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    return jnp.einsum("BKGQH->BQKGH", o).astype(q.dtype), lse
+
+  ob, lse = lax.map(query_block, (qb, q_segb, q_posb, q_sum))
+  return _from_blocks(ob).reshape(b, t, n, h), lse
+
+
+def _flash_backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse, dout, scale, bq, bk):
+  """FlashAttention-2 backward: one pass over key blocks, recomputing probabilities from lse.
+
+  The outer scan runs over key blocks and accumulates dk, dv for its block; the inner loop runs
+  over query blocks and adds each block's share into a [T]-sized dq carried through the scan.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qb = _to_blocks(_split_heads(q, kh), bq)  # [nq, B, Q, K, G, H]
+  dob = _to_blocks(_split_heads(dout, kh), bq)
+  ob = _to_blocks(_split_heads(out, kh), bq)
+  # D_t = sum_h dout * out, the softmax-Jacobian correction: dS = P * (dP - D).
+  dd = jnp.einsum("nBQKGH,nBQKGH->nBKGQ", dob.astype(jnp.float32), ob.astype(jnp.float32))
+  q_segb, q_posb = _to_blocks(q_seg, bq), _to_blocks(q_pos, bq)
+  q_sum, kv_sum = _block_summary(q_seg, q_pos, bq), _block_summary(kv_seg, kv_pos, bk)
+  xs = (_to_blocks(k, bk), _to_blocks(v, bk), _to_blocks(kv_seg, bk), _to_blocks(kv_pos, bk),
+        kv_sum)
+  nq = qb.shape[0]
+
+  def key_block(dq, xs):
+    kj, vj, ksj, kpj, kv_sum_j = xs
+
+    def query_block(i, carry):
+      def compute(carry):
+        dq, dk, dv = carry
+        qi, doi = qb[i], dob[i]
+        s = jnp.einsum("BQKGH,BCKH->BKGQC", qi, kj, preferred_element_type=jnp.float32)
+        mask = _visible(q_segb[i], q_posb[i], ksj, kpj)[:, None, None]
+        p = jnp.where(mask, jnp.exp(s * scale - lse[i][..., None]), 0.0)  # [B, K, G, Q, C]
+        dv = dv + jnp.einsum("BKGQC,BQKGH->BCKH", p.astype(dout.dtype), doi,
+                             preferred_element_type=jnp.float32)
+        dp = jnp.einsum("BQKGH,BCKH->BKGQC", doi, vj, preferred_element_type=jnp.float32)
+        ds = p * (dp - dd[i][..., None]) * scale
+        dk = dk + jnp.einsum("BKGQC,BQKGH->BCKH", ds.astype(q.dtype), qi,
+                             preferred_element_type=jnp.float32)
+        dqi = jnp.einsum("BKGQC,BCKH->BQKGH", ds.astype(k.dtype), kj,
+                         preferred_element_type=jnp.float32)
+        return dq.at[i].add(dqi), dk, dv
+
+      q_sum_i = jax.tree.map(lambda x: x[i], q_sum)
+      return lax.cond(_may_see(q_sum_i, kv_sum_j), compute, lambda c: c, carry)
+
+    zeros = jnp.zeros(kj.shape, jnp.float32)
+    dq, dk, dv = lax.fori_loop(0, nq, query_block, (dq, zeros, zeros))
+    return dq, (dk, dv)
+
+  dq, (dk, dv) = lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32), xs)
+  dq = _from_blocks(dq).reshape(b, t, n, h).astype(q.dtype)
+  return dq, _from_blocks(dk).astype(k.dtype), _from_blocks(dv).astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _flash(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk):
+  """Flash attention on inputs padded to whole blocks of bq queries and bk keys."""
+  return _flash_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk):
+  out, lse = _flash_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk)
+  # Only O(T + S) residuals: the inputs, the output and one log-sum-exp per query and head.
+  return out, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse)
+
+
+def _flash_bwd(scale, bq, bk, res, dout):
+  q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse = res
+  dq, dk, dv = _flash_backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse, dout,
+                               scale, bq, bk)
+  return dq, dk, dv, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Splash (TPU Pallas kernel shipped with JAX).
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(num_heads: int, length: int, block: int, interpret: bool):
+  """Builds (once per shape) the causal splash kernel for [N, L, H] queries, [K, L, H] keys."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * num_heads)
+  sizes = splash.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block,
+      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+      block_q_dq=block, block_kv_dq=block)
+  return splash.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def _splash(q, k, v, q_seg, kv_seg, *, scale, block_size, interpret=False):
+  """Causal splash attention by index, with GQA and segment ids. Needs T == S.
+
+  `interpret=True` runs the Pallas kernel in the interpreter, which lets tests check this wrapper
+  off TPU; `attend` itself refuses non-TPU backends.
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  b, t, n, h = q.shape
+  # Splash computes key blocks in lanes of 128; pad the length to whole blocks (segment id 0).
+  block = min(block_size, -(-t // 128) * 128)
+  if block % 128:
+    raise ValueError(f"attention impl='splash' needs block_size a multiple of 128, got "
+                     f"{block_size}.")
+  pad = -t % block
+  length = t + pad
+
+  def to_heads_first(x):  # [B, T, N, H] -> [B, N, T', H]
+    return jnp.einsum("BTNH->BNTH", jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]))
+
+  # The kernel takes no scale; fold it into q in float32 before casting back.
+  qs = to_heads_first((q.astype(jnp.float32) * scale).astype(q.dtype))
+  ks, vs = to_heads_first(k), to_heads_first(v)
+  q_seg_p = jnp.pad(q_seg, [(0, 0), (0, pad)])
+  kv_seg_p = jnp.pad(kv_seg, [(0, 0), (0, pad)])
+  kernel = _splash_kernel(n, length, block, interpret)
+
+  def one_row(qr, kr, vr, qsr, ksr):
+    return kernel(qr, kr, vr, segment_ids=splash.SegmentIds(q=qsr, kv=ksr))
+
+  out = jax.vmap(one_row)(qs, ks, vs, q_seg_p, kv_seg_p)  # [B, N, T', H]
+  out = jnp.einsum("BNTH->BTNH", out)[:, :t]
+  # Splash lets padding (segment 0) attend to padding; our contract is zeros for padding queries.
+  return jnp.where((q_seg != 0)[:, :, None, None], out, 0).astype(q.dtype)

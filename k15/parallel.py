@@ -1,0 +1,222 @@
+"""The device mesh, logical-axis rules, sharded model creation and multi-host start-up.
+
+Model code names axes ('embed', 'q_heads', 'batch', ...); the config's `sharding_rules` map
+each name onto zero or more mesh axes ('data', 'fsdp', 'tensor', 'sequence'). Changing the
+parallelism of a run is an edit of `config.mesh` and `config.sharding_rules`, never of model code.
+
+A name whose dimension is not divisible by its mesh axes is left unsharded on those axes (two
+kv heads on a tensor axis of 4, say), so one set of rules serves every model size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+# Logical name -> mesh axes. Parameters: FSDP shards the embed dimension, tensor parallelism the
+# heads, the MLP hidden and the vocab. Activations: batch over data+fsdp, length over sequence.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("cache_length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_q_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+_ACTIVE: dict[str, Any] = {"mesh": None, "rules": None}
+
+
+def mesh_shape(axes: Any, num_devices: int) -> dict[str, int]:
+  """Resolves a {axis: size} mapping (one size may be -1) against the device count."""
+  axes = dict(axes.items() if hasattr(axes, "items") else axes)
+  unknown = [a for a in axes if a not in MESH_AXES]
+  if unknown:
+    raise ValueError(f"unknown mesh axes {unknown} in config.mesh; known: {list(MESH_AXES)}")
+  sizes = {a: int(axes.get(a, 1)) for a in MESH_AXES}
+  fill = [a for a, s in sizes.items() if s == -1]
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+  if bad:
+    raise ValueError(f"config.mesh sizes must be positive or -1, got {sizes}")
+  if len(fill) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {fill}")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if fill:
+    if num_devices % known:
+      raise ValueError(f"config.mesh {sizes}: the fixed axes multiply to {known}, which does "
+                       f"not divide the {num_devices} devices")
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f"config.mesh {sizes} multiplies to {math.prod(sizes.values())}, but there "
+                     f"are {num_devices} devices; make the product equal or set one axis to -1")
+  return sizes
+
+
+def make_mesh(axes: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A Mesh over all devices (of all hosts) with axes ('data', 'fsdp', 'tensor', 'sequence')."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(axes, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  try:
+    # Lays out devices so the inner axes (tensor, sequence) stay within fast interconnect.
+    dev_array = mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # pylint: disable=broad-except  (CPU and odd topologies)
+    dev_array = np.asarray(devices).reshape(shape)
+  return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
+  if rules is None:
+    return DEFAULT_RULES
+  out = []
+  for item in rules:
+    name, target = item
+    targets = (target,) if isinstance(target, str) or target is None else tuple(target)
+    for t in targets:
+      if t is not None and t not in MESH_AXES:
+        raise ValueError(f"sharding rule {name!r} -> {target!r}: unknown mesh axis {t!r}; "
+                         f"known: {list(MESH_AXES)}")
+    out.append((name, target))
+  return tuple(out)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None, rules=None) -> P:
+  """Maps logical axis names to a PartitionSpec under the rules.
+
+  A mesh axis is used at most once per array; with `shape` and `mesh`, mesh axes that don't
+  divide the dimension (or have size 1) are dropped.
+  """
+  rules = dict(rules or _ACTIVE["rules"] or DEFAULT_RULES)
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(axes):
+    target = rules.get(name) if name is not None else None
+    targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    kept = []
+    for t in targets:
+      if t in used:
+        continue
+      if mesh is not None:
+        size = mesh.shape[t]
+        if size == 1:
+          continue
+        if shape is not None and shape[i] % (size * math.prod(mesh.shape[k] for k in kept)):
+          continue
+      kept.append(t)
+    used.update(kept)
+    spec.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+  return P(*spec)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=None) -> Iterator[Mesh]:
+  """Activates the mesh (for jax and for `constrain`) and k15's logical-axis rules."""
+  prev = dict(_ACTIVE)
+  _ACTIVE["mesh"], _ACTIVE["rules"] = mesh, rules_from_config(rules)
+  try:
+    with jax.set_mesh(mesh):
+      yield mesh
+  finally:
+    _ACTIVE.update(prev)
+
+
+def active_mesh() -> Mesh | None:
+  return _ACTIVE["mesh"]
+
+
+def sharding(axes: Sequence[str | None], shape: Sequence[int] | None = None,
+             mesh: Mesh | None = None, rules=None) -> NamedSharding:
+  mesh = mesh or _ACTIVE["mesh"]
+  if mesh is None:
+    raise ValueError("no mesh: pass one or call inside `parallel.use_mesh(mesh)`")
+  return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op outside `use_mesh`."""
+  mesh = _ACTIVE["mesh"]
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, sharding(axes, x.shape, mesh))
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: Any, mesh: Mesh | None = None, rules=None) -> Any:
+  """For an nnx State (abstract or concrete), the same tree with NamedShardings as values.
+
+  Variables without `axes` metadata are replicated.
+  """
+  mesh = mesh or _ACTIVE["mesh"]
+
+  def one(v):
+    meta = v.get_metadata()
+    axes = meta.get("axes") or (None,) * len(v.shape)
+    return v.replace(value=sharding(axes, v.shape, mesh, rules))
+
+  return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def create_sharded(module_fn, mesh: Mesh | None = None, rules=None):
+  """Builds `module_fn()` with every parameter created directly in its sharded layout.
+
+  `nnx.eval_shape` gives the shapes and axis names at no cost; `jax.jit(init,
+  out_shardings=...)` then materializes each shard on its own device, so a model is never
+  whole on one device or host.
+  """
+  mesh = mesh or _ACTIVE["mesh"]
+  abstract = nnx.eval_shape(module_fn)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, mesh, rules)
+
+  init = jax.jit(lambda: nnx.split(module_fn())[1], out_shardings=shardings)
+  return nnx.merge(graphdef, init())
+
+
+def maybe_initialize_distributed(config: Any = None) -> bool:
+  """Starts multi-host JAX when asked (config.distributed or K15_DISTRIBUTED=1).
+
+  On a TPU pod slice `jax.distributed.initialize()` finds the coordinator by itself; elsewhere
+  (CPU processes in tests, GPU clusters) the coordinator address, process count and id come
+  from config.distributed_* keys or JAX's own environment variables.
+  """
+  enabled = os.environ.get("K15_DISTRIBUTED", "") == "1"
+  kwargs = {}
+  if config is not None:
+    enabled = enabled or bool(config.get("distributed", False))
+    # Each key's "unset" value in the configs: "", 0 and -1.
+    for key, unset in (("coordinator_address", ""), ("num_processes", 0), ("process_id", -1)):
+      val = config.get(f"distributed_{key}", unset)
+      if val is not None and val != unset:
+        kwargs[key] = val
+  if not enabled:
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  logging.info("jax.distributed.initialize(%s)", kwargs)
+  jax.distributed.initialize(**kwargs)
+  return True
