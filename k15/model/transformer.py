@@ -108,7 +108,7 @@ class RMSNorm(nnx.Module):
     # Normalize in float32 and cast back before the scale, as transformers' Llama/Qwen2 do.
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale.value.astype(x.dtype) * x32.astype(x.dtype)
+    return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
 def rope(x: Array, positions: Array, theta: float) -> Array:
@@ -143,13 +143,13 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, segment_ids, cache=None, cache_index=None, layer=0):
     cfg = self.cfg
     dt = x.dtype
-    q = jnp.einsum("BTD,DNH->BTNH", x, self.q.value.astype(dt))
-    k = jnp.einsum("BTD,DKH->BTKH", x, self.k.value.astype(dt))
-    v = jnp.einsum("BTD,DKH->BTKH", x, self.v.value.astype(dt))
+    q = jnp.einsum("BTD,DNH->BTNH", x, self.q[...].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", x, self.k[...].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", x, self.v[...].astype(dt))
     if cfg.qkv_bias:
-      q = q + self.q_bias.value.astype(dt)
-      k = k + self.k_bias.value.astype(dt)
-      v = v + self.v_bias.value.astype(dt)
+      q = q + self.q_bias[...].astype(dt)
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
     q = parallel.constrain(q, ("batch", "length", "act_q_heads", "head_dim"))
@@ -173,7 +173,7 @@ class Attention(nnx.Module):
         q, kv_k, kv_v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
         q_positions=positions, kv_positions=kv_pos, impl=cfg.attention_impl,
         block_size=cfg.attention_block_size)                                  # [B, T, N, H]
-    y = jnp.einsum("BTNH,NHD->BTD", out, self.o.value.astype(dt))
+    y = jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt))
     return y, new_cache
 
 
@@ -189,10 +189,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     dt = x.dtype
-    g = jnp.einsum("BTD,DF->BTF", x, self.gate.value.astype(dt))
-    u = jnp.einsum("BTD,DF->BTF", x, self.up.value.astype(dt))
+    g = jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(dt))
+    u = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(dt))
     h = parallel.constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"))
-    return jnp.einsum("BTF,FD->BTD", h, self.down.value.astype(dt))
+    return jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -250,7 +250,7 @@ class Transformer(nnx.Module):
       cache["positions"] = jax.lax.dynamic_update_slice_in_dim(
           cache["positions"], positions.astype(jnp.int32), cache_index, axis=1)
 
-    x = jnp.take(self.embed.value, tokens, axis=0).astype(dt)                 # [B, T, D]
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)                 # [B, T, D]
     x = parallel.constrain(x, ("batch", "length", "act_embed"))
 
     for i, block in enumerate(self.layers):
@@ -263,7 +263,7 @@ class Transformer(nnx.Module):
 
     x = self.final_norm(x)
     # Logits and everything after them (softmax, log-probs) in float32.
-    head = self.embed.value.T if cfg.tie_embeddings else self.lm_head.value
+    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum("BTD,DV->BTV", x.astype(jnp.float32), head.astype(jnp.float32))
     logits = parallel.constrain(logits, ("batch", "length", "act_vocab"))
     if cache is None:

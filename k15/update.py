@@ -1,0 +1,136 @@
+"""The parameter update shared by SFT, RL and DPO: optimizer, jitted sharded train step.
+
+`make_train_step` turns a loss on (model, batch) into one compiled step
+`(params, opt_state, batch, step) -> (params, opt_state, metrics)` with explicit shardings,
+buffer donation (the old params and optimizer state are reused in place), gradient
+accumulation over microbatches (`lax.scan`, so memory is that of one microbatch) and a guard:
+a non-finite loss or gradient skips the update, leaves params and optimizer state as they
+were, and reports `skipped=1` in the metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from k15.model import transformer
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[transformer.Transformer, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def make_optimizer(cfg: Any) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then constant or cosine decay, and global-norm clipping.
+
+  cfg keys: learning_rate, warmup_steps, decay ('constant' | 'cosine'), decay_steps,
+  end_learning_rate, b1, b2, weight_decay, grad_clip (0 = off).
+  """
+  lr, warmup = cfg.learning_rate, cfg.get("warmup_steps", 0)
+  decay = cfg.get("decay", "constant")
+  if decay == "constant":
+    after = optax.constant_schedule(lr)
+  elif decay == "cosine":
+    after = optax.cosine_decay_schedule(
+        lr, max(1, cfg.decay_steps), alpha=cfg.get("end_learning_rate", 0.0) / lr)
+  elif decay == "linear":
+    after = optax.linear_schedule(lr, cfg.get("end_learning_rate", 0.0), max(1, cfg.decay_steps))
+  else:
+    raise ValueError(f"optimizer.decay={decay!r}; expected 'constant', 'cosine' or 'linear'")
+  schedule = (optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+              if warmup else after)
+  parts = []
+  if cfg.get("grad_clip", 0.0):
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+  parts.append(optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95),
+                           weight_decay=cfg.get("weight_decay", 0.0)))
+  return optax.chain(*parts)
+
+
+def token_logprobs(model: transformer.Transformer, tokens: jax.Array,
+                   positions: jax.Array | None = None,
+                   segment_ids: jax.Array | None = None) -> jax.Array:
+  """log p(tokens[:, t] | tokens[:, <t]) from one forward pass: [B, T] float32, 0 at t = 0.
+
+  The same function gives the trainer's log-probs and the teacher-forced check of the
+  sampler's, so the two can only differ by numerics.
+  """
+  logits = model(tokens, positions=positions, segment_ids=segment_ids)       # [B, T, V] f32
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]   # [B, T-1]
+  return jnp.pad(picked, ((0, 0), (1, 0)))
+
+
+def _split_microbatches(batch: Batch, n: int) -> Batch:
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch dimension {x.shape[0]} is not divisible by microbatches={n}")
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
+                    optimizer: optax.GradientTransformation, *, microbatches: int = 1,
+                    param_shardings: Any = None, opt_shardings: Any = None,
+                    batch_shardings: Any = None, donate: bool = True):
+  """A jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)`.
+
+  params: the nnx State of the model (nnx.split(model)[1]). The batch's leading axis is split
+  into `microbatches` equal parts whose gradients are averaged, so a microbatch must hold whole
+  groups when the loss is defined per group.
+  """
+
+  def loss_of_params(params, mb):
+    return loss_fn(nnx.merge(graphdef, params), mb)
+
+  grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
+
+  def step(params, opt_state, batch):
+    if microbatches == 1:
+      (loss, metrics), grads = grad_fn(params, batch)
+    else:
+      mbs = _split_microbatches(batch, microbatches)
+
+      def body(acc, mb):
+        (l, m), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, acc, (l, m, g)), None
+
+      first = jax.tree.map(lambda x: x[0], mbs)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
+      zeros = (zeros[0][0], zeros[0][1], zeros[1])
+      (loss, metrics, grads), _ = jax.lax.scan(body, zeros, mbs)
+      loss, metrics, grads = jax.tree.map(lambda x: x / microbatches, (loss, metrics, grads))
+
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # Skip a non-finite step: keep the old params and optimizer state (no NaN reaches them).
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~ok).astype(jnp.float32))
+    return params, opt_state, metrics
+
+  return jax.jit(
+      step,
+      in_shardings=(param_shardings, opt_shardings, batch_shardings),
+      out_shardings=(param_shardings, opt_shardings, None),
+      donate_argnums=(0, 1) if donate else ())
+
+
+def init_optimizer_state(optimizer: optax.GradientTransformation, params: Any,
+                         param_shardings: Any, mesh: jax.sharding.Mesh):
+  """(optimizer state, its shardings): moments laid out like their params, the rest replicated.
+
+  Built with explicit out_shardings: `zeros_like` alone does not carry a parameter's sharding
+  through jit, and a replicated Adam state would cost a full model copy per device.
+  """
+  abstract = jax.eval_shape(optimizer.init, params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shardings = optax.tree_map_params(
+      optimizer, lambda _, sh: sh, abstract, param_shardings,
+      transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.jit(optimizer.init, out_shardings=shardings)(params), shardings
