@@ -14,7 +14,7 @@ whose memory grows linearly with length; "flash" provides that in plain JAX on e
 Einsum letters:
   B batch, T query length, S key length, N query heads, K key/value heads, G = N // K query heads
   per kv head (grouped-query attention: query head n = k * G + g uses kv head k), H head dim,
-  Q / C a query / key block.
+  Q / C a query / key block, n the block index leading blocked arrays ([nq, B, Q, ...]).
 """
 
 import functools
@@ -58,10 +58,11 @@ def attend(
     impl: "reference" (einsum + mask, materializes [B, N, T, S] scores), "flash" (blockwise online
       softmax, O(T + S) memory in forward and backward; falls back to the reference when
       T * S <= block_size ** 2, e.g. single-token decode, where the score matrix is no larger than
-      one block), or "splash" (TPU only, Pallas splash-attention kernel; it applies causality by
-      index, which equals causality by position when positions increase by 1 within each
-      segment, as in packed training rows and left-padded prompts; needs T == S and otherwise,
-      e.g. in decode, runs "flash").
+      one block), or "splash" (TPU only, Pallas splash-attention kernel). Splash applies
+      causality by index, which equals causality by position for self-attention (queries and
+      keys are the same tokens) whose positions increase along the row within each segment, e.g.
+      by 1 as in packed training rows and left-padded prompts; the caller must ensure that. When
+      T != S (decode, chunked prefill against a cache) "splash" runs "flash" instead.
     block_size: query and key block length for "flash" and "splash" (a multiple of 128 for splash).
     scale: score scale; defaults to H ** -0.5.
 
@@ -148,8 +149,7 @@ def _reference(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale):
 def _flash_padded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale, block_size):
   """Pads T and S to whole blocks (padding has segment id 0) and runs `_flash`."""
   t, s = q.shape[1], k.shape[1]
-  # Blocks no longer than the sequence, so a short query (decode, T=1) costs no padded work.
-  bq, bk = min(block_size, t), min(block_size, s)
+  bq, bk = _block_length(t, block_size), _block_length(s, block_size)
   pad_t, pad_s = -t % bq, -s % bk
 
   def pad(x, n):
@@ -158,6 +158,19 @@ def _flash_padded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale, block_size):
   out = _flash(pad(q, pad_t), pad(k, pad_s), pad(v, pad_s), pad(q_seg, pad_t), pad(kv_seg, pad_s),
                pad(q_pos, pad_t), pad(kv_pos, pad_s), scale, bq, bk)
   return out[:, :t]
+
+
+def _block_length(length: int, block_size: int) -> int:
+  """The shortest block (at most block_size) that covers `length` in as few blocks as block_size.
+
+  Padding a 600-token sequence to two blocks of 304 rather than 512 halves the wasted work, and a
+  short query (decode, T=1) gets a block of its own length.
+  """
+  num_blocks = -(-length // block_size)
+  block = -(-length // num_blocks)
+  if num_blocks > 1:
+    block = min(block_size, -(-block // 8) * 8)  # Whole sublanes (8 rows) on TPU and GPU.
+  return block
 
 
 def _to_blocks(x, size):
@@ -317,6 +330,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # ----------------------------------------------------------------------------------------------
 # Splash (TPU Pallas kernel shipped with JAX).
+
+
+# The Pallas TPU modules are imported where used, so that importing this file never depends on
+# them.
 
 
 @functools.lru_cache(maxsize=None)
