@@ -78,3 +78,48 @@ def base(mode: str = "smoke", seed: int = 0) -> ml_collections.ConfigDict:
   c.distributed_num_processes = 0
   c.distributed_process_id = -1
   return c
+
+
+def optimizer_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """AdamW (k15.update.make_optimizer)."""
+  c = dict(learning_rate=1e-3, warmup_steps=0, decay="constant", decay_steps=0,
+           end_learning_rate=0.0, b1=0.9, b2=0.95, weight_decay=0.0, grad_clip=1.0)
+  c.update(overrides)
+  return ml_collections.ConfigDict(c)
+
+
+def rl_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """The RL iteration (k15.rl.trainer); names follow paper §2.3 and §2.6."""
+  c = ml_collections.ConfigDict(dict(
+      iterations=50,
+      prompts_per_iteration=16,
+      samples_per_prompt=8,        # k
+      max_new_tokens=256,          # a response's total budget
+      segment_budget=0,            # partial rollouts: new tokens per sequence per iteration;
+                                   # 0 = off (the whole budget in one iteration)
+      temperature=1.0, top_p=1.0, top_k=0,
+      repeat_ngram=0,              # repeat detection: n-gram size, 0 = off
+      loss="pmd",                  # 'pmd' | 'pmd_token' | 'grpo' | 'reinforce'
+      tau=0.1,                     # PMD regulariser strength
+      clip_eps=0.2,                # GRPO
+      num_passes=1,                # passes over an iteration's groups
+      minibatch_groups=4,          # groups per gradient step
+      microbatches=1,              # gradient accumulation within a step
+      length_bucket=64,            # training rows are padded to a multiple of this
+      reset_optimizer=True,        # "we also reset the optimizer at the start of each iteration"
+      dynamic_sampling=False,      # drop groups whose rewards are all equal
+      mask_truncated=False,        # drop responses cut at max_new_tokens from the loss
+      loss_on_old_segments=False,  # partial rollouts: train on segments of older policies too
+      length_weight=0.0,           # length penalty (§2.3.3), its weight ...
+      length_warmup_iterations=0,  # ... and the iteration it switches on
+      repeat_penalty=0.0,          # subtracted from the reward of a looping response
+      sampling=dict(mode="prioritized", curriculum="", epsilon=0.0),
+  ))
+  c.update(overrides)
+  return c
+
+
+def checkpoint_block(**overrides: Any) -> ml_collections.ConfigDict:
+  c = dict(every=10, keep=3)
+  c.update(overrides)
+  return ml_collections.ConfigDict(c)

@@ -1,0 +1,325 @@
+"""The k1.5 RL iteration (paper §2.3.2, §2.6) on one set of sharded parameters.
+
+One iteration:
+  draw prompts (curriculum / prioritized, k15.data.samplers)
+  -> k samples each with the KV-cache sampler, partial rollouts on (k15.sampling.rollout)
+  -> rewards: task verifier + length penalty + repeat penalty (k15.rewards)
+  -> ref_logp = the sampler's log-probs under pi_i
+  -> several jitted minibatch steps of the chosen loss (k15.rl.loss) on the same params
+  -> pi_{i+1} is the next reference; the optimizer state is reset at the start of each
+     iteration, as the paper does (config rl.reset_optimizer)
+  -> metrics, checkpoint.
+
+Groups and partial rollouts: a prompt's k samples form its group, and the PMD baseline is
+the group's mean reward, so a group is trained on once all k of its samples have finished.
+Samples that finished while others of their group are still in the replay buffer wait in
+`pending`, which the checkpoint saves with the buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from k15 import checkpoint as ckpt_lib
+from k15 import metrics as metrics_lib
+from k15 import parallel, update
+from k15.data import samplers
+from k15.model import transformer
+from k15.rewards import length as length_lib
+from k15.rl import loss as loss_lib
+from k15 import sampling
+
+# reward_fn(prompt_indices [n], responses: n token arrays) -> task rewards [n] in [0, 1]
+RewardFn = Callable[[Sequence[int], Sequence[np.ndarray]], np.ndarray]
+
+
+GROUP_KEYS = ("rewards", "sample_weight")  # [G, k]; every other batch entry is [G*k, T]
+
+
+def _bucket(n: int, multiple: int) -> int:
+  return max(multiple, int(math.ceil(n / multiple)) * multiple)
+
+
+def build_batch(groups: list[list[sampling.Trajectory]], rewards: np.ndarray, *,
+                num_groups: int, length: int, version: int, loss_on_old_segments: bool,
+                mask_truncated: bool, drop_equal_reward_groups: bool) -> dict[str, np.ndarray]:
+  """Packs finished groups into fixed-shape training arrays.
+
+  Rows are prompt + response, left-aligned, right-padded to `length`; padding groups (up to
+  `num_groups`) get sample_weight 0. mask[t] = 1 where token t is a response token whose
+  log-prob enters the loss; ref_logp[t] is the log-prob the sampler reported for token t.
+  """
+  k = len(groups[0])
+  G = num_groups
+  tokens = np.zeros((G * k, length), np.int32)
+  positions = np.zeros((G * k, length), np.int32)
+  segment_ids = np.zeros((G * k, length), np.int32)
+  mask = np.zeros((G * k, length), np.float32)
+  ref_logp = np.zeros((G * k, length), np.float32)
+  r = np.zeros((G, k), np.float32)
+  weight = np.zeros((G, k), np.float32)
+  for g, group in enumerate(groups):
+    equal = np.all(rewards[g] == rewards[g][0])
+    for j, traj in enumerate(group):
+      row = g * k + j
+      p, resp = traj.prompt, traj.tokens
+      n = min(len(p) + len(resp), length)
+      seq = np.concatenate([p, resp])[:n]
+      tokens[row, :n] = seq
+      positions[row, :n] = np.arange(n)
+      segment_ids[row, :n] = 1
+      resp_slice = slice(len(p), n)
+      m = np.ones(n - len(p), np.float32)
+      if not loss_on_old_segments:
+        m *= (traj.versions[:n - len(p)] == version)
+      mask[row, resp_slice] = m
+      ref_logp[row, resp_slice] = traj.logprobs[:n - len(p)]
+      r[g, j] = rewards[g, j]
+      truncated = traj.finish_reason == sampling.FinishReason.LENGTH
+      weight[g, j] = 0.0 if (mask_truncated and truncated) else 1.0
+    if drop_equal_reward_groups and equal:
+      weight[g] = 0.0
+  return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids, "mask": mask,
+          "ref_logp": ref_logp, "rewards": r, "sample_weight": weight}
+
+
+def make_loss_fn(rl_cfg: Any, k: int):
+  """loss(model, batch) for the configured objective, on [G*k, T] rows viewed as [G, k, T]."""
+  name = rl_cfg.loss
+
+  def loss_fn(model, batch):
+    logits = model(batch["tokens"], positions=batch["positions"],
+                   segment_ids=batch["segment_ids"])                           # [R, T, V]
+    logp_all = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    logp = jnp.take_along_axis(logp_all, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+    logp = jnp.pad(logp, ((0, 0), (1, 0)))                                     # [R, T]
+    R, T = logp.shape
+    shape = (R // k, k, T)
+    loss, metrics = loss_lib.compute_loss(
+        name, logp.reshape(shape), batch["ref_logp"].reshape(shape),
+        batch["mask"].reshape(shape), batch["rewards"], tau=rl_cfg.tau,
+        clip_eps=rl_cfg.clip_eps, sample_weight=batch["sample_weight"])
+    # Mean token entropy of the policy on the response tokens (a diagnostic, no gradient).
+    ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)                     # [R, T-1]
+    m = batch["mask"][:, 1:]
+    metrics["entropy"] = jax.lax.stop_gradient(jnp.sum(ent * m) / jnp.maximum(m.sum(), 1.0))
+    return loss, metrics
+
+  return loss_fn
+
+
+@dataclasses.dataclass
+class Prompt:
+  """A prompt as the trainer sees it: its token ids and a difficulty label (may be None)."""
+  tokens: list[int]
+  difficulty: Any = None
+
+
+class RLTrainer:
+  """Runs RL iterations on `model` (sharded on `mesh`) over `prompts`.
+
+  reward_fn(prompt_indices, response_token_arrays) -> task rewards in [0, 1]; a reward above
+  0.5 counts as correct for the success-rate table and the length penalty.
+  """
+
+  def __init__(self, config: Any, model: transformer.Transformer, prompts: Sequence[Prompt],
+               reward_fn: RewardFn, *, mesh, workdir: str, eos_id: int | None,
+               pad_id: int = 0):
+    self.config, self.rl = config, config.rl
+    self.mesh, self.workdir = mesh, workdir
+    self.prompts, self.reward_fn = list(prompts), reward_fn
+    self.eos_id, self.pad_id = eos_id, pad_id
+    self.graphdef, self.params = nnx.split(model)
+    self.param_shardings = parallel.state_shardings(self.params, mesh)
+    self.optimizer = update.make_optimizer(config.optimizer)
+    self.opt_state, self.opt_shardings = update.init_optimizer_state(
+        self.optimizer, self.params, self.param_shardings, mesh)
+    self.k = self.rl.samples_per_prompt
+    self._steps: dict[int, Any] = {}
+
+    difficulties = [p.difficulty for p in self.prompts]
+    self.success = samplers.SuccessRates(len(self.prompts))
+    self.sampler = samplers.make_sampler(
+        self.rl.sampling, difficulties if self.rl.sampling.get("curriculum") else None,
+        num_prompts=len(self.prompts), success_rates=self.success, seed=config.seed)
+    self.buffer = sampling.ReplayBuffer()
+    self.pending: dict[str, list[dict]] = {}   # group id -> finished samples (as dicts)
+    self.iteration = 0
+    self.rng = jax.random.key(config.seed)
+    self.checkpointer = ckpt_lib.Checkpointer(
+        workdir, save_every=config.checkpoint.every, keep=config.checkpoint.keep)
+    self.writer = metrics_lib.MetricWriter(workdir)
+
+  # --- checkpoint ----------------------------------------------------------------------------
+
+  def _arrays(self):
+    return {"params": self.params, "opt_state": self.opt_state,
+            "success_rates": self.success.state_dict()}
+
+  def _meta(self):
+    return {"iteration": self.iteration, "buffer": self.buffer.state_dict(),
+            "pending": self.pending}
+
+  def save(self, force: bool = False):
+    self.checkpointer.save(self.iteration, arrays=self._arrays(), meta=self._meta(),
+                           force=force)
+
+  def maybe_restore(self) -> bool:
+    step = self.checkpointer.latest_step()
+    if step is None:
+      return False
+    target = {"params": ckpt_lib.abstract(self.params),
+              "opt_state": ckpt_lib.abstract(self.opt_state),
+              "success_rates": self.success.state_dict()}  # numpy: restored onto the host
+    arrays, meta = self.checkpointer.restore(step, abstract_arrays=target)
+    self.params, self.opt_state = arrays["params"], arrays["opt_state"]
+    self.success.load_state_dict(arrays["success_rates"])
+    self.iteration = int(meta["iteration"])
+    self.buffer.load_state_dict(meta["buffer"])
+    self.pending = {k: list(v) for k, v in meta["pending"].items()}
+    logging.info("resumed from iteration %d", self.iteration)
+    return True
+
+  # --- one iteration ---------------------------------------------------------------------------
+
+  def _train_step(self, num_rows: int):
+    if num_rows not in self._steps:
+      mb = self.rl.microbatches
+      self._steps[num_rows] = update.make_train_step(
+          self.graphdef, make_loss_fn(self.rl, self.k), self.optimizer, microbatches=mb,
+          param_shardings=self.param_shardings, opt_shardings=self.opt_shardings)
+    return self._steps[num_rows]
+
+  def _collect(self, it: int):
+    """Sampling: new prompts this iteration plus continuations from the replay buffer."""
+    rl = self.rl
+    ids = self.sampler.sample(it, rl.prompts_per_iteration)
+    model = nnx.merge(self.graphdef, self.params)
+    finished, self.buffer = sampling.rollout(
+        model, [(int(i), self.prompts[int(i)].tokens) for i in ids],
+        num_samples=self.k, max_new_tokens=rl.max_new_tokens,
+        segment_budget=rl.segment_budget or rl.max_new_tokens, buffer=self.buffer,
+        policy_version=it, seed=int(jax.random.randint(
+            jax.random.fold_in(self.rng, it), (), 0, 2**31 - 1)),
+        eos_id=self.eos_id, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
+        repeat_ngram=rl.repeat_ngram)
+    return ids, finished
+
+  def _ready_groups(self, finished):
+    for traj in finished:
+      # A group is a prompt's k samples started in the same iteration (versions[0]).
+      gid = f"{traj.prompt_id}:{int(traj.versions[0])}"
+      self.pending.setdefault(gid, []).append(traj.to_dict())
+    ready = []
+    for gid in sorted(self.pending):
+      if len(self.pending[gid]) >= self.k:
+        group = sorted(self.pending.pop(gid), key=lambda d: d["sample_index"])
+        ready.append([sampling.Trajectory.from_dict(d) for d in group])
+    return ready
+
+  def step(self) -> dict[str, float]:
+    """Runs one iteration and returns its metrics."""
+    rl, it = self.rl, self.iteration
+    t0 = time.perf_counter()
+    ids, finished = self._collect(it)
+    t_sample = time.perf_counter() - t0
+    groups = self._ready_groups(finished)
+    sampled_tokens = sum(int(np.sum(t.versions == it)) for t in finished)
+
+    metrics: dict[str, float] = {"rl/groups_trained": len(groups),
+                                 "rl/buffer_size": len(self.buffer)}
+    if groups:
+      flat = [t for g in groups for t in g]
+      task = np.asarray(self.reward_fn([t.prompt_id for t in flat], [t.tokens for t in flat]),
+                        np.float32)
+      task = task.reshape(len(groups), self.k)
+      lengths = np.array([[t.length for t in g] for g in groups], np.float32)
+      repeated = np.array([[t.finish_reason == sampling.FinishReason.REPEAT for t in g]
+                           for g in groups])
+      rewards = np.asarray(length_lib.combined_reward(
+          task, lengths, repeated, iteration=it, length_weight=rl.length_weight,
+          length_warmup_iterations=rl.length_warmup_iterations,
+          repeat_penalty=rl.repeat_penalty, correct=task > 0.5), np.float32)
+      self.success.update(np.array([g[0].prompt_id for g in groups]), task > 0.5)
+
+      # Shapes bucketed so a run compiles a handful of train steps.
+      G = _bucket(len(groups), rl.minibatch_groups)
+      longest = max(len(t.prompt) + t.length for t in flat)
+      T = _bucket(longest, rl.length_bucket)
+      batch = build_batch(groups, rewards, num_groups=G, length=T, version=it,
+                          loss_on_old_segments=rl.loss_on_old_segments,
+                          mask_truncated=rl.mask_truncated,
+                          drop_equal_reward_groups=rl.dynamic_sampling)
+      t1 = time.perf_counter()
+      if rl.reset_optimizer:
+        self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(
+            self.params)
+      rows = rl.minibatch_groups * self.k
+      step_fn = self._train_step(rows)
+      step_metrics = []
+      for p in range(rl.num_passes):
+        order = np.random.default_rng([self.config.seed, it, p]).permutation(G)
+        for s in range(0, G, rl.minibatch_groups):
+          sel = order[s:s + rl.minibatch_groups]
+          rows_sel = (sel[:, None] * self.k + np.arange(self.k)).reshape(-1)
+          mb = {key: v[sel] if key in GROUP_KEYS else v[rows_sel] for key, v in batch.items()}
+          mb = {key: jax.device_put(v, parallel.sharding(("batch", None), v.shape, self.mesh))
+                for key, v in mb.items()}
+          self.params, self.opt_state, m = step_fn(self.params, self.opt_state, mb)
+          step_metrics.append(m)
+      step_metrics = jax.device_get(step_metrics)
+      t_train = time.perf_counter() - t1
+      trained_tokens = float(batch["mask"].sum()) * rl.num_passes
+      for key in step_metrics[0]:
+        metrics["train/" + key] = float(np.mean([m[key] for m in step_metrics]))
+      metrics["train/skipped_steps"] = float(np.sum([m["skipped"] for m in step_metrics]))
+      metrics.update({
+          "rl/reward": float(rewards.mean()),
+          "rl/accuracy": float((task > 0.5).mean()),
+          "rl/task_reward": float(task.mean()),
+          "perf/train_tokens_per_s": trained_tokens / max(t_train, 1e-9),
+      })
+      metrics.update(metrics_lib.response_length_stats(
+          lengths.reshape(-1),
+          np.array([t.finish_reason == sampling.FinishReason.LENGTH for t in flat]),
+          repeated.reshape(-1)))
+    metrics["perf/sample_tokens_per_s"] = sampled_tokens / max(t_sample, 1e-9)
+    metrics["perf/sample_s"] = t_sample
+    self.iteration += 1
+    return metrics
+
+  def train(self, num_iterations: int | None = None, progress: bool | None = None):
+    """Runs until rl.iterations (or num_iterations more); saves, and stops on preemption."""
+    self.maybe_restore()
+    end = self.rl.iterations if num_iterations is None else self.iteration + num_iterations
+    history = []
+    self.checkpointer.install_preemption_handler()
+    bar = metrics_lib.progress(end - self.iteration, desc="rl", enabled=progress)
+    try:
+      while self.iteration < end:
+        m = self.step()
+        history.append(m)
+        self.writer.write_scalars(self.iteration, m)
+        bar.update(1)
+        bar.set_postfix(reward=f"{m.get('rl/reward', float('nan')):.3f}",
+                        len=f"{m.get('rl/response_length_mean', float('nan')):.0f}")
+        if self.checkpointer.should_stop(self.iteration):
+          self.save(force=True)
+          logging.warning("preempted: saved iteration %d and stopping", self.iteration)
+          break
+        self.save(force=self.iteration == end)
+    finally:
+      bar.close()
+      self.checkpointer.close()
+      self.writer.flush()
+    return history

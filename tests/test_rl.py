@@ -1,0 +1,132 @@
+"""The RL iteration end to end on a task whose reward is directly learnable."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from k15 import config as k15_config
+from k15 import parallel
+from k15.model import transformer
+from k15.rl import trainer as trainer_lib
+
+VOCAB, TARGET = 16, 7
+
+
+def _config(loss, **rl):
+  c = k15_config.base(mode="rl", seed=0)
+  c.model = k15_config.model_block(vocab_size=VOCAB, embed_dim=32, num_layers=1, num_heads=2,
+                                   num_kv_heads=1, head_dim=16, mlp_dim=64)
+  c.mesh = k15_config.mesh_block(data=-1)
+  c.optimizer = k15_config.optimizer_block(learning_rate=3e-3)
+  c.rl = k15_config.rl_block(
+      iterations=30, prompts_per_iteration=8, samples_per_prompt=8, max_new_tokens=4,
+      loss=loss, tau=0.05, minibatch_groups=4, length_bucket=16, **rl)
+  c.rl.sampling.mode = "uniform"
+  c.checkpoint = k15_config.checkpoint_block(every=1000, keep=1)
+  return c
+
+
+def _reward(ids, responses):
+  # Share of the response tokens equal to TARGET: chance is 1/16.
+  return np.array([np.mean(np.asarray(r) == TARGET) for r in responses], np.float32)
+
+
+def _trainer(config, workdir, mesh):
+  cfg = transformer.ModelConfig.from_config(config.model)
+  model = parallel.create_sharded(
+      lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(config.seed)), mesh)
+  prompts = [trainer_lib.Prompt(tokens=[1 + i % 5, 2 + i % 3, 3]) for i in range(16)]
+  return trainer_lib.RLTrainer(config, model, prompts, _reward, mesh=mesh, workdir=workdir,
+                               eos_id=None)
+
+
+@pytest.mark.parametrize("loss", ["pmd", "grpo"])
+def test_rl_learns_a_directly_learnable_reward(loss, tmp_path):
+  config = _config(loss)
+  mesh = parallel.make_mesh({"data": -1})
+  with parallel.use_mesh(mesh):
+    trainer = _trainer(config, str(tmp_path), mesh)
+    history = trainer.train(progress=False)
+  rewards = [m["rl/task_reward"] for m in history]
+  assert np.mean(rewards[:2]) < 0.3
+  assert np.mean(rewards[-3:]) > 0.9, rewards
+  assert all(m["train/skipped"] == 0 for m in history)
+
+
+_WORKER = r'''
+import sys, os, json
+import numpy as np
+sys.path.insert(0, {tests_dir!r})
+import test_rl as t
+from k15 import parallel
+from flax import nnx
+workdir, iterations, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+config = t._config("pmd", segment_budget=2)
+config.rl.max_new_tokens = 5
+config.checkpoint.every = 1
+config.checkpoint.keep = 2
+config.rl.iterations = iterations
+mesh = parallel.make_mesh({{"data": -1}})
+with parallel.use_mesh(mesh):
+  trainer = t._trainer(config, workdir, mesh)
+  orig_step = trainer.step
+  def step():
+    m = orig_step()
+    with open(marker, "a") as f:
+      f.write(f"{{trainer.iteration}}\n")
+    return m
+  trainer.step = step
+  trainer.train(progress=False)
+  leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(trainer.params)]
+  np.savez(os.path.join(workdir, "final.npz"), *leaves)
+'''
+
+
+def _run_worker(tmp_path, workdir, iterations, kill_after=None):
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER.format(tests_dir=os.path.dirname(__file__)))
+  marker = tmp_path / f"marker-{os.path.basename(workdir)}"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.Popen([sys.executable, str(script), workdir, str(iterations), str(marker)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  if kill_after is None:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    return
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    done = marker.read_text().split() if marker.exists() else []
+    if len(done) >= kill_after:
+      time.sleep(0.3)  # somewhere inside the next iteration (or its async checkpoint)
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+      return
+    time.sleep(0.05)
+  proc.kill()
+  raise AssertionError("worker did not reach the kill point")
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_exact(tmp_path):
+  # Uninterrupted: 6 iterations. Interrupted: SIGKILL after 3, then resume to 6. Partial
+  # rollouts are on (segment budget 2 < 5 new tokens), so the replay buffer and the pending
+  # groups must round-trip through the checkpoint too.
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  _run_worker(tmp_path, straight, 6)
+  _run_worker(tmp_path, resumed, 6, kill_after=3)
+  assert not (tmp_path / "resumed" / "final.npz").exists()
+  before = (tmp_path / "marker-resumed").read_text().split()
+  _run_worker(tmp_path, resumed, 6)    # resumes from its latest complete checkpoint
+  after = (tmp_path / "marker-resumed").read_text().split()[len(before):]
+  # It continued from a checkpoint (iteration >= 2 done), not from scratch, and finished at 6.
+  assert int(after[0]) >= 3 and after[-1] == "6", (before, after)
+  a = np.load(tmp_path / "straight" / "final.npz")
+  b = np.load(tmp_path / "resumed" / "final.npz")
+  assert len(a.files) == len(b.files)
+  for name in a.files:
+    np.testing.assert_array_equal(a[name], b[name])
