@@ -1,29 +1,51 @@
-"""The default config: a tiny model that runs on one CPU in seconds.
+"""The default config: the whole k1.5 recipe at small scale on one CPU.
 
     python -m k15.main --config=configs/tiny_cpu.py --workdir=/tmp/k15_tiny
 
-Builds the model directly sharded on the mesh (all local devices on the 'data' axis), runs a
-jitted forward pass on a random batch and prints a short report: parameter count, mesh,
-logits shape and timing. Override any key on the command line, e.g.
-`--config.model.num_layers=4` or `--config.mesh.data=2 --config.mesh.tensor=-1`.
+Mode `pipeline`: generates synthetic multi-digit addition problems (k15.data.tasks), trains a
+tokenizer, runs long-CoT SFT (§2.2) on a 0.9M-parameter Llama-style model, curates the RL
+prompts with the SFT model (§2.1), runs RL with policy mirror descent (§2.3) and evaluates the
+SFT and the RL model on the same held-out problems. It prints a table and writes
+DIR/results.json and DIR/rl_curves.png; see the README for the numbers and the time it takes.
 
-Structural options go after a colon: `--config=configs/tiny_cpu.py:runlocal=True`.
+Other modes on the same model: `--config.mode=smoke` (one forward pass), `sft`, `evaluate`.
+Ablations are overrides, e.g. `--config.rl.loss=grpo`, `--config.rl.sampling.mode=uniform`,
+`--config.rl.length_weight=0`, `--config.pipeline.sft_cot=short`.
+Structural options go after a colon: `:runlocal=True` shrinks everything for tests and CI.
 """
 
 from k15 import config as k15_config
+from k15 import evaluate, pipeline, sft
 
 
 def get_config(arg=None):
   arg = k15_config.parse_arg(arg, runlocal=False)
-  c = k15_config.base(mode="smoke")
+  c = k15_config.base(mode="pipeline")
   c.model = k15_config.model_block(
-      vocab_size=512, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+      vocab_size=384, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
       mlp_dim=384, rope_theta=10_000.0, tie_embeddings=True)
   c.smoke = dict(batch=8, length=128)
-  if arg.runlocal:  # the shrink switch: tests and CI
-    c.model.num_layers = 2
-    c.model.embed_dim = 64
-    c.model.mlp_dim = 128
-    c.smoke.batch = 8
-    c.smoke.length = 32
+  c.pipeline = pipeline.config_block()
+  c.sft = sft.config_block(seq_len=512, batch_size=16, steps=300,
+                           optimizer=dict(learning_rate=2e-3, warmup_steps=20, decay="cosine",
+                                          decay_steps=0, end_learning_rate=2e-4, b1=0.9,
+                                          b2=0.95, weight_decay=0.0, grad_clip=1.0))
+  c.optimizer = k15_config.optimizer_block(learning_rate=3e-4, grad_clip=1.0)
+  c.rl = k15_config.rl_block(
+      iterations=60, prompts_per_iteration=16, samples_per_prompt=8, max_new_tokens=192,
+      loss="pmd", tau=0.1, minibatch_groups=8, num_passes=1, length_bucket=64,
+      length_weight=0.0, repeat_ngram=0)
+  c.rl.sampling.mode = "prioritized"
+  c.evaluate = evaluate.config_block(num_samples=4, temperature=1.0, max_new_tokens=192,
+                                     batch_size=64)
+  c.checkpoint = k15_config.checkpoint_block(every=10, keep=2)
+  if arg.runlocal:  # the shrink switch: tests, CI and the notebook's CI run
+    c.model.update(num_layers=2, embed_dim=64, mlp_dim=128)
+    c.smoke.batch, c.smoke.length = 8, 32
+    c.pipeline.update(difficulties=(1, 2), sft_examples=64, rl_pool=32, eval_problems=16,
+                      label_samples=2, hackable_samples=2, rl_prompts=16)
+    c.sft.update(steps=10, batch_size=8, seq_len=256)
+    c.rl.update(iterations=2, prompts_per_iteration=4, samples_per_prompt=4, max_new_tokens=64,
+                minibatch_groups=4)
+    c.evaluate.update(num_samples=2, max_new_tokens=64, batch_size=16)
   return c

@@ -23,7 +23,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "Where outputs, checkpoints and lo
 
 # mode -> module with `run(config, workdir)`.
 MODES = {
-    "smoke": "k15.smoke",
+    "smoke": "k15.smoke",          # build the model, one forward pass, a report
+    "sft": "k15.sft",              # long-CoT SFT (§2.2)
+    "evaluate": "k15.evaluate",    # pass@1, tokens, per difficulty
+    "pipeline": "k15.pipeline",    # data -> SFT -> curation -> RL -> evaluation
 }
 
 

@@ -231,7 +231,12 @@ def test_balance_hits_the_mix():
   big_counts = collections.Counter(prompts.bucket_of(r.difficulty, list(mix), (1 / 3, 2 / 3))
                                    for r in big)
   assert big_counts == {"easy": 200, "medium": 400, "hard": 200}
-  assert prompts.balance(_with_difficulties((5, 5, 0)), mix, seed=0) == []
+  # An empty bucket is left out of the mix: easy and medium split 3:4, and 8 = 3 + 5 is the
+  # largest total whose rounded quotas fit (3.43 -> 3 easy, 4.57 -> 5 medium).
+  out = prompts.balance(_with_difficulties((5, 5, 0)), mix, seed=0)
+  counts = collections.Counter(prompts.bucket_of(r.difficulty, list(mix), (1 / 3, 2 / 3))
+                               for r in out)
+  assert counts == {"easy": 3, "medium": 5}
 
 
 def test_balance_errors():
@@ -280,3 +285,11 @@ def test_curate_chains_the_steps_and_reports():
   assert len(out) == 60 and report["skipped_steps"] == ["hackable", "label_difficulty", "balance"]
   with pytest.raises(ValueError, match="grade_fn"):
     prompts.curate(records, answer_fn=answer_fn)
+
+
+def test_balance_renormalizes_over_non_empty_buckets():
+  recs = [prompts.PromptRecord(id=str(i), prompt=f"q{i}", answer="1", domain="d",
+                               difficulty=0.5 if i < 4 else 0.9) for i in range(10)]
+  kept = prompts.balance(recs, {"easy": 0.3, "medium": 0.4, "hard": 0.3})
+  # No easy prompts: medium and hard split 4:3, and medium has only 4.
+  assert sorted(r.difficulty for r in kept) == [0.5] * 4 + [0.9] * 3

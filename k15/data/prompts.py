@@ -436,8 +436,9 @@ def balance(records: Sequence[PromptRecord], mix: Mapping[str, float],
 
   Returns:
     The kept records in input order. The total is the largest N for which every bucket holds
-    round(N * share) prompts (largest-remainder rounding); an empty bucket with a positive share
-    therefore empties the result, as respecting the mix demands (logged as a warning).
+    round(N * share) prompts (largest-remainder rounding). A bucket with a positive share but
+    no prompts at all (a model that solves nothing has no 'easy' prompts) is left out and the
+    mix renormalized over the others, with a warning, rather than emptying the result.
   """
   names = list(mix)
   edges = list(bucket_edges)
@@ -461,6 +462,12 @@ def balance(records: Sequence[PromptRecord], mix: Mapping[str, float],
     for k in by_remainder[:total - sum(q.values())]:
       q[k] += 1
     return q
+
+  empty = [k for k in names if shares[k] > 0 and not by_bucket[k]]
+  if empty and len(empty) < sum(1 for k in names if shares[k] > 0):
+    logging.warning("balance: buckets %s are empty; renormalizing the mix over the others", empty)
+    rest = sum(shares[k] for k in names if k not in empty)
+    shares = {k: 0.0 if k in empty else shares[k] / rest for k in names}
 
   total = min(math.floor(len(by_bucket[k]) / shares[k] + 1e-9) for k in names if shares[k] > 0)
   while total > 0 and any(q > len(by_bucket[k]) for k, q in quotas(total).items()):

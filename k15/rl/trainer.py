@@ -139,7 +139,10 @@ class RLTrainer:
     self.mesh, self.workdir = mesh, workdir
     self.prompts, self.reward_fn = list(prompts), reward_fn
     self.eos_id, self.pad_id = eos_id, pad_id
-    self.graphdef, self.params = nnx.split(model)
+    self.graphdef, params = nnx.split(model)
+    # The train step donates its params; copy them so the caller's model stays usable (the
+    # pipeline evaluates the SFT model after RL).
+    self.params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params)
     self.param_shardings = parallel.state_shardings(self.params, mesh)
     self.optimizer = update.make_optimizer(config.optimizer)
     self.opt_state, self.opt_shardings = update.init_optimizer_state(

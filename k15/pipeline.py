@@ -1,0 +1,259 @@
+"""Mode `pipeline`: the whole k1.5 recipe at small scale, end to end, resumable.
+
+    data -> tokenizer -> long-CoT SFT (§2.2) -> curation (§2.1) -> RL with PMD (§2.3)
+         -> evaluation of the SFT and the RL model on the same held-out problems
+
+Workdir layout (each stage reuses its finished output when the pipeline is rerun, so an
+interrupted run continues where it stopped):
+
+  DIR/data/{sft,rl_pool,eval}.jsonl   generated problems (train and eval splits are disjoint)
+  DIR/data/rl_prompts.jsonl           the curated RL prompt set, DIR/data/curation.json its report
+  DIR/tokenizer.model                 sentencepiece model trained on the training problems
+  DIR/sft/                            SFT checkpoints and metrics
+  DIR/rl/                             RL checkpoints, metrics.jsonl and tensorboard events
+  DIR/results.json                    {"sft": {...}, "rl": {...}} accuracy, mean tokens, per difficulty
+  DIR/rl_curves.png                   reward, accuracy and response length per RL iteration
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from k15 import evaluate as evaluate_lib
+from k15 import metrics as metrics_lib
+from k15 import parallel, sft, smoke
+from k15 import tokenizer as tokenizer_lib
+from k15.data import prompts as prompts_lib
+from k15.data import tasks
+from k15.model import transformer
+from k15.rl import trainer as trainer_lib
+from k15.sampling import sampler
+
+
+def config_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """The `pipeline` block: which problems, how many, and the curation settings."""
+  c = ml_collections.ConfigDict(dict(
+      families=("arithmetic",),
+      ops=("+",),                # arithmetic operators (k15.data.tasks)
+      difficulties=(2, 3, 4, 5),
+      sft_examples=1000,         # per family: the long-CoT warm-up set
+      sft_cot="long",            # 'long' | 'short': the warm-up ablation (short = answer only)
+      rl_pool=1000,              # per family: candidate RL prompts before curation
+      eval_problems=64,          # per family, held out
+      vocab_size=384,            # tokenizer pieces (<= model.vocab_size; 256 are byte pieces)
+      max_cot_tokens=300,
+      # Curation (§2.1): pass-rate difficulty over `label_samples` samples at
+      # `label_temperature`, hackable filter over `hackable_samples` no-CoT answers, balance.
+      curate=True,
+      label_samples=10,
+      label_temperature=1.0,
+      hackable_samples=8,
+      mix=dict(easy=0.3, medium=0.4, hard=0.3),
+      rl_prompts=256,            # cap on the curated set
+  ))
+  unknown = sorted(set(overrides) - set(c.keys()))
+  if unknown:
+    raise ValueError(f"unknown pipeline config keys {unknown}; known: {sorted(c.keys())}")
+  c.update(overrides)
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages.
+# ---------------------------------------------------------------------------------------------
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(f"[k15 pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_data(c: Any, seed: int, data_dir: str) -> dict[str, list[prompts_lib.PromptRecord]]:
+  """Generates (or reloads) the SFT set, the RL candidate pool and the held-out set."""
+  os.makedirs(data_dir, exist_ok=True)
+  specs = {"sft": ("train", c.sft_examples, seed), "rl_pool": ("train", c.rl_pool, seed + 1),
+           "eval": ("eval", c.eval_problems, seed + 2)}
+  out = {}
+  for name, (split, n, s) in specs.items():
+    path = os.path.join(data_dir, f"{name}.jsonl")
+    if not os.path.exists(path):
+      problems = []
+      for family in c.families:
+        options = {"ops": tuple(c.ops)} if family == "arithmetic" else {}
+        problems += tasks.generate(family, n, seed=s, split=split,
+                                   difficulties=list(c.difficulties),
+                                   max_cot_tokens=c.max_cot_tokens, **options)
+      tasks.write_jsonl(problems, path)
+    out[name] = prompts_lib.load_jsonl(path)[0]
+  return out
+
+
+def _cot(record: prompts_lib.PromptRecord, kind: str) -> str:
+  key = {"long": "long_cot", "short": "short_cot"}.get(kind)
+  if key is None:
+    raise ValueError(f"pipeline.sft_cot={kind!r}; expected 'long' or 'short'")
+  return record.meta[key]
+
+
+def make_tokenizer(records: Sequence[prompts_lib.PromptRecord], path: str,
+                   vocab_size: int) -> tokenizer_lib.Tokenizer:
+  if os.path.exists(path):
+    return tokenizer_lib.Tokenizer.load(path)
+  texts = []
+  for r in records:
+    q = tokenizer_lib.PROMPT_TEMPLATE.format(question=r.prompt)
+    texts += [q + " " + r.meta["long_cot"], q + " " + r.meta["short_cot"]]
+  return tokenizer_lib.train_tokenizer(texts, path, vocab_size)
+
+
+class Policy:
+  """Text in, text out, over the sampler: what curation and grading need of a model."""
+
+  def __init__(self, model: transformer.Transformer, tok: tokenizer_lib.Tokenizer, *,
+               max_new_tokens: int, seed: int, batch_size: int = 64):
+    self.model, self.tok = model, tok
+    self.max_new_tokens, self.seed, self.batch_size = max_new_tokens, seed, batch_size
+
+  def _decode(self, ids: np.ndarray) -> str:
+    return self.tok.decode(ids[ids < self.tok.vocab_size])
+
+  def sample(self, questions: list[str], n: int, temperature: float = 1.0, *,
+             prefix: str = "", max_new_tokens: int | None = None) -> list[list[str]]:
+    """n responses per question; `prefix` is forced as the start of each response."""
+    forced = self.tok.encode(prefix) if prefix else []
+    out = []
+    for start in range(0, len(questions), self.batch_size):
+      chunk = questions[start:start + self.batch_size]
+      prompts = [self.tok.render_prompt(q) + forced for q in chunk]
+      res = sampler.generate(self.model, prompts, temperature=temperature, seed=self.seed + start,
+                             max_new_tokens=max_new_tokens or self.max_new_tokens,
+                             eos_id=self.tok.eos_id, num_samples=n, pad_id=self.tok.pad_id)
+      for i in range(len(chunk)):
+        rows = range(i * n, (i + 1) * n)
+        out.append([prefix + self._decode(res.tokens[r, :res.lengths[r]]) for r in rows])
+    return out
+
+
+def curate(pool: list[prompts_lib.PromptRecord], policy: Policy, c: Any, seed: int,
+           data_dir: str) -> list[prompts_lib.PromptRecord]:
+  """§2.1 on the RL pool with the SFT model: difficulty by pass rate, hackable filter, balance."""
+  path = os.path.join(data_dir, "rl_prompts.jsonl")
+  if os.path.exists(path):
+    return prompts_lib.load_jsonl(path)[0]
+  if not c.curate:
+    records = list(pool)[:c.rl_prompts]
+    report = {"skipped": True}
+  else:
+    # No chain of thought: the response is forced to open with the answer box at once.
+    answer_fn = lambda qs, n: policy.sample(qs, n, 1.0, prefix="\\boxed{", max_new_tokens=12)
+    sample_fn = lambda qs, n, t: policy.sample(qs, n, t)
+    records, report = prompts_lib.curate(
+        pool, grade_fn=tasks.grade, answer_fn=answer_fn, sample_fn=sample_fn,
+        hackable_n=c.hackable_samples, difficulty_n=c.label_samples,
+        temperature=c.label_temperature, mix=dict(c.mix), seed=seed, batch_size=64)
+    records = records[:c.rl_prompts]
+  if not records:
+    raise ValueError(f"curation kept no RL prompts of {len(pool)}: {report}")
+  prompts_lib.write_jsonl(records, path)
+  with open(os.path.join(data_dir, "curation.json"), "w") as f:
+    json.dump(report, f, indent=2, default=str)
+  return records
+
+
+def rl_stage(config: Any, model: transformer.Transformer, records, tok, mesh,
+             workdir: str) -> transformer.Transformer:
+  """RL from `model` on the curated records; returns the final policy."""
+  prompts = [trainer_lib.Prompt(tokens=tok.render_prompt(r.prompt), difficulty=r.difficulty)
+             for r in records]
+
+  def reward_fn(ids, responses):
+    return np.array([tasks.grade(records[i], tok.decode(np.asarray(r)[np.asarray(r) <
+                                                                        tok.vocab_size]))
+                     for i, r in zip(ids, responses)], np.float32)
+
+  trainer = trainer_lib.RLTrainer(config, model, prompts, reward_fn, mesh=mesh, workdir=workdir,
+                                  eos_id=tok.eos_id, pad_id=tok.pad_id)
+  trainer.train()
+  return nnx.merge(trainer.graphdef, trainer.params)
+
+
+def plot_curves(rl_dir: str, path: str) -> None:
+  """Reward, accuracy and response length per RL iteration (matplotlib, no display)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [r for r in metrics_lib.read_jsonl(rl_dir) if "rl/reward" in r]
+  if not rows:
+    return
+  it = [r["step"] for r in rows]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+  for ax, key, title in zip(axes, ("rl/reward", "rl/accuracy", "rl/response_length_mean"),
+                            ("reward", "training accuracy", "mean response tokens")):
+    ax.plot(it, [r[key] for r in rows], lw=1)
+    ax.set_title(title)
+    ax.set_xlabel("RL iteration")
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+  if not workdir:
+    raise ValueError("mode 'pipeline' needs --workdir")
+  c = config.pipeline
+  t_start = time.time()
+  data_dir = os.path.join(workdir, "data")
+  data = make_data(c, config.seed, data_dir)
+  _log(f"data: {', '.join(f'{k} {len(v)}' for k, v in data.items())}")
+  tok = make_tokenizer(data["sft"] + data["rl_pool"], os.path.join(workdir, "tokenizer.model"),
+                       c.vocab_size)
+  if tok.vocab_size > config.model.vocab_size:
+    raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but config.model.vocab_size "
+                     f"is {config.model.vocab_size}")
+  _log(f"tokenizer: {tok.vocab_size} pieces")
+
+  mesh = parallel.make_mesh(config.mesh)
+  with parallel.use_mesh(mesh, config.sharding_rules):
+    model = smoke.build_model(config, mesh)
+    examples = [tok.render_example(r.prompt, _cot(r, c.sft_cot)) for r in data["sft"]]
+    _log(f"SFT on {len(examples)} {c.sft_cot}-CoT examples")
+    sft_model, _ = sft.train_sft(model, examples, config.sft, mesh=mesh,
+                                 workdir=os.path.join(workdir, "sft"), pad_id=tok.pad_id)
+
+    ev = config.evaluate
+    policy = Policy(sft_model, tok, max_new_tokens=config.rl.max_new_tokens, seed=config.seed)
+    records = curate(data["rl_pool"], policy, c, config.seed, data_dir)
+    _log(f"curated RL prompts: {len(records)}")
+
+    _log(f"RL: {config.rl.iterations} iterations of {config.rl.loss}")
+    rl_model = rl_stage(config, sft_model, records, tok, mesh, os.path.join(workdir, "rl"))
+
+    results = {}
+    for name, m in (("sft", sft_model), ("rl", rl_model)):
+      _log(f"evaluating {name} on {len(data['eval'])} held-out problems")
+      r = evaluate_lib.evaluate(
+          m, data["eval"], tokenizer=tok, grade_fn=tasks.grade, num_samples=ev.num_samples,
+          temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=config.seed,
+          batch_size=ev.batch_size)
+      r.pop("per_problem", None)
+      results[name] = r
+
+  results["minutes"] = round((time.time() - t_start) / 60, 2)
+  if jax.process_index() == 0:
+    print(evaluate_lib.format_table({k: v for k, v in results.items() if k in ("sft", "rl")}))
+    print(f"RL - SFT accuracy: {100 * (results['rl']['accuracy'] - results['sft']['accuracy']):+.1f}"
+          f" points; {results['minutes']} minutes")
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2, default=str)
+    plot_curves(os.path.join(workdir, "rl"), os.path.join(workdir, "rl_curves.png"))
+  return results
