@@ -33,6 +33,9 @@ MODES = {
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Library INFO lines (orbax's above all) drown the progress output; -v 0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if config.mode not in MODES:
     raise app.UsageError(f"config.mode={config.mode!r}; expected one of {sorted(MODES)}")

@@ -48,7 +48,7 @@ def config_block(**overrides: Any) -> ml_collections.ConfigDict:
       difficulties=(2, 3, 4, 5),
       sft_examples=1000,         # per family: the long-CoT warm-up set
       sft_cot="long",            # 'long' | 'short': the warm-up ablation (short = answer only)
-      rl_pool=1000,              # per family: candidate RL prompts before curation
+      rl_pool=160,               # per family: candidate RL prompts before curation
       eval_problems=64,          # per family, held out
       vocab_size=384,            # tokenizer pieces (<= model.vocab_size; 256 are byte pieces)
       max_cot_tokens=300,
@@ -131,6 +131,7 @@ class Policy:
     """n responses per question; `prefix` is forced as the start of each response."""
     forced = self.tok.encode(prefix) if prefix else []
     out = []
+    bar = metrics_lib.progress(len(questions), desc=f"sample x{n}", unit="prompts")
     for start in range(0, len(questions), self.batch_size):
       chunk = questions[start:start + self.batch_size]
       prompts = [self.tok.render_prompt(q) + forced for q in chunk]
@@ -140,6 +141,8 @@ class Policy:
       for i in range(len(chunk)):
         rows = range(i * n, (i + 1) * n)
         out.append([prefix + self._decode(res.tokens[r, :res.lengths[r]]) for r in rows])
+      bar.update(len(chunk))
+    bar.close()
     return out
 
 
