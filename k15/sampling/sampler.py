@@ -1,0 +1,524 @@
+"""The sampler: prefill of left-padded prompts, then a KV-cache decode loop, in one jitted program.
+
+RL spends most of its time here (k1.5 §2.6). The log-probs the sampler reports are the ones the
+policy-mirror-descent loss compares with the trainer's (§2.3.2), so the sampler calls the very
+same `Transformer` as the trainer and reports the log-prob of each token under the distribution
+it was drawn from.
+
+Layout of one call (letters: U unique sequences to prefill, B rows = samples, P padded prompt
+length, N padded number of new tokens, V vocab, W repeat window):
+
+  cache slot   0 ........ P-1 | P ........ P+N-1
+  row b        pad.. prompt_b | new tokens of row b (slot P+t holds token t, position len_b+t)
+
+Prompts are left-padded to P (padding has segment id 0 and is never attended to); real tokens
+have segment id 1 and positions 0..len-1, so a padded prompt computes what it would alone (up to
+float summation order). The U unique prompts are prefilled once, and each of the B sample rows
+takes a copy of its prompt's cache (`row_source`), so the k samples of a prompt share its
+prefill. Then `lax.while_loop`s sample one token per row per step until every row has finished
+(EOS, its token limit, or a detected repeat): no Python per token, no host round-trip. The
+decode runs in a few phases whose cache grows (P + N/J, P + 2N/J, ... slots), so early steps
+do not stream the whole padded cache through attention.
+
+Static shapes are bucketed (P to a power of two or a given bucket list; U and B to powers of
+two that the mesh's batch axes divide; N to a power of two; eos ids to 4), so a run compiles a
+handful of programs. Sampling parameters that change per call (temperature, top_p, eos ids,
+seeds, limits) are traced arrays; only top_k, whether top-p is on, the repeat n-gram and
+window and the number of decode phases are static.
+
+Randomness: row b draws its t-th response token by inverting the CDF at one uniform from the
+key fold_in(fold_in(PRNGKey(seed), row_seed[b]), response_offset[b] + t), so a row's draws do
+not depend on the batch it is in, its padding, or (for partial rollouts,
+k15.sampling.rollout) on how its response was split into segments.
+
+Under `parallel.use_mesh(mesh)` the batch (and the cache's batch axis) is sharded over the
+'batch' rule's mesh axes and the cache's heads over 'tensor' (`transformer.CACHE_AXES`), using
+the same parameter arrays as training (at most a `jax.device_put` to the active rules' layout,
+a no-op when they already agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from k15 import parallel
+from k15.model import transformer
+
+Array = jax.Array
+
+
+class FinishReason(enum.IntEnum):
+  """Why a sequence stopped; `SampleResult.finish_reason` holds these codes."""
+  EOS = 1     # sampled an end-of-sequence token (it is included in the response)
+  LENGTH = 2  # reached its token limit (max_new_tokens)
+  REPEAT = 3  # its last n tokens repeat an earlier n-gram of the response (§2.6)
+  BUDGET = 4  # partial rollouts only: spent this iteration's budget, continues later (§2.6)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+  """What `generate` returns, as host numpy arrays; rows are prompt-major.
+
+  Row order: prompt 0's samples, then prompt 1's, ... With num_samples = k, row i * k + j is
+  sample j of prompt i.
+  """
+  tokens: np.ndarray         # int32 [R, max_new_tokens]; pad_id after the end
+  logprobs: np.ndarray       # float32 [R, max_new_tokens]; 0 after the end
+  lengths: np.ndarray        # int32 [R]; number of new tokens (an EOS token counts)
+  finish_reason: np.ndarray  # int32 [R]; FinishReason codes
+
+  def reasons(self) -> list[str]:
+    """Finish reasons by name, e.g. ['EOS', 'LENGTH']."""
+    return [FinishReason(int(r)).name for r in self.finish_reason]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces of one decode step (jittable, tested directly).
+# ---------------------------------------------------------------------------------------------
+
+_NEG_INF = -jnp.inf
+
+
+def filter_logits(logits: Array, top_k: int = 0, top_p: Array | float | None = None) -> Array:
+  """Top-k then top-p (nucleus) truncation: dropped tokens get -inf logits.
+
+  logits: [B, V] float32 (already divided by the temperature). top_k: static; 0 keeps all.
+  top_p: None (off) or a scalar in (0, 1]; keeps the smallest set of most likely tokens whose
+  probability (renormalized after top-k) reaches top_p. A token is kept iff its logit is >=
+  the smallest kept logit, so ties at the threshold are all kept.
+  """
+  V = logits.shape[-1]
+  if top_k and top_k < V:
+    top, _ = jax.lax.top_k(logits, top_k)                            # [B, k], descending
+  elif top_p is not None:
+    top = -jnp.sort(-logits, axis=-1)                                # [B, V], descending
+  else:
+    return logits
+  threshold = top[:, -1:]                                            # k-th largest logit
+  if top_p is not None:
+    probs = jax.nn.softmax(top, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs                      # mass of better tokens
+    num_kept = jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(top, num_kept - 1, axis=-1)
+  return jnp.where(logits >= threshold, logits, _NEG_INF)
+
+
+def repeat_detected(history: Array, ngram: int) -> Array:
+  """Whether each row's last `ngram` tokens already occurred earlier in `history`.
+
+  history: int32 [B, W], the row's most recent response tokens, newest last, -1 where the
+  response is shorter than W. Occurrences may overlap the last n-gram (a loop of period p <
+  n repeats too). Costs B * W * n comparisons per call. Returns bool [B].
+  """
+  W = history.shape[1]
+  if not 0 < ngram < W:
+    raise ValueError(f"repeat_ngram={ngram} must be in [1, repeat_window={W})")
+  last = history[:, W - ngram:]                                      # [B, n]
+  starts = jnp.arange(W - ngram)[:, None] + jnp.arange(ngram)[None]  # [W-n, n]
+  windows = history[:, starts]                                       # [B, W-n, n]
+  match = jnp.all((windows == last[:, None]) & (windows >= 0), axis=-1)
+  return jnp.any(match, axis=-1) & jnp.all(last >= 0, axis=-1)
+
+
+def _choose(logits, keys, temperature, top_p, *, top_k, use_top_p):
+  """One token per row and its log-prob under the distribution it was drawn from.
+
+  Sampling inverts the CDF with one uniform per row: a few microseconds per step, where
+  Gumbel-max (jax.random.categorical) needs V random numbers per row and costs ~100x more on
+  CPU. The float32 cumulative sum perturbs token probabilities by ~sqrt(V) * 1e-7 relative;
+  the reported log-prob is the exact log-softmax of the chosen token.
+  Greedy (temperature 0) reports the untempered, untruncated policy log-prob of the argmax.
+  """
+  V = logits.shape[-1]
+  greedy = temperature <= 0
+  scaled = logits / jnp.where(greedy, 1.0, temperature)
+  masked = filter_logits(scaled, top_k, top_p if use_top_p else None)
+  probs = jax.nn.softmax(masked, axis=-1)                             # [B, V], 0 where dropped
+  cdf = jnp.cumsum(probs, axis=-1)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * cdf[:, -1]
+  drawn = jnp.sum(cdf <= u[:, None], axis=-1)
+  # Rounding can put u at cdf[-1]: never go past the last token that has probability.
+  drawn = jnp.minimum(drawn, V - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1))
+  drawn_lp = jnp.take_along_axis(jax.nn.log_softmax(masked, axis=-1), drawn[:, None], -1)[:, 0]
+  greedy_tok = jnp.argmax(logits, axis=-1)
+  greedy_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), greedy_tok[:, None],
+                                  -1)[:, 0]
+  tok = jnp.where(greedy, greedy_tok, drawn).astype(jnp.int32)
+  return tok, jnp.where(greedy, greedy_lp, drawn_lp)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled program.
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything that fixes a compiled program besides the array shapes."""
+  steps: int            # N, the new-token capacity
+  top_k: int
+  use_top_p: bool
+  repeat_ngram: int     # 0: off
+  repeat_window: int    # W
+  phases: int           # decode phases, each with a longer cache (see `_phase_bounds`)
+  layout: Any           # the active mesh and rules (None without a mesh), hashable
+
+
+def _phase_bounds(steps: int, phases: int) -> list[int]:
+  """Ends of the decode phases: `phases` equal parts of `steps`, in multiples of 8 slots."""
+  bounds = sorted({min(steps, -(-steps * (j + 1) // phases // 8) * 8) for j in range(phases)})
+  return [b for b in bounds if b > 0]
+
+
+def default_phases(steps: int) -> int:
+  """One phase below 128 new tokens, then one per 64 up to 4: the saving grows with the
+  generation length, the compile time with the number of phases."""
+  return int(min(4, max(1, steps // 64))) if steps >= 128 else 1
+
+
+def _constrain_cache(cache: dict) -> dict:
+  return {k: parallel.constrain(v, transformer.CACHE_AXES[k]) for k, v in cache.items()}
+
+
+def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
+  """Prefill + decode loop. x holds the bucketed inputs built by `generate`."""
+  U, P = x["tokens"].shape
+  B, N = x["row_source"].shape[0], static.steps
+  model = nnx.merge(graphdef, state)
+
+  # Prefill the U unique sequences once: all but the last prompt token first, keeping only the
+  # cache, so that XLA drops their [U, P - 1, V] logits (tens of GB at a real vocabulary and
+  # prompt length); then the last token alone gives the logits of the first new token.
+  cache = _constrain_cache(transformer.init_cache(model.cfg, U, P))
+  if P > 1:
+    _, cache = model(x["tokens"][:, :-1], positions=x["positions"][:, :-1],
+                     segment_ids=x["segment_ids"][:, :-1], cache=cache, cache_index=0)
+  logits, cache = model(x["tokens"][:, -1:], positions=x["positions"][:, -1:],
+                        segment_ids=x["segment_ids"][:, -1:], cache=cache, cache_index=P - 1)
+  last = jnp.take(logits[:, 0], x["row_source"], axis=0)             # [B, V]
+
+  # Each sample row continues its prompt's cache; slots P.. will hold the new tokens.
+  def grow(cache, extra):
+    return _constrain_cache({
+        name: jnp.pad(val, [(0, extra) if ax == "cache_length" else (0, 0)
+                            for ax in transformer.CACHE_AXES[name]])
+        for name, val in cache.items()})
+  cache = {name: jnp.take(val, x["row_source"], axis=transformer.CACHE_AXES[name].index("batch"))
+           for name, val in cache.items()}
+  bounds = _phase_bounds(N, static.phases)
+  cache = grow(cache, bounds[0])
+  last = parallel.constrain(last, ("batch", "act_vocab"))
+
+  row_keys = jax.vmap(jax.random.fold_in, (None, 0))(
+      jax.random.PRNGKey(x["seed"]), x["row_seeds"])                # [B, 2]
+  start_pos = jnp.take(x["lengths"], x["row_source"])               # [B] first new position
+  limits = x["limits"]
+
+  def sample(carry, logits, t):
+    """Chooses token t of every unfinished row and updates the bookkeeping."""
+    keys = jax.vmap(jax.random.fold_in)(row_keys, x["response_offset"] + t)
+    tok, lp = _choose(logits, keys, x["temperature"], x["top_p"], top_k=static.top_k,
+                      use_top_p=static.use_top_p)
+    active = ~carry["done"]
+    tok = jnp.where(active, tok, x["pad_id"])
+    lp = jnp.where(active, lp, 0.0)
+    out = dict(carry)
+    out["tokens"] = jax.lax.dynamic_update_slice(carry["tokens"], tok[:, None], (0, t))
+    out["logprobs"] = jax.lax.dynamic_update_slice(carry["logprobs"], lp[:, None], (0, t))
+    out["lengths"] = jnp.where(active, t + 1, carry["lengths"])
+    is_eos = active & jnp.any(tok[:, None] == x["eos"][None], axis=-1)
+    is_repeat = jnp.zeros_like(active)
+    if static.repeat_ngram:
+      hist = jnp.concatenate([carry["history"][:, 1:], tok[:, None]], axis=1)
+      out["history"] = jnp.where(active[:, None], hist, carry["history"])
+      is_repeat = active & ~is_eos & repeat_detected(out["history"], static.repeat_ngram)
+    is_length = active & ~is_eos & ~is_repeat & (t + 1 >= limits)
+    reason = jnp.select([is_eos, is_repeat, is_length],
+                        [int(FinishReason.EOS), int(FinishReason.REPEAT),
+                         int(FinishReason.LENGTH)], carry["reason"])
+    out["reason"] = reason.astype(jnp.int32)
+    out["done"] = carry["done"] | is_eos | is_repeat | is_length
+    out["last_token"] = tok
+    return out
+
+  carry = {
+      "tokens": jnp.full((B, N), x["pad_id"], jnp.int32),
+      "logprobs": jnp.zeros((B, N), jnp.float32),
+      "lengths": jnp.zeros((B,), jnp.int32),
+      "reason": jnp.zeros((B,), jnp.int32),
+      "done": limits <= 0,  # bucket padding rows
+      "last_token": jnp.zeros((B,), jnp.int32),
+  }
+  if static.repeat_ngram:
+    carry["history"] = x["history"]
+  carry = sample(carry, last, 0)
+
+  def body(c):
+    t, carry, cache = c
+    # Feed token t-1 (at slot P+t-1) to get the logits of token t.
+    tok = carry["last_token"][:, None]
+    pos = (start_pos + t - 1)[:, None]
+    logits, cache = nnx.merge(graphdef, state)(
+        tok, positions=pos, segment_ids=jnp.ones_like(tok), cache=cache,
+        cache_index=P + t - 1)
+    cache = _constrain_cache(cache)
+    return t + 1, sample(carry, logits[:, 0], t), cache
+
+  # Decode in J phases with a growing cache: a step's attention reads (and computes over)
+  # P + its phase's end slots, not P + N, which saves up to (J - 1) / 2J of the attention work
+  # of long generations (memory-bound on CPU) for one cache copy and one compiled loop body
+  # per phase.
+  t = jnp.int32(1)
+  for j, end in enumerate(bounds):
+    if j:
+      cache = grow(cache, end - bounds[j - 1])
+    t, carry, cache = jax.lax.while_loop(
+        lambda c, end=end: (c[0] < end) & ~jnp.all(c[1]["done"]), body, (t, carry, cache))
+  return {k: parallel.constrain(carry[k], ("batch",) + (None,) * (carry[k].ndim - 1))
+          for k in ("tokens", "logprobs", "lengths", "reason")}
+
+
+_run = jax.jit(_program, static_argnames=("graphdef", "static"))
+
+
+def compiled_programs() -> int:
+  """How many sampler programs are compiled (jit cache entries); for tests and benchmarks."""
+  return _run._cache_size()  # pylint: disable=protected-access
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: validation, bucketing, layout.
+# ---------------------------------------------------------------------------------------------
+
+def _next_pow2(n: int, minimum: int = 1) -> int:
+  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def bucket_length(n: int, buckets: Sequence[int] | None = None) -> int:
+  """The padded prompt length for a longest prompt of n tokens.
+
+  Default buckets: powers of two from 16. With `buckets`, the smallest one >= n.
+  """
+  if buckets is None:
+    return _next_pow2(n, 16)
+  fits = [b for b in sorted(buckets) if b >= n]
+  if not fits:
+    raise ValueError(f"a prompt of {n} tokens is longer than the largest prompt bucket "
+                     f"{max(buckets)} (prompt_buckets={list(buckets)})")
+  return fits[0]
+
+
+def _batch_shards() -> int:
+  """How many ways the active mesh splits the 'batch' axis (1 without a mesh)."""
+  mesh = parallel.active_mesh()
+  if mesh is None:
+    return 1
+  spec = parallel.logical_to_spec(("batch",), None, mesh)[0]
+  axes = () if spec is None else ((spec,) if isinstance(spec, str) else spec)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _bucket_batch(n: int) -> int:
+  shards = _batch_shards()
+  return shards * _next_pow2(-(-n // shards))
+
+
+def _layout_key():
+  """Hashable fingerprint of the active mesh and of how the rules place the sampler's axes."""
+  mesh = parallel.active_mesh()
+  if mesh is None:
+    return None
+  names = ("batch", "length", "cache_length", "kv_heads", "act_embed", "act_mlp", "act_q_heads",
+           "act_kv_heads", "act_vocab", "layers", "head_dim")
+  return (mesh, tuple(parallel.logical_to_spec((n,), None, mesh) for n in names))
+
+
+def _as_list(value, n: int, name: str) -> list[int]:
+  if isinstance(value, (int, np.integer)):
+    return [int(value)] * n
+  out = [int(v) for v in value]
+  if len(out) != n:
+    raise ValueError(f"{name} has {len(out)} entries but there are {n} prompts")
+  return out
+
+
+def _put(value: np.ndarray, axes: tuple) -> Array:
+  mesh = parallel.active_mesh()
+  if mesh is None:
+    return jnp.asarray(value)
+  # Every host builds the same inputs; each places only its own devices' slices.
+  return parallel.host_to_global(value, parallel.sharding(axes, value.shape, mesh))
+
+
+def _to_host(x: Array) -> np.ndarray:
+  # The whole result on every host (an all-gather when rows live on several hosts).
+  return parallel.global_to_host(x)
+
+
+def generate(
+    model: transformer.Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int | Sequence[int],
+    eos_id: int | Sequence[int] | None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    num_samples: int | Sequence[int] = 1,
+    repeat_ngram: int = 0,
+    repeat_window: int = 512,
+    prompt_buckets: Sequence[int] | None = None,
+    pad_id: int = 0,
+    response_prefix: Sequence[int] | None = None,
+    row_seeds: Sequence[int] | None = None,
+    decode_phases: int | None = None,
+) -> SampleResult:
+  """Samples continuations of `prompts` with `model`, in one compiled program.
+
+  Args:
+    model: the policy (its parameters are used where they are; under `parallel.use_mesh` they
+      are placed in the active layout first, a no-op when already there).
+    prompts: token-id lists of any lengths >= 1.
+    max_new_tokens: new-token limit, one for all prompts or one per prompt.
+    eos_id: end-of-sequence id(s); None never stops early.
+    temperature: 0 is greedy (and reports the untempered policy log-prob of the argmax).
+    top_p, top_k: nucleus / top-k truncation of the tempered distribution (1.0 / 0: off).
+    seed: base seed; row r draws from fold_in(PRNGKey(seed), row_seeds[r]).
+    num_samples: samples per prompt (one for all, or one per prompt); they share the prefill.
+    repeat_ngram: n > 0 stops a row, reason REPEAT, when its last n tokens already occurred
+      within its last `repeat_window` response tokens.
+    repeat_window: W, see above (static; changing it recompiles).
+    prompt_buckets: allowed padded prompt lengths (default powers of two from 16).
+    pad_id: written after each row's end.
+    response_prefix: per prompt, how many of its trailing tokens are an earlier part of the
+      response (partial rollouts): repeat detection sees them, and the RNG counts response
+      positions from there, so a continued response draws what an uninterrupted one would.
+    row_seeds: per output row (default 0, 1, 2, ...).
+    decode_phases: decode with a cache that grows in this many steps (static; default
+      `default_phases(bucketed max_new_tokens)`). Does not change the result.
+
+  Returns:
+    SampleResult with R = sum of num_samples rows, prompt-major.
+  """
+  cfg: transformer.ModelConfig = model.cfg
+  V = cfg.vocab_size
+  if not prompts:
+    raise ValueError("generate: prompts is empty")
+  prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+  for i, p in enumerate(prompts):
+    if p.size == 0:
+      raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+    if p.min() < 0 or p.max() >= V:
+      bad = int(p[(p < 0) | (p >= V)][0])
+      raise ValueError(f"prompt {i} has token id {bad} outside the vocabulary [0, {V})")
+  U = len(prompts)
+  limits_u = _as_list(max_new_tokens, U, "max_new_tokens")
+  counts = _as_list(num_samples, U, "num_samples")
+  prefix_u = _as_list(response_prefix if response_prefix is not None else 0, U,
+                      "response_prefix")
+  for name, vals, lo in (("max_new_tokens", limits_u, 1), ("num_samples", counts, 1),
+                         ("response_prefix", prefix_u, 0)):
+    for i, v in enumerate(vals):
+      if v < lo:
+        raise ValueError(f"{name}={v} for prompt {i}; it must be >= {lo}")
+  for i, (k, p) in enumerate(zip(prefix_u, prompts)):
+    if k > p.size:
+      raise ValueError(f"response_prefix={k} for prompt {i} is longer than the prompt ({p.size})")
+  if not temperature >= 0:
+    raise ValueError(f"temperature={temperature} must be >= 0")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} must be in (0, 1]")
+  if not 0 <= top_k:
+    raise ValueError(f"top_k={top_k} must be >= 0 (0 disables it)")
+  if repeat_ngram < 0 or (repeat_ngram and repeat_ngram >= repeat_window):
+    raise ValueError(f"repeat_ngram={repeat_ngram} must be 0 (off) or in [1, repeat_window="
+                     f"{repeat_window})")
+  if eos_id is None:
+    eos = []
+  elif isinstance(eos_id, (int, np.integer)):
+    eos = [int(eos_id)]
+  else:
+    eos = [int(e) for e in eos_id]
+  for e in eos:
+    if not 0 <= e < V:
+      raise ValueError(f"eos_id {e} is outside the vocabulary [0, {V})")
+  if not 0 <= pad_id < V:
+    raise ValueError(f"pad_id={pad_id} is outside the vocabulary [0, {V})")
+
+  R = sum(counts)
+  row_source = np.repeat(np.arange(U), counts)
+  if row_seeds is None:
+    row_seeds = np.arange(R)
+  row_seeds = np.asarray(row_seeds, np.int64).reshape(-1)
+  if row_seeds.size != R:
+    raise ValueError(f"row_seeds has {row_seeds.size} entries but there are {R} rows")
+
+  # Buckets.
+  P = bucket_length(max(p.size for p in prompts), prompt_buckets)
+  Ub, Rb = _bucket_batch(U), _bucket_batch(R)
+  N = _next_pow2(max(limits_u), 8)
+
+  tokens = np.full((Ub, P), pad_id, np.int32)
+  positions = np.zeros((Ub, P), np.int32)
+  segment_ids = np.zeros((Ub, P), np.int32)
+  lengths = np.ones((Ub,), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, P - p.size:] = p
+    positions[i, P - p.size:] = np.arange(p.size)
+    segment_ids[i, P - p.size:] = 1
+    lengths[i] = p.size
+
+  def rows(values, fill, dtype):
+    out = np.full((Rb,), fill, dtype)
+    out[:R] = values
+    return out
+
+  x = {
+      "tokens": _put(tokens, ("batch", "length")),
+      "positions": _put(positions, ("batch", "length")),
+      "segment_ids": _put(segment_ids, ("batch", "length")),
+      "lengths": _put(lengths, ("batch",)),
+      "row_source": _put(rows(row_source, 0, np.int32), ("batch",)),
+      "limits": _put(rows(np.asarray(limits_u)[row_source], 0, np.int32), ("batch",)),
+      "response_offset": _put(rows(np.asarray(prefix_u)[row_source], 0, np.int32), ("batch",)),
+      "row_seeds": _put(rows(row_seeds % (1 << 31), 0, np.int32), ("batch",)),
+      "seed": np.asarray(seed % (1 << 31), np.int32),
+      "temperature": np.asarray(temperature, np.float32),
+      "top_p": np.asarray(top_p, np.float32),
+      # Padded with -1 (never sampled) to a power of two, so eos=None and one or a few ids
+      # share a program.
+      "eos": np.asarray(eos + [-1] * (_next_pow2(len(eos), 4) - len(eos)), np.int32),
+      "pad_id": np.asarray(pad_id, np.int32),
+  }
+  if repeat_ngram:
+    W = repeat_window
+    history = np.full((Rb, W), -1, np.int32)
+    for r, u in enumerate(row_source):
+      tail = prompts[u][prompts[u].size - prefix_u[u]:][-W:]
+      if tail.size:
+        history[r, W - tail.size:] = tail
+    x["history"] = _put(history, ("batch", None))
+  static = _Static(steps=N, top_k=int(top_k) if top_k < V else 0,
+                   use_top_p=top_p < 1.0, repeat_ngram=int(repeat_ngram),
+                   repeat_window=int(repeat_window) if repeat_ngram else 0,
+                   phases=int(decode_phases or default_phases(N)),
+                   layout=_layout_key())
+
+  graphdef, state = nnx.split(model)
+  if parallel.active_mesh() is not None:
+    state = jax.device_put(state, parallel.state_shardings(state))
+  out = _run(state, x, graphdef=graphdef, static=static)
+  width = max(limits_u)
+  return SampleResult(
+      tokens=_to_host(out["tokens"])[:R, :width],
+      logprobs=_to_host(out["logprobs"])[:R, :width],
+      lengths=_to_host(out["lengths"])[:R],
+      finish_reason=_to_host(out["reason"])[:R])
