@@ -1,0 +1,85 @@
+r"""Qwen2.5-1.5B on a v5e-8 (v5litepod-8: 8 chips x 16 GiB, one host): long-CoT RL at 8k tokens.
+
+    python -m k15.plan --config=configs/qwen25_1p5b_v5e.py
+    python -m k15.main --config=configs/qwen25_1p5b_v5e.py --workdir=gs://BUCKET/k15/qwen1p5b \
+        --config.model_path=/path/to/Qwen2.5-1.5B-Instruct
+
+`k15.plan` prints the per-chip budget against 16 GiB: 11.7 GiB for the train step (6.5 GiB
+of it the float32 logits of one 9k-token row), a step of 8 rows x 9216 tokens in ~1.4 s at
+40% MFU. Sampling is the tight part. Today the plan WARNS: the sampler's prefill computes
+logits at every position, and with partial rollouts it prefills the continued trajectories
+at 8192 tokens ([32, 8192, 151936] float32 over 8 shards: 18.5 GiB). `--prefill_logits=last`
+shows the 14.1 GiB it takes once prefill computes the last position's logits only; that is
+also why an iteration starts only 2 prompts (16 rows, plus up to 16 continued): the KV cache
+is replicated over the tensor axis (2 kv heads) and a continuation is prefilled whole.
+
+The keys are those of configs/qwen25_7b_v5p.py plus `rl`, `optimizer` and `accelerator_type`;
+`:runlocal=True` shrinks everything to a CPU-sized model with the same structure.
+"""
+
+from k15 import config as k15_config
+
+
+def get_config(arg=None):
+  arg = k15_config.parse_arg(arg, runlocal=False)
+  c = k15_config.base(mode="smoke")
+  c.accelerator_type = "v5litepod-8"  # read by k15.plan (chip type and count)
+  c.distributed = False  # one host: its 8 chips are local devices
+  # Qwen2.5-1.5B (config.json of the released checkpoint).
+  c.model = k15_config.model_block(
+      vocab_size=151_936, embed_dim=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+      head_dim=128, mlp_dim=8960, rope_theta=1_000_000.0, norm_eps=1e-6,
+      tie_embeddings=True, qkv_bias=True,
+      # float32 master weights for Adam (1.5B x (4 + 8) bytes = 18 GiB over 8 chips), bfloat16
+      # matmuls; splash attention keeps memory linear in the 9k-token rows; 'full' remat keeps
+      # one bfloat16 [T, D] input per layer instead of ~70 KiB per token per layer.
+      param_dtype="float32", dtype="bfloat16", attention_impl="splash",
+      attention_block_size=512, remat="full")
+  c.model_path = ""  # a Hugging Face checkpoint directory; empty = random init
+  # 2-way FSDP x 4-way tensor. Tensor parallelism is what makes a long row fit: the head's
+  # float32 [T, V=151936] logits (and their log-softmax and gradients, 5 copies) dominate the
+  # step, and 'act_vocab' splits them over the tensor axis. 4 divides the 12 query heads, the
+  # 8960 MLP width and the vocab; the 2 kv heads stay replicated. Pure FSDP over 8 chips
+  # would leave a whole row's logits on one chip (26 GiB at 9k tokens).
+  c.mesh = k15_config.mesh_block(data=1, fsdp=2, tensor=4)
+  c.smoke = dict(batch=8, length=2048)
+  c.optimizer = k15_config.optimizer_block(
+      learning_rate=1e-6, warmup_steps=0, decay="constant", b1=0.9, b2=0.95,
+      weight_decay=0.01, grad_clip=1.0)
+  c.rl = k15_config.rl_block(
+      iterations=1000,
+      prompts_per_iteration=2,     # 16 new rows (+ <= 16 continued): what one rollout holds
+      samples_per_prompt=8,        # k: group size for the PMD mean-reward baseline (§2.3.2)
+      # Long CoT: 8k new tokens. 16k does not fit a v5e chip while the log-probs are computed
+      # over whole rows (13 GiB of logits per 17k-token row on 4 tensor shards);
+      # `python -m k15.plan --config=... --config.rl.max_new_tokens=16384 --logits_chunk=2048`
+      # shows it does once they are computed in chunks.
+      max_new_tokens=8192,
+      # Partial rollouts (§2.6.2): at most 4096 new tokens per sequence per iteration, so an
+      # iteration's sampling time is bounded and long responses continue from the buffer. Two
+      # segments, not more: every segment of a response adds its rows to later rollouts (a
+      # 2048 budget triples the continued rows, 24 GiB per chip in the plan).
+      segment_budget=4096,
+      temperature=1.0, top_p=1.0,
+      repeat_ngram=20,             # stop a response that repeats a 20-gram (§2.6.2)
+      loss="pmd", tau=0.1,
+      num_passes=1,
+      minibatch_groups=1,          # one group (8 rows of up to 9216 tokens) per gradient step,
+      microbatches=4,              # 2 rows per microbatch: one row per FSDP shard
+      length_bucket=1024,
+      reset_optimizer=True,
+      length_weight=1.0,           # length penalty (§2.3.3) after a warm-up without it
+      length_warmup_iterations=50,
+      repeat_penalty=1.0,
+  )
+  if arg.runlocal:
+    c.accelerator_type = ""
+    c.model.update(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=16, mlp_dim=128, dtype="float32", attention_impl="reference",
+                   remat="none")
+    c.mesh = k15_config.mesh_block(data=-1)
+    c.smoke = dict(batch=8, length=32)
+    c.rl.update(iterations=2, prompts_per_iteration=4, samples_per_prompt=4,
+                max_new_tokens=32, segment_budget=16, minibatch_groups=2, microbatches=1,
+                length_bucket=16, repeat_ngram=0, length_warmup_iterations=0)
+  return c

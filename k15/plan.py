@@ -1,0 +1,578 @@
+r"""Per-chip memory and step-time plan of a config, without allocating the model (issue 7 §3).
+
+    python -m k15.plan --config=configs/qwen25_1p5b_v5e.py [--config.rl.max_new_tokens=8192]
+        [--chip=v5e] [--num_chips=8] [--mfu=0.4] [--peak_tflops=197] [--batch=8]
+        [--seq_len=9216] [--prompt_len=1024] [--strict]
+        [--logits_chunk=2048] [--prefill_logits=last]     # what-ifs, see below
+
+Prints, for one chip: parameters, optimizer state, gradients, train-step activations and logits,
+the sampler's KV cache and transients, the peak of the training phase and of the sampling
+phase against the chip's HBM, and the expected train-step time at the given MFU. A config
+whose peak exceeds the HBM gets a line 'WARNING: ... does not fit' (exit code 0, or 1 with
+--strict). `plan(config, batch, seq_len, chip)` is the same as a library call returning a dict.
+
+Sharding. Parameter bytes are exact: the abstract model (`nnx.eval_shape`) gives every
+parameter's shape and logical axes, and `parallel.logical_to_spec` with the config's rules on an
+`AbstractMesh` of the config's shape gives its shard. Adam moments are laid out like their
+parameters (`update.init_optimizer_state`); gradients likewise. An activation term is divided
+by the mesh axes its logical axes map to ('batch' -> data x fsdp, 'length' -> sequence,
+'act_mlp'/'act_q_heads'/'act_vocab' -> tensor, ...), with the same divisibility rule, so two kv
+heads on a 4-way tensor axis count as replicated, as they are.
+
+Activation model. Letters: B rows, T tokens per row (S = T keys), D width, N / K query /
+kv heads, H head dim, F MLP width, V vocab, L layers; b = bytes of the compute dtype
+(`model.dtype`), 4 = float32. Per layer and token, what the backward pass needs kept (JAX's
+saved residuals, `jax.ad_checkpoint.print_saved_residuals`, after XLA fusion):
+
+  remat 'none':  norms 2 x (f32 input, normalized and scaled outputs)     4bD + 8D
+                 q after RoPE, attention output / k after RoPE, v         2bNH + 2bKH
+                 SwiGLU: gate, up, sigmoid(gate), silu(gate), product     5bF
+                 RoPE sin/cos                                             8H
+                 reference attention: f32 scores, exp, probabilities      (12 [+ b]) N S
+                 (the [B, N, T, S] matrix; + b for the cast probabilities if b < 4);
+                 flash: one f32 log-sum-exp per query and head            4N
+                 weights cast to the compute dtype or all-gathered over fsdp, kept for the
+                 backward's dx = dy W^T: one copy per layer in dtype b, sharded by tensor only
+  remat 'full':  the layer input (bD) per layer, plus one layer's 'none' set (recomputed
+                 during that layer's backward) including its gathered weights
+  remat 'dots':  layer input, q/k/v projections, attention projection, gate and up outputs:
+                 b(2D + NH + 2KH + 2F) and the gathered weights per layer, plus one layer's
+                 'none' set less those matmul outputs
+
+Once per step: the embedding lookup (bD) and final norm (8D + 2bD) per token, and the head:
+float32 logits with log_softmax, the cotangents of the log-probs and of the logits, and the
+copy that feeds the two matmuls of the head's gradient: 5 x 4V per token (XLA:CPU keeps five
+[B, T, V] float32 buffers live at the head's backward). Flash attention adds a transient of
+one layer's f32 dq (4NH per token) and a few [B, N, block, block] score blocks.
+
+Gradients are parameter-shaped (param dtype); the backward phase holds them with the
+activations (conservative: early in the backward few exist yet), the update phase holds about
+2.25x their size (gradients, the clipped gradients and the Adam update before it is written in
+place into the donated buffers; measured on XLA:CPU). Train peak = params + optimizer state +
+max(gradients + activations + logits, 2.25 x gradients).
+
+Sampling: one `rollout` call runs one `sampler.generate` over the trajectories continued
+from the replay buffer (one row each, prefilled with prompt + partial response, since the
+policy changed) and the new prompts (k rows each), all padded to the longest sequence's
+bucket. Worst case (every response spends its whole budget): C = (ceil(max_new_tokens /
+segment_budget) - 1) x prompts_per_iteration x k continued rows (capped by rl.max_continued
+if the config has it), R = C + prompts x k rows and U = C + prompts sequences (powers of two
+per batch shard), prompt bucket P = pow2(prompt + max_new_tokens - segment_budget), cache
+length S = P + pow2(segment_budget). The KV cache is [L, R, S, K, H] x 2 in the compute dtype.
+Prefill computes logits at every position (the Transformer returns [U, P, V] float32 and the
+sampler keeps the last; `--prefill_logits=last` shows the budget once it computes only that
+one), plus its own [U, P] cache and one layer's intermediates. Decode holds the [R, V] logits
+and [R, N, 1, S] scores (a single query takes the reference path while S <= block^2).
+Sampling peak = params + optimizer state (the trainer keeps it between iterations) + KV cache
++ max(prefill transient, decode transient).
+
+Checked (tests/test_plan.py) against XLA's memory analysis of the compiled train step for a
+3.3M-parameter model on 8 x 256 tokens: within 1% (remat none, 1 device and a 2x2x2 mesh),
+7% (flash), 3% (remat full over scanned layers), 11% (dots over scanned layers).
+
+Step time = model FLOPs / (chips x peak FLOP/s x MFU), model FLOPs = 6 x (matmul params) x
+tokens + 6 B T^2 N H L (causal attention, forward and backward, useful half of the scores).
+MFU counts model FLOPs only, so a remat policy's recomputation shows up as a lower MFU, not as
+more FLOPs here.
+
+Note (XLA scheduling): the 'full' and 'dots' figures assume the compiler recomputes a layer
+right before that layer's backward. XLA:CPU's scheduler hoists the recomputation of an
+unrolled Python loop of layers (the model's `for block in self.layers`) and so keeps almost
+every layer's intermediates at once; a `lax.scan` over layers pins the order. See jax-ml/jax
+issue 20763 for the same effect of the GPU latency-hiding scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+
+from k15 import parallel, update
+from k15 import config as k15_config
+from k15.model import transformer
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  hbm_gib: float              # memory per chip
+  peak_tflops: float | None   # dense bf16 peak per chip; None: measure or pass --peak_tflops
+  hbm_gbps: float | None      # memory bandwidth, for the decode-step lower bound
+
+
+def _host_ram_gib() -> float:
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+
+
+# Public spec sheets (cloud.google.com/tpu/docs/system-architecture-tpu-vm), per chip.
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("TPU v4", 32, 275, 1228),
+    "v5e": Chip("TPU v5e", 16, 197, 819),
+    "v5p": Chip("TPU v5p", 95, 459, 2765),
+    "v6e": Chip("TPU v6e", 32, 918, 1640),
+    "cpu": Chip("CPU host", _host_ram_gib(), None, None),
+}
+
+
+def accelerator_chips(accelerator_type: str) -> tuple[str, int]:
+  """'v5p-64' -> ('v5p', 32): v4 and v5p names count TensorCores (2 per chip), v5e and v6e chips."""
+  m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", accelerator_type.strip())
+  if not m:
+    raise ValueError(f"accelerator type {accelerator_type!r} is not like v4-8, v5litepod-8, "
+                     f"v5p-64 or v6e-8")
+  family, n = m.group(1), int(m.group(2))
+  if family in ("v4", "v5p"):
+    return family, max(1, n // 2)
+  return ("v5e" if family == "v5litepod" else family), n
+
+
+def _pow2(n: int) -> int:
+  """The sampler's default bucket for lengths: the next power of two, at least 16."""
+  return max(16, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _itemsize(dtype: str) -> int:
+  return jnp.dtype(transformer.to_dtype(dtype)).itemsize
+
+
+class _Sharder:
+  """Divisors of logical-axis arrays on an abstract mesh of the config's shape."""
+
+  def __init__(self, mesh_sizes: dict[str, int], rules):
+    self.mesh = AbstractMesh(tuple(mesh_sizes[a] for a in parallel.MESH_AXES),
+                             parallel.MESH_AXES)
+    self.rules = parallel.rules_from_config(rules)
+
+  def spec(self, axes, shape) -> P:
+    return parallel.logical_to_spec(axes, shape, self.mesh, self.rules)
+
+  def divisor(self, axes, shape) -> int:
+    out = 1
+    for entry in self.spec(axes, shape):
+      for a in (() if entry is None else (entry,) if isinstance(entry, str) else entry):
+        out *= self.mesh.shape[a]
+    return out
+
+  def per_chip(self, axes, shape, bytes_per_element: float) -> float:
+    return math.prod(shape) * bytes_per_element / self.divisor(axes, shape)
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _leaf_bytes(leaf, sharding) -> float:
+  value = leaf.get_value() if _is_var(leaf) else leaf
+  if sharding is None or not value.shape:
+    return float(value.dtype.itemsize * math.prod(value.shape))
+  if _is_var(sharding):
+    sharding = sharding.get_value()
+  return float(value.dtype.itemsize * math.prod(sharding.shard_shape(value.shape)))
+
+
+def _param_memory(cfg: transformer.ModelConfig, sh: _Sharder, optimizer):
+  """Per-chip bytes of params, optimizer state, and per-layer weights as the backward keeps them."""
+  abstract = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
+  _, state = nnx.split(abstract)
+
+  def sharding_of(v):
+    axes = v.get_metadata().get("axes") or (None,) * len(v.shape)
+    return v.replace(value=NamedSharding(sh.mesh, sh.spec(axes, v.shape)))
+
+  shardings = jax.tree.map(sharding_of, state, is_leaf=_is_var)
+  leaves = jax.tree.leaves(state, is_leaf=_is_var)
+  shard_leaves = jax.tree.leaves(shardings, is_leaf=_is_var)
+  params = sum(_leaf_bytes(v, s) for v, s in zip(leaves, shard_leaves))
+
+  abstract_opt = jax.eval_shape(optimizer.init, state)
+  replicated = NamedSharding(sh.mesh, P())
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, s: s, abstract_opt, shardings,
+      transform_non_params=lambda _: replicated, is_leaf=_is_var)
+  opt_leaves = jax.tree.leaves(abstract_opt, is_leaf=_is_var)
+  opt_shard_leaves = jax.tree.leaves(opt_shardings, is_leaf=lambda x: _is_var(x) or isinstance(
+      x, NamedSharding))
+  opt = sum(_leaf_bytes(v, s) for v, s in zip(opt_leaves, opt_shard_leaves))
+
+  # One layer's weights as the forward uses them: cast to the compute dtype and, where FSDP
+  # shards them, all-gathered, i.e. sharded only by the remaining (tensor) axes. A copy exists
+  # only where the cast or the gather does something.
+  b = _itemsize(cfg.dtype)
+  layer_copy = 0.0
+  block = jax.tree.leaves(nnx.split(abstract.layers[0])[1], is_leaf=_is_var)
+  gather_axes = ("data", "fsdp")
+  for v in block:
+    axes = v.get_metadata().get("axes") or (None,) * len(v.shape)
+    spec = sh.spec(axes, v.shape)
+    kept, gathered = 1, False
+    for entry in spec:
+      for a in (() if entry is None else (entry,) if isinstance(entry, str) else entry):
+        if a in gather_axes:
+          gathered = True
+        else:
+          kept *= sh.mesh.shape[a]
+    if gathered or v.get_value().dtype.itemsize != b:
+      layer_copy += math.prod(v.shape) * b / kept
+  return params, opt, layer_copy
+
+
+def _matmul_params(cfg: transformer.ModelConfig) -> int:
+  """Parameters that take part in a matmul per token (the embedding lookup does not)."""
+  n = cfg.num_params()
+  if not cfg.tie_embeddings:
+    n -= cfg.vocab_size * cfg.embed_dim
+  return n
+
+
+def train_flops(cfg: transformer.ModelConfig, rows: int, seq_len: int) -> float:
+  """Model FLOPs of one train step (forward + backward) on rows x seq_len tokens.
+
+  6 x matmul params x tokens, plus causal attention: QK^T and PV are 2 x 2 B T S N H in the
+  forward, half of it under the causal mask, times 3 for forward and backward.
+  """
+  tokens = rows * seq_len
+  attention = 6 * rows * seq_len * seq_len * cfg.num_heads * cfg.head_dim * cfg.num_layers
+  return float(6 * _matmul_params(cfg) * tokens + attention)
+
+
+def _activations(cfg: transformer.ModelConfig, sh: _Sharder, B: int, T: int,
+                 layer_copy: float, logits_chunk: int = 0) -> dict[str, float]:
+  """Per-chip bytes live at the start of the train step's backward (see the module docstring)."""
+  D, N, K, H, F, V, L = (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                         cfg.mlp_dim, cfg.vocab_size, cfg.num_layers)
+  b = _itemsize(cfg.dtype)
+  S = T
+  tok = ("batch", "length")
+  d = lambda coef: sh.per_chip(tok + ("act_embed",), (B, T, D), coef)       # coef bytes per D
+  nh = lambda coef: sh.per_chip(tok + ("act_q_heads", "head_dim"), (B, T, N, H), coef)
+  kh = lambda coef: sh.per_chip(tok + ("act_kv_heads", "head_dim"), (B, T, K, H), coef)
+  f = lambda coef: sh.per_chip(tok + ("act_mlp",), (B, T, F), coef)
+  per_tok = lambda coef: sh.per_chip(tok, (B, T), coef)
+  flash = cfg.attention_impl in ("flash", "splash") and T * S > cfg.attention_block_size ** 2
+  if flash:
+    scores = sh.per_chip(("batch", "act_q_heads", "length"), (B, N, T), 4)
+  else:
+    scores = sh.per_chip(("batch", "act_q_heads", "length", None), (B, N, T, S),
+                         12 + (b if b < 4 else 0))
+
+  full_layer = (d(4 * b + 8) + nh(2 * b) + kh(2 * b) + f(5 * b) + per_tok(8 * H) + scores
+                + layer_copy)
+  if cfg.remat == "none":
+    saved = L * full_layer
+    transient = 0.0
+  elif cfg.remat == "full":
+    saved = L * d(b)
+    transient = full_layer
+  else:  # dots: the saved matmul outputs need no recomputation in the layer's backward
+    dots = d(b) + nh(b) + kh(2 * b) + f(2 * b)
+    saved = L * (d(b) + dots + layer_copy)
+    transient = full_layer - dots
+  if flash:
+    blk = min(cfg.attention_block_size, T)
+    transient += nh(4) + 4 * sh.per_chip(("batch", "act_q_heads", None, None),
+                                         (B, N, blk, blk), 4)
+  once = d(b) + d(8 + 2 * b)                                    # embedding output, final norm
+  rows_t = min(T, logits_chunk) if logits_chunk else T
+  logits = sh.per_chip(tok + ("act_vocab",), (B, rows_t, V), 5 * 4)
+  return {"saved": saved + once, "recompute": transient, "logits": logits}
+
+
+def _sampling(cfg: transformer.ModelConfig, sh: _Sharder, rl: Any, prompt_len: int,
+              prefill_logits: str) -> dict[str, Any]:
+  """Per-chip bytes of one `rollout` call (k15.sampling.rollout), and its shapes.
+
+  One `sampler.generate` call takes the continued trajectories of the replay buffer (one row
+  each, prefilled with prompt + partial response) and the new prompts (k rows each), padded to
+  one prompt bucket: the longest sequence's.
+  """
+  b = _itemsize(cfg.dtype)
+  L, K, H, N, V = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads, cfg.vocab_size
+  shards = sh.divisor(("batch",), (sh.mesh.size,))  # the batch axes, each dividing the size
+  # The sampler pads rows to a power of two per batch shard.
+  bucket_rows = lambda n: shards * (1 << max(0, -(-n // shards) - 1).bit_length())
+  new_rows = rl.prompts_per_iteration * rl.samples_per_prompt
+  seg = min(rl.segment_budget or rl.max_new_tokens, rl.max_new_tokens)
+  segments = -(-rl.max_new_tokens // seg)
+  # Worst case: every trajectory spends its whole budget, so the buffer holds the rows of the
+  # last segments - 1 iterations (all of them are continued unless rl.max_continued caps it).
+  continued = (segments - 1) * new_rows
+  if rl.get("max_continued", None) is not None:
+    continued = min(continued, rl.max_continued)
+  U = bucket_rows(continued + rl.prompts_per_iteration)
+  R = bucket_rows(continued + new_rows)
+  P = _pow2(prompt_len + rl.max_new_tokens - seg) if continued else _pow2(prompt_len)
+  S = P + _pow2(seg)
+  tok = ("batch", "length")
+
+  def cache(rows, length):
+    return 2 * sh.per_chip(transformer.CACHE_AXES["k"], (L, rows, length, K, H), b)
+
+  # Prefill of the U sequences: their cache, the logits, one layer's forward intermediates.
+  logits = sh.per_chip(tok + ("act_vocab",), (U, P if prefill_logits == "all" else 1, V), 4)
+  flash = cfg.attention_impl in ("flash", "splash") and P * P > cfg.attention_block_size ** 2
+  scores = 0.0 if flash else sh.per_chip(("batch", "act_q_heads", "length", None),
+                                         (U, N, P, P), 12)
+  layer = (sh.per_chip(tok + ("act_embed",), (U, P, cfg.embed_dim), 4 * b)
+           + sh.per_chip(tok + ("act_mlp",), (U, P, cfg.mlp_dim), 3 * b) + scores)
+  decode = (sh.per_chip(("batch", "act_vocab"), (R, V), 3 * 4)
+            + sh.per_chip(("batch", "act_q_heads", None), (R, N, S), 12))
+  return {"rows": R, "new_rows": new_rows, "continued_rows": continued, "sequences": U,
+          "prompt_bucket": P, "cache_length": S, "kv_cache": cache(R, S),
+          "prefill": cache(U, P) + logits + layer, "prefill_logits": logits,
+          "prefill_logits_mode": prefill_logits, "decode": decode}
+
+
+def _default_shapes(config, prompt_len: int) -> tuple[int, int, int]:
+  """(rows per gradient step, tokens per row, microbatches) from the rl or smoke block."""
+  if "rl" in config:
+    rl = config.rl
+    rows = rl.minibatch_groups * rl.samples_per_prompt
+    multiple = max(1, rl.get("length_bucket", 1))
+    T = -(-(prompt_len + rl.max_new_tokens) // multiple) * multiple
+    return rows, T, max(1, rl.get("microbatches", 1))
+  if "smoke" in config:
+    return config.smoke.batch, config.smoke.length, 1
+  raise ValueError("config has neither an `rl` nor a `smoke` block; pass batch= and seq_len=")
+
+
+def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
+         chip: str | None = None, *, num_chips: int | None = None, mfu: float = 0.4,
+         peak_tflops: float | None = None, prompt_len: int | None = None,
+         logits_chunk: int = 0, prefill_logits: str = "all") -> dict[str, Any]:
+  """Memory per chip (bytes) and expected step time of `config`'s train step and sampler.
+
+  Args:
+    config: an ml-collections config with `model`, `mesh`, `sharding_rules` and optionally
+      `optimizer`, `rl`, `smoke`, `accelerator_type`.
+    batch: rows per gradient step (default: rl.minibatch_groups x k, else smoke.batch); the
+      activations are those of one microbatch (rl.microbatches).
+    seq_len: tokens per row (default: prompt + rl.max_new_tokens, else smoke.length).
+    chip: 'v4' | 'v5e' | 'v5p' | 'v6e' | 'cpu'; default from config.accelerator_type, else cpu.
+    num_chips: devices of the mesh; default from config.accelerator_type, else the mesh's
+      product when it has no -1 axis, else the local device count.
+    mfu: model FLOP utilization assumed for the step time.
+    peak_tflops: peak per chip; defaults to the chip table (none for cpu: no step time).
+    prompt_len: prompt tokens (default config.rl.max_prompt_length if set, else 1024).
+    logits_chunk: what-if: compute the head and log-probs in chunks of this many tokens
+      (0 = the whole row at once, as k15.update.token_logprobs does).
+    prefill_logits: 'all': the sampler's prefill computes logits at every prompt position, as
+      the Transformer returns them today; 'last': what-if it computed the last one only.
+  """
+  if prefill_logits not in ("all", "last"):
+    raise ValueError(f"prefill_logits={prefill_logits!r}; expected 'all' or 'last'")
+  accel = config.get("accelerator_type", "") or ""
+  accel_chip, accel_n = accelerator_chips(accel) if accel else (None, None)
+  chip = chip or accel_chip or "cpu"
+  if chip not in CHIPS:
+    raise ValueError(f"chip={chip!r}; expected one of {sorted(CHIPS)}")
+  if num_chips is None:
+    num_chips = accel_n
+  if num_chips is None:
+    sizes = dict(config.mesh.items())
+    num_chips = (math.prod(sizes.values()) if -1 not in sizes.values()
+                 else len(jax.devices()))
+  try:
+    mesh_sizes = parallel.mesh_shape(config.mesh, num_chips)
+  except ValueError as e:
+    raise ValueError(f"{e} (k15.plan: pass num_chips / --num_chips, or set "
+                     f"config.accelerator_type, e.g. 'v5p-64')") from e
+  sh = _Sharder(mesh_sizes, config.get("sharding_rules"))
+
+  cfg = transformer.ModelConfig.from_config(config.model)
+  opt_cfg = config.optimizer if "optimizer" in config else k15_config.optimizer_block()
+  optimizer = update.make_optimizer(opt_cfg)
+  if prompt_len is None:
+    prompt_len = (config.rl.get("max_prompt_length", 0) if "rl" in config else 0) or 1024
+  rows, T, microbatches = _default_shapes(config, prompt_len)
+  rows, T = batch or rows, seq_len or T
+  if rows % microbatches:
+    raise ValueError(f"batch={rows} rows is not divisible by rl.microbatches={microbatches}")
+  Bm = rows // microbatches
+
+  params, opt, layer_copy = _param_memory(cfg, sh, optimizer)
+  grads = params  # parameter-shaped, in the param dtype, laid out like the params
+  if microbatches > 1:
+    grads *= 2  # the scan's accumulator next to one microbatch's gradients
+  act = _activations(cfg, sh, Bm, T, layer_copy, logits_chunk)
+  batch_bytes = sh.per_chip(("batch", None), (rows, T), 20)  # tokens, positions, ids, mask, logp
+  activations = act["saved"] + act["recompute"]
+  backward = grads + activations + act["logits"]
+  update_phase = 2.25 * params
+  train_peak = params + opt + batch_bytes + max(backward, update_phase)
+
+  out: dict[str, Any] = {
+      "chip": chip, "chip_name": CHIPS[chip].name, "num_chips": num_chips,
+      "hbm_bytes": CHIPS[chip].hbm_gib * GiB, "mesh": mesh_sizes,
+      "model": {"params": cfg.num_params(), "param_dtype": cfg.param_dtype,
+                "dtype": cfg.dtype, "remat": cfg.remat, "attention_impl": cfg.attention_impl},
+      "train": {"rows": rows, "seq_len": T, "microbatches": microbatches,
+                "params": params, "opt_state": opt, "grads": grads, "batch": batch_bytes,
+                "activations": activations, "activations_saved": act["saved"],
+                "activations_recompute": act["recompute"], "logits": act["logits"],
+                "update_phase": update_phase, "peak": train_peak},
+  }
+  if "rl" in config:
+    smp = _sampling(cfg, sh, config.rl, prompt_len, prefill_logits)
+    smp["peak"] = params + opt + smp["kv_cache"] + max(smp["prefill"], smp["decode"])
+    out["sampling"] = smp
+  peak = max(out["train"]["peak"], out.get("sampling", {}).get("peak", 0.0))
+  out["peak"] = peak
+  out["fits"] = peak <= out["hbm_bytes"]
+
+  # Step time at the given MFU.
+  tokens = rows * T
+  flops = train_flops(cfg, rows, T)
+  peak_tflops = peak_tflops or CHIPS[chip].peak_tflops
+  out["train"]["flops"] = float(flops)
+  out["train"]["tokens"] = tokens
+  out["mfu"] = mfu
+  out["peak_tflops"] = peak_tflops
+  if peak_tflops:
+    step_s = flops / (num_chips * peak_tflops * 1e12 * mfu)
+    out["train"]["step_s"] = step_s
+    out["train"]["tokens_per_s_per_chip"] = tokens / step_s / num_chips
+    if "rl" in config:
+      rl = config.rl
+      steps = -(-rl.prompts_per_iteration // rl.minibatch_groups) * rl.num_passes
+      out["train"]["steps_per_iteration"] = steps
+      out["train"]["iteration_train_s"] = steps * step_s
+  if "sampling" in out and CHIPS[chip].hbm_gbps:
+    # A decode step reads every weight (compute dtype) and the whole cache at least once.
+    read = params * _itemsize(cfg.dtype) / _itemsize(cfg.param_dtype) + out["sampling"]["kv_cache"]
+    out["sampling"]["decode_step_s_min"] = read / (CHIPS[chip].hbm_gbps * 1e9)
+  return out
+
+
+def format_plan(p: dict[str, Any]) -> str:
+  """A readable table of `plan(...)`'s result."""
+  g = lambda x: f"{x / GiB:9.2f} GiB"
+  m, t = p["model"], p["train"]
+  lines = [
+      f"{p['chip_name']} x {p['num_chips']}  mesh {p['mesh']}  HBM {g(p['hbm_bytes']).strip()}"
+      f" per chip",
+      f"model: {m['params'] / 1e9:.3f}B params, param_dtype={m['param_dtype']}, "
+      f"dtype={m['dtype']}, remat={m['remat']}, attention={m['attention_impl']}",
+      "",
+      f"train step: {t['rows']} rows x {t['seq_len']} tokens, {t['microbatches']} microbatch(es)"
+      "   (per chip)",
+      f"  parameters            {g(t['params'])}",
+      f"  optimizer state       {g(t['opt_state'])}",
+      f"  gradients             {g(t['grads'])}",
+      f"  batch                 {g(t['batch'])}",
+      f"  activations (saved)   {g(t['activations_saved'])}",
+      f"  activations (1 layer) {g(t['activations_recompute'])}",
+      f"  logits + log-softmax  {g(t['logits'])}",
+      f"  update phase          {g(t['update_phase'])}",
+      f"  peak                  {g(t['peak'])}",
+  ]
+  if "sampling" in p:
+    s = p["sampling"]
+    lines += [
+        "",
+        f"sampling (one rollout call, worst case): {s['rows']} rows ({s['new_rows']} new + "
+        f"{s['continued_rows']} continued), {s['sequences']} sequences prefilled at "
+        f"{s['prompt_bucket']} tokens, cache length {s['cache_length']}   (per chip)",
+        f"  KV cache              {g(s['kv_cache'])}",
+        f"  prefill transient     {g(s['prefill'])}   (of which logits at "
+        f"{s['prefill_logits_mode']} positions {g(s['prefill_logits']).strip()})",
+        f"  decode transient      {g(s['decode'])}",
+        f"  peak                  {g(s['peak'])}   (params + optimizer state + cache + "
+        f"transient)",
+    ]
+    if "decode_step_s_min" in s:
+      lines.append(f"  decode step >= {s['decode_step_s_min'] * 1e3:.1f} ms (weights + cache "
+                   f"read once from HBM)")
+  lines.append("")
+  if "step_s" in t:
+    lines.append(f"expected train step at MFU {p['mfu']:.2f} of {p['peak_tflops']:g} TFLOP/s: "
+                 f"{t['step_s']:.3f} s ({t['flops'] / 1e15:.2f} PFLOP, "
+                 f"{t['tokens_per_s_per_chip']:,.0f} tokens/s/chip)")
+    if "iteration_train_s" in t:
+      lines.append(f"  {t['steps_per_iteration']} steps per RL iteration: "
+                   f"{t['iteration_train_s']:.1f} s of training")
+  else:
+    lines.append(f"train step: {t['flops'] / 1e12:.2f} TFLOP (pass --peak_tflops for a time)")
+  if m["remat"] != "none":
+    lines.append(f"note: remat={m['remat']} figures assume each layer is recomputed right "
+                 "before its backward (see the module docstring on XLA scheduling)")
+  verdict = "fits" if p["fits"] else "does not fit"
+  lines.append(f"peak {g(p['peak']).strip()} of {g(p['hbm_bytes']).strip()}: {verdict}")
+  if not p["fits"]:
+    lines.append(f"WARNING: the config does not fit: peak {g(p['peak']).strip()} per chip > "
+                 f"{p['chip_name']} HBM {g(p['hbm_bytes']).strip()}")
+  return "\n".join(lines)
+
+
+def _measure_cpu_tflops() -> float:
+  """float32 matmul FLOP/s of this host (a 2048^2 jnp.dot, best of 3)."""
+  import time  # pylint: disable=g-import-not-at-top
+  n = 2048
+  x = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(3):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best / 1e12
+
+
+def main(argv=None) -> int:
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  cfg_flag = config_flags.DEFINE_config_file("config", "configs/tiny_cpu.py",
+                                             "ml-collections config file[:args]",
+                                             lock_config=True)
+  chip = flags.DEFINE_enum("chip", None, sorted(CHIPS), "Chip; default from "
+                           "config.accelerator_type, else cpu.")
+  num_chips = flags.DEFINE_integer("num_chips", None, "Devices of the mesh; default from "
+                                   "config.accelerator_type.")
+  batch = flags.DEFINE_integer("batch", None, "Rows per gradient step.")
+  seq_len = flags.DEFINE_integer("seq_len", None, "Tokens per row.")
+  prompt_len = flags.DEFINE_integer("prompt_len", None, "Prompt tokens (RL configs).")
+  mfu = flags.DEFINE_float("mfu", 0.4, "Model FLOP utilization for the step time.")
+  peak = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per chip (default: chip "
+                            "table; cpu: measured float32 matmul).")
+  chunk = flags.DEFINE_integer("logits_chunk", 0, "What-if: head and log-probs in chunks of "
+                               "this many tokens (0 = whole rows, as the code does today).")
+  prefill = flags.DEFINE_enum("prefill_logits", "all", ["all", "last"], "What-if: 'last' "
+                              "= the sampler's prefill computes the last position's logits "
+                              "only ('all' is what the code does today).")
+  strict = flags.DEFINE_bool("strict", False, "Exit with code 1 when the config does not fit.")
+
+  def run(args):
+    if len(args) > 1:
+      raise app.UsageError(f"unexpected arguments: {args[1:]}")
+    config = cfg_flag.value
+    chosen = chip.value or (accelerator_chips(config.accelerator_type)[0]
+                            if config.get("accelerator_type", "") else "cpu")
+    peak_tflops = peak.value
+    if peak_tflops is None and chosen == "cpu":
+      peak_tflops = _measure_cpu_tflops()
+    p = plan(config, batch.value, seq_len.value, chosen, num_chips=num_chips.value,
+             mfu=mfu.value, peak_tflops=peak_tflops, prompt_len=prompt_len.value,
+             logits_chunk=chunk.value, prefill_logits=prefill.value)
+    print(format_plan(p))
+    if strict.value and not p["fits"]:
+      sys.exit(1)
+
+  app.run(run, argv=argv)
+  return 0
+
+
+if __name__ == "__main__":
+  main()
