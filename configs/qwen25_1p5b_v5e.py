@@ -22,7 +22,7 @@ from k15 import config as k15_config
 
 def get_config(arg=None):
   arg = k15_config.parse_arg(arg, runlocal=False)
-  c = k15_config.base(mode="smoke")
+  c = k15_config.add_run_blocks(k15_config.base(mode="smoke"))
   c.accelerator_type = "v5litepod-8"  # read by k15.plan (chip type and count)
   c.distributed = False  # one host: its 8 chips are local devices
   # Qwen2.5-1.5B (config.json of the released checkpoint).

@@ -12,7 +12,7 @@ from k15 import config as k15_config
 
 def get_config(arg=None):
   arg = k15_config.parse_arg(arg, runlocal=False)
-  c = k15_config.base(mode="smoke")
+  c = k15_config.add_run_blocks(k15_config.base(mode="smoke"))
   c.distributed = True
   # Qwen2.5-7B (config.json of the released checkpoint).
   c.model = k15_config.model_block(
@@ -24,6 +24,16 @@ def get_config(arg=None):
   # 32 chips: 8-way FSDP x 4-way tensor (28 query and 4 kv heads both split 4 ways).
   c.mesh = k15_config.mesh_block(data=1, fsdp=-1, tensor=4)
   c.smoke = dict(batch=32, length=2048)
+  c.accelerator_type = "v5p-64"  # read by k15.plan
+  c.optimizer = k15_config.optimizer_block(learning_rate=1e-6, weight_decay=0.01, grad_clip=1.0)
+  c.rl = k15_config.rl_block(
+      iterations=1000,
+      prompts_per_iteration=8, samples_per_prompt=8,  # k = 8 per group (§2.3.2 baseline)
+      max_new_tokens=32_768,       # long CoT
+      segment_budget=16_384,       # partial rollouts (§2.6): two segments at most
+      repeat_ngram=20, loss="pmd", tau=0.1,
+      minibatch_groups=2, microbatches=2, length_bucket=1024,
+      length_weight=1.0, length_warmup_iterations=50, repeat_penalty=1.0)
   if arg.runlocal:
     c.distributed = False
     c.model.update(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,

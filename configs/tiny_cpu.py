@@ -15,17 +15,15 @@ Structural options go after a colon: `:runlocal=True` shrinks everything for tes
 """
 
 from k15 import config as k15_config
-from k15 import evaluate, pipeline, sft
+from k15 import evaluate, sft
 
 
 def get_config(arg=None):
   arg = k15_config.parse_arg(arg, runlocal=False)
-  c = k15_config.base(mode="pipeline")
+  c = k15_config.add_run_blocks(k15_config.base(mode="pipeline"))
   c.model = k15_config.model_block(
       vocab_size=384, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
       mlp_dim=384, rope_theta=10_000.0, tie_embeddings=True)
-  c.smoke = dict(batch=8, length=128)
-  c.pipeline = pipeline.config_block()
   c.sft = sft.config_block(seq_len=512, batch_size=16, steps=300,
                            optimizer=dict(learning_rate=2e-3, warmup_steps=20, decay="cosine",
                                           decay_steps=0, end_learning_rate=2e-4, b1=0.9,

@@ -46,6 +46,7 @@ because it would replace the one JAX's service relies on.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any, Callable, Mapping
@@ -193,7 +194,8 @@ class Checkpointer:
       raise ValueError(f"checkpoint save_every must be >= 1, got {save_every}")
     if keep is not None and keep < 1:
       raise ValueError(f"checkpoint keep must be >= 1 or None (keep all), got {keep}")
-    path = epath.Path(directory)
+    # orbax (tensorstore) refuses relative local paths; `--workdir=runs/x` is common.
+    path = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
     self.directory = path / subdir if subdir else path
     self.save_every = save_every
     policies = ocp.checkpoint_managers

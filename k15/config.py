@@ -123,3 +123,22 @@ def checkpoint_block(**overrides: Any) -> ml_collections.ConfigDict:
   c = dict(every=10, keep=3)
   c.update(overrides)
   return ml_collections.ConfigDict(c)
+
+
+def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds every block the modes read, with defaults, so that all configs share one key set.
+
+  Real-scale configs then override what matters for them; the blocks' owners define the keys
+  (k15.sft, k15.evaluate, k15.pipeline) and are imported here only when a config is built.
+  """
+  from k15 import evaluate, pipeline, sft  # pylint: disable=g-import-not-at-top
+  c.model_path = ""   # a Hugging Face checkpoint directory to start from; "" = random init
+  c.accelerator_type = ""  # e.g. 'v5p-64', read by k15.plan
+  c.smoke = dict(batch=8, length=128)
+  c.optimizer = optimizer_block()
+  c.rl = rl_block()
+  c.checkpoint = checkpoint_block()
+  c.sft = sft.config_block()
+  c.evaluate = evaluate.config_block()
+  c.pipeline = pipeline.config_block()
+  return c

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
@@ -195,6 +195,35 @@ def create_sharded(module_fn, mesh: Mesh | None = None, rules=None):
 
   init = jax.jit(lambda: nnx.split(module_fn())[1], out_shardings=shardings)
   return nnx.merge(graphdef, init())
+
+
+def host_to_global(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A global jax.Array laid out by `sharding` from a numpy array every process holds in full.
+
+  Works with one process or several. Each process copies only the slices its own devices hold,
+  so nothing crosses hosts; `jax.device_put` of a host array onto devices of several processes
+  would first all-gather the whole array to check that every host passed the same value.
+  Every process must call it with the same array (the RL trainer and the sampler compute
+  their batches identically on every host).
+  """
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def global_to_host(tree: Any) -> Any:
+  """The full value of every jax.Array in `tree` as numpy, on every process.
+
+  Arrays that are fully addressable or fully replicated are read locally; others (a batch
+  sharded across hosts) are all-gathered, which is a collective: every process must call this
+  with arrays of the same shardings, in the same order.
+  """
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(one, tree)
 
 
 def maybe_initialize_distributed(config: Any = None) -> bool:

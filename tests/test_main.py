@@ -21,11 +21,12 @@ def _main(*args, devices=8):
 
 def test_smoke_run_on_a_mesh_with_overrides(tmp_path):
   r = _main("--config=configs/tiny_cpu.py:runlocal=True", f"--workdir={tmp_path}",
-            "--config.model.num_layers=3", "--config.mesh.data=2", "--config.mesh.tensor=-1")
+            "--config.mode=smoke", "--config.model.num_layers=3", "--config.mesh.data=2",
+            "--config.mesh.tensor=-1")
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads((tmp_path / "smoke.json").read_text())
   assert report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4, "sequence": 1}
-  assert report["logits_shape"] == [8, 32, 512]
+  assert report["logits_shape"] == [8, 32, 384]
   assert report["finite"]
   # A freshly initialized model predicts close to uniformly.
   assert abs(report["nll"] - report["log_vocab"]) < 1.0
@@ -57,7 +58,7 @@ def test_unknown_config_key_names_it(tmp_path):
 
 def test_bad_mesh_names_the_problem(tmp_path):
   r = _main("--config=configs/tiny_cpu.py:runlocal=True", f"--workdir={tmp_path}",
-            "--config.mesh.data=3")
+            "--config.mode=smoke", "--config.mesh.data=3")
   assert r.returncode != 0
   assert "config.mesh" in r.stderr and "8 devices" in r.stderr
 

@@ -276,11 +276,13 @@ class RLTrainer:
           sel = order[s:s + rl.minibatch_groups]
           rows_sel = (sel[:, None] * self.k + np.arange(self.k)).reshape(-1)
           mb = {key: v[sel] if key in GROUP_KEYS else v[rows_sel] for key, v in batch.items()}
-          mb = {key: jax.device_put(v, parallel.sharding(("batch", None), v.shape, self.mesh))
+          # Every host built the same batch; each places only the rows its devices hold.
+          mb = {key: parallel.host_to_global(v, parallel.sharding(("batch", None), v.shape,
+                                                                  self.mesh))
                 for key, v in mb.items()}
           self.params, self.opt_state, m = step_fn(self.params, self.opt_state, mb)
           step_metrics.append(m)
-      step_metrics = jax.device_get(step_metrics)
+      step_metrics = parallel.global_to_host(step_metrics)
       t_train = time.perf_counter() - t1
       trained_tokens = float(batch["mask"].sum()) * rl.num_passes
       for key in step_metrics[0]:
