@@ -131,7 +131,7 @@ def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   Real-scale configs then override what matters for them; the blocks' owners define the keys
   (k15.sft, k15.evaluate, k15.pipeline) and are imported here only when a config is built.
   """
-  from k15 import evaluate, pipeline, sft  # pylint: disable=g-import-not-at-top
+  from k15 import evaluate, long2short, pipeline, sft  # pylint: disable=g-import-not-at-top
   c.model_path = ""   # a Hugging Face checkpoint directory to start from; "" = random init
   c.accelerator_type = ""  # e.g. 'v5p-64', read by k15.plan
   c.smoke = dict(batch=8, length=128)
@@ -141,4 +141,5 @@ def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sft = sft.config_block()
   c.evaluate = evaluate.config_block()
   c.pipeline = pipeline.config_block()
+  c.long2short = long2short.config_block()
   return c

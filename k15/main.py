@@ -27,6 +27,7 @@ MODES = {
     "sft": "k15.sft",              # long-CoT SFT (§2.2)
     "evaluate": "k15.evaluate",    # pass@1, tokens, per difficulty
     "pipeline": "k15.pipeline",    # data -> SFT -> curation -> RL -> evaluation
+    "long2short": "k15.long2short",  # merge, shortest RS, DPO, long2short RL (§2.4)
 }
 
 
