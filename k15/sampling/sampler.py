@@ -178,9 +178,10 @@ def _phase_bounds(steps: int, phases: int) -> list[int]:
 
 
 def default_phases(steps: int) -> int:
-  """One phase below 128 new tokens, then one per 64 up to 4: the saving grows with the
-  generation length, the compile time with the number of phases."""
-  return int(min(4, max(1, steps // 64))) if steps >= 128 else 1
+  """One phase below 128 new tokens, then one per 64 up to 8: the saving grows with the
+  generation length, the compile time with the number of phases. (CPU, 32 x 256 new tokens
+  after 64-token prompts: 1, 2, 4, 8 phases took 2.59, 2.25, 2.17, 2.03 s.)"""
+  return int(min(8, steps // 64)) if steps >= 128 else 1
 
 
 def _constrain_cache(cache: dict) -> dict:
