@@ -59,9 +59,10 @@ segment_budget) - 1) x prompts_per_iteration x k continued rows (capped by rl.ma
 if the config has it), R = C + prompts x k rows and U = C + prompts sequences (powers of two
 per batch shard), prompt bucket P = pow2(prompt + max_new_tokens - segment_budget), cache
 length S = P + pow2(segment_budget). The KV cache is [L, R, S, K, H] x 2 in the compute dtype.
-Prefill computes logits at every position (the Transformer returns [U, P, V] float32 and the
-sampler keeps the last; `--prefill_logits=last` shows the budget once it computes only that
-one), plus its own [U, P] cache and one layer's intermediates. Decode holds the [R, V] logits
+The sampler's prefill keeps only the cache of the first P-1 prompt tokens (XLA drops their
+logits) and runs the last token as a one-token step, so it holds [U, 1, V] logits
+(`--prefill_logits=all` shows the cost of logits at every position), plus its own [U, P] cache
+and one layer's intermediates. Decode holds the [R, V] logits
 and [R, N, 1, S] scores (a single query takes the reference path while S <= block^2).
 Sampling peak = params + optimizer state (the trainer keeps it between iterations) + KV cache
 + max(prefill transient, decode transient).
@@ -350,7 +351,7 @@ def _default_shapes(config, prompt_len: int) -> tuple[int, int, int]:
 def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
          chip: str | None = None, *, num_chips: int | None = None, mfu: float = 0.4,
          peak_tflops: float | None = None, prompt_len: int | None = None,
-         logits_chunk: int = 0, prefill_logits: str = "all") -> dict[str, Any]:
+         logits_chunk: int = 0, prefill_logits: str = "last") -> dict[str, Any]:
   """Memory per chip (bytes) and expected step time of `config`'s train step and sampler.
 
   Args:
@@ -367,8 +368,8 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
     prompt_len: prompt tokens (default config.rl.max_prompt_length if set, else 1024).
     logits_chunk: what-if: compute the head and log-probs in chunks of this many tokens
       (0 = the whole row at once, as k15.update.token_logprobs does).
-    prefill_logits: 'all': the sampler's prefill computes logits at every prompt position, as
-      the Transformer returns them today; 'last': what-if it computed the last one only.
+    prefill_logits: 'last': the sampler's prefill computes logits for the last prompt position
+      only (as k15.sampling does); 'all': what-if it computed them at every position.
   """
   if prefill_logits not in ("all", "last"):
     raise ValueError(f"prefill_logits={prefill_logits!r}; expected 'all' or 'last'")
@@ -549,9 +550,9 @@ def main(argv=None) -> int:
                             "table; cpu: measured float32 matmul).")
   chunk = flags.DEFINE_integer("logits_chunk", 0, "What-if: head and log-probs in chunks of "
                                "this many tokens (0 = whole rows, as the code does today).")
-  prefill = flags.DEFINE_enum("prefill_logits", "all", ["all", "last"], "What-if: 'last' "
+  prefill = flags.DEFINE_enum("prefill_logits", "last", ["all", "last"], "'last' (k15.sampling) "
                               "= the sampler's prefill computes the last position's logits "
-                              "only ('all' is what the code does today).")
+                              "only; 'all' shows the cost of logits at every position.")
   strict = flags.DEFINE_bool("strict", False, "Exit with code 1 when the config does not fit.")
 
   def run(args):

@@ -168,25 +168,25 @@ def test_qwen7b_fits_its_v5p_slice_and_not_one_v5e_chip():
 def test_qwen1p5b_plan_on_v5e8():
   from configs import qwen25_1p5b_v5e  # pylint: disable=g-import-not-at-top
   config = qwen25_1p5b_v5e.get_config()
-  p = plan.plan(config, prefill_logits="last")
+  p = plan.plan(config)
   assert p["chip"] == "v5e" and p["num_chips"] == 8
   assert p["model"]["params"] == pytest.approx(1.54e9, rel=0.01)
   assert p["fits"], plan.format_plan(p)
   assert p["train"]["seq_len"] >= config.rl.max_new_tokens
   assert p["sampling"]["rows"] >= config.rl.prompts_per_iteration * config.rl.samples_per_prompt
   assert p["train"]["step_s"] > 0
-  # As the sampler is today, the prefill of the partial rollouts' continuations computes
-  # [rows, 8192, 151936] float32 logits, and that alone does not fit.
-  today = plan.plan(config)
-  assert not today["fits"]
-  assert today["sampling"]["prefill_logits"] > 16 * plan.GiB > today["train"]["peak"]
+  # Were the prefill to compute [rows, 8192, 151936] float32 logits at every position (as
+  # the sampler's first version did), that alone would not fit.
+  all_logits = plan.plan(config, prefill_logits="all")
+  assert not all_logits["fits"]
+  assert all_logits["sampling"]["prefill_logits"] > 16 * plan.GiB > all_logits["train"]["peak"]
 
 
 def test_sampling_follows_the_rollout_shapes():
   config = _config({"data": 2, "tensor": 4})
   config.rl = k15_config.rl_block(prompts_per_iteration=3, samples_per_prompt=4,
                                   max_new_tokens=300, segment_budget=100)
-  s = plan.plan(config, chip="cpu", num_chips=8, prompt_len=40)["sampling"]
+  s = plan.plan(config, chip="cpu", num_chips=8, prompt_len=40, prefill_logits="all")["sampling"]
   # 12 new rows; up to two more segments' worth (24 rows) continued from the buffer; rows
   # padded to a power of two per batch shard (2): 64.
   assert (s["new_rows"], s["continued_rows"], s["rows"], s["sequences"]) == (12, 24, 64, 32)
@@ -198,7 +198,7 @@ def test_sampling_follows_the_rollout_shapes():
   assert s["kv_cache"] == pytest.approx(kv)
   assert s["prefill_logits"] == pytest.approx(32 * 256 * cfg.vocab_size * 4 / 8)
   config.rl.segment_budget = 0  # no partial rollouts: nothing continues
-  s = plan.plan(config, chip="cpu", num_chips=8, prompt_len=40)["sampling"]
+  s = plan.plan(config, chip="cpu", num_chips=8, prompt_len=40, prefill_logits="all")["sampling"]
   assert (s["continued_rows"], s["rows"], s["prompt_bucket"], s["cache_length"]) == (
       0, 16, 64, 64 + 512)
 

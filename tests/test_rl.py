@@ -51,6 +51,13 @@ def test_rl_learns_a_directly_learnable_reward(loss, tmp_path):
   assert np.mean(rewards[:2]) < 0.3
   assert np.mean(rewards[-3:]) > 0.9, rewards
   assert all(m["train/skipped"] == 0 for m in history)
+  # Everything issue 4 asks the metrics to show, per iteration.
+  for key in ("rl/reward", "rl/accuracy", "rl/response_length_mean", "rl/response_length_p90",
+              "rl/response_length_max", "rl/share_truncated", "rl/share_repeated",
+              "train/entropy", "train/kl", "train/grad_norm", "perf/sample_tokens_per_s",
+              "perf/train_tokens_per_s", "perf/train_mfu", "perf/sample_mfu"):
+    assert key in history[-1], key
+  assert np.isfinite(history[-1]["train/kl"]) and history[-1]["perf/train_tokens_per_s"] > 0
 
 
 _WORKER = r'''

@@ -148,6 +148,7 @@ class RLTrainer:
     self.opt_state, self.opt_shardings = update.init_optimizer_state(
         self.optimizer, self.params, self.param_shardings, mesh)
     self.k = self.rl.samples_per_prompt
+    self.peak_flops = metrics_lib.peak_flops(mesh.devices.flat)
     self._steps: dict[int, Any] = {}
 
     difficulties = [p.difficulty for p in self.prompts]
@@ -294,11 +295,19 @@ class RLTrainer:
           "rl/task_reward": float(task.mean()),
           "perf/train_tokens_per_s": trained_tokens / max(t_train, 1e-9),
       })
+      # MFU of the train step over the tokens it really processes (prompt + response rows);
+      # NaN where the devices' peak is unknown (CPU).
+      seq_tokens = sum(len(t.prompt) + t.length for t in flat) * rl.num_passes
+      flops = seq_tokens * metrics_lib.model_flops_per_token(self.config.model, T, training=True)
+      metrics["perf/train_mfu"] = metrics_lib.mfu(flops / max(t_train, 1e-9), self.peak_flops)
       metrics.update(metrics_lib.response_length_stats(
           lengths.reshape(-1),
           np.array([t.finish_reason == sampling.FinishReason.LENGTH for t in flat]),
           repeated.reshape(-1)))
     metrics["perf/sample_tokens_per_s"] = sampled_tokens / max(t_sample, 1e-9)
+    metrics["perf/sample_mfu"] = metrics_lib.mfu(
+        metrics["perf/sample_tokens_per_s"] * metrics_lib.model_flops_per_token(
+            self.config.model, self.rl.max_new_tokens, training=False), self.peak_flops)
     metrics["perf/sample_s"] = t_sample
     self.iteration += 1
     return metrics
