@@ -186,6 +186,8 @@ def rl_stage(config: Any, model: transformer.Transformer, records, tok, mesh,
   trainer = trainer_lib.RLTrainer(config, model, prompts, reward_fn, mesh=mesh, workdir=workdir,
                                   eos_id=tok.eos_id, pad_id=tok.pad_id)
   trainer.train()
+  if trainer.preempted:
+    raise SystemExit("preempted during RL (checkpoint saved); rerun the same command to resume")
   return nnx.merge(trainer.graphdef, trainer.params)
 
 
@@ -230,8 +232,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     model = smoke.build_model(config, mesh)
     examples = [tok.render_example(r.prompt, _cot(r, c.sft_cot)) for r in data["sft"]]
     _log(f"SFT on {len(examples)} {c.sft_cot}-CoT examples")
-    sft_model, _ = sft.train_sft(model, examples, config.sft, mesh=mesh,
-                                 workdir=os.path.join(workdir, "sft"), pad_id=tok.pad_id)
+    sft_model, losses = sft.train_sft(model, examples, config.sft, mesh=mesh,
+                                      workdir=os.path.join(workdir, "sft"), pad_id=tok.pad_id)
+    if config.sft.steps and len(losses) < config.sft.steps:
+      # Stopped early (SIGTERM): the checkpoint is saved; later stages must not start.
+      raise SystemExit(f"SFT stopped at step {len(losses)} of {config.sft.steps} (checkpoint "
+                       "saved); rerun the same command to resume")
 
     ev = config.evaluate
     policy = Policy(sft_model, tok, max_new_tokens=config.rl.max_new_tokens, seed=config.seed)

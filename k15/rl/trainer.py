@@ -159,6 +159,7 @@ class RLTrainer:
     self.buffer = sampling.ReplayBuffer()
     self.pending: dict[str, list[dict]] = {}   # group id -> finished samples (as dicts)
     self.iteration = 0
+    self.preempted = False  # set when train() stopped early on SIGTERM (after saving)
     self.rng = jax.random.key(config.seed)
     self.checkpointer = ckpt_lib.Checkpointer(
         workdir, save_every=config.checkpoint.every, keep=config.checkpoint.keep)
@@ -328,6 +329,7 @@ class RLTrainer:
         bar.set_postfix(reward=f"{m.get('rl/reward', float('nan')):.3f}",
                         len=f"{m.get('rl/response_length_mean', float('nan')):.0f}")
         if self.checkpointer.should_stop(self.iteration):
+          self.preempted = True
           self.save(force=True)
           logging.warning("preempted: saved iteration %d and stopping", self.iteration)
           break
