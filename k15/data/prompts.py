@@ -37,6 +37,8 @@ import random
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from k15.rewards import math as math_reward
+
 Grader = Callable[["PromptRecord", str], float]
 # answer_fn(prompts, n) -> n responses per prompt, produced WITHOUT a chain of thought.
 AnswerFn = Callable[[list[str], int], list[list[str]]]
@@ -94,17 +96,8 @@ def last_boxed(text: str) -> str | None:
   bare = [m for m in re.finditer(r"\\boxed +([^\s${}]+)", text)]
   if bare and (not starts or bare[-1].start() > starts[-1]):
     return bare[-1].group(1).rstrip(".,;")
-  if not starts:
-    return None
-  depth, start = 1, starts[-1]
-  for i in range(start, len(text)):
-    if text[i] == "{":
-      depth += 1
-    elif text[i] == "}":
-      depth -= 1
-      if depth == 0:
-        return text[start:i]
-  return None
+  # The braced form: the same extraction the math grader uses.
+  return math_reward.extract_boxed(text)
 
 
 # ---------------------------------------------------------------------------------------------
