@@ -46,14 +46,21 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return out
 
 
+def make_block(name: str, defaults: dict[str, Any],
+               overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A config block: `defaults` updated by `overrides`; a key it does not have is an error."""
+  c = ml_collections.ConfigDict(defaults)
+  unknown = sorted(set(overrides) - set(c.keys()))
+  if unknown:
+    raise ValueError(f"unknown {name} config keys {unknown}; known: {sorted(c.keys())}")
+  c.update(overrides)
+  return c
+
+
 def model_block(**overrides: Any) -> ml_collections.ConfigDict:
   """The `model` block: every ModelConfig field, so each one is overridable by flag."""
   fields = {f.name: f.default for f in dataclasses.fields(transformer.ModelConfig)}
-  unknown = sorted(set(overrides) - set(fields))
-  if unknown:
-    raise ValueError(f"unknown model keys {unknown}")
-  fields.update(overrides)
-  return ml_collections.ConfigDict(fields)
+  return make_block("model", fields, overrides)
 
 
 def mesh_block(**sizes: int) -> ml_collections.ConfigDict:
@@ -82,15 +89,14 @@ def base(mode: str = "smoke", seed: int = 0) -> ml_collections.ConfigDict:
 
 def optimizer_block(**overrides: Any) -> ml_collections.ConfigDict:
   """AdamW (k15.update.make_optimizer)."""
-  c = dict(learning_rate=1e-3, warmup_steps=0, decay="constant", decay_steps=0,
-           end_learning_rate=0.0, b1=0.9, b2=0.95, weight_decay=0.0, grad_clip=1.0)
-  c.update(overrides)
-  return ml_collections.ConfigDict(c)
+  return make_block("optimizer", dict(
+      learning_rate=1e-3, warmup_steps=0, decay="constant", decay_steps=0,
+      end_learning_rate=0.0, b1=0.9, b2=0.95, weight_decay=0.0, grad_clip=1.0), overrides)
 
 
 def rl_block(**overrides: Any) -> ml_collections.ConfigDict:
   """The RL iteration (k15.rl.trainer); names follow paper §2.3 and §2.6."""
-  c = ml_collections.ConfigDict(dict(
+  return make_block("rl", dict(
       iterations=50,
       prompts_per_iteration=16,
       samples_per_prompt=8,        # k
@@ -114,15 +120,11 @@ def rl_block(**overrides: Any) -> ml_collections.ConfigDict:
       length_warmup_iterations=0,  # ... and the iteration it switches on
       repeat_penalty=0.0,          # subtracted from the reward of a looping response
       sampling=dict(mode="prioritized", curriculum="", epsilon=0.0),
-  ))
-  c.update(overrides)
-  return c
+  ), overrides)
 
 
 def checkpoint_block(**overrides: Any) -> ml_collections.ConfigDict:
-  c = dict(every=10, keep=3)
-  c.update(overrides)
-  return ml_collections.ConfigDict(c)
+  return make_block("checkpoint", dict(every=10, keep=3), overrides)
 
 
 def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from k15 import config as k15_config
 from k15 import metrics as metrics_lib
 from k15 import tokenizer as tokenizer_lib
 from k15.model import transformer
@@ -34,7 +35,7 @@ GradeFn = Callable[[Any, str], float]  # (problem, response text) -> score in [0
 
 def config_block(**overrides: Any) -> ml_collections.ConfigDict:
   """The `evaluate` block of a config; see `evaluate` and `run`."""
-  c = ml_collections.ConfigDict(dict(
+  c = dict(
       num_samples=4,          # k responses per problem; pass@1 is their mean correctness
       temperature=1.0,        # 0: greedy (one sample per problem)
       top_p=1.0,
@@ -50,12 +51,8 @@ def config_block(**overrides: Any) -> ml_collections.ConfigDict:
       # Comma-separated name=checkpoint_dir, e.g. "sft=DIR/sft_checkpoints,rl=DIR/checkpoints";
       # an empty dir ("base=") is the model of config.model_path, or a random one.
       checkpoints="",
-  ))
-  unknown = sorted(set(overrides) - set(c.keys()))
-  if unknown:
-    raise ValueError(f"unknown evaluate config keys {unknown}; known: {sorted(c.keys())}")
-  c.update(overrides)
-  return c
+  )
+  return k15_config.make_block("evaluate", c, overrides)
 
 
 def _difficulty_key(problem: Any) -> Any:

@@ -17,9 +17,7 @@ interrupted run continues where it stopped):
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
 import os
 import time
 from typing import Any, Sequence
@@ -30,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from k15 import evaluate as evaluate_lib
+from k15 import config as k15_config
 from k15 import metrics as metrics_lib
 from k15 import parallel, sft, smoke
 from k15 import tokenizer as tokenizer_lib
@@ -42,7 +41,7 @@ from k15.sampling import sampler
 
 def config_block(**overrides: Any) -> ml_collections.ConfigDict:
   """The `pipeline` block: which problems, how many, and the curation settings."""
-  c = ml_collections.ConfigDict(dict(
+  c = dict(
       families=("arithmetic",),
       ops=("+",),                # arithmetic operators (k15.data.tasks)
       difficulties=(2, 3, 4, 5),
@@ -60,12 +59,8 @@ def config_block(**overrides: Any) -> ml_collections.ConfigDict:
       hackable_samples=8,
       mix=dict(easy=0.3, medium=0.4, hard=0.3),
       rl_prompts=256,            # cap on the curated set
-  ))
-  unknown = sorted(set(overrides) - set(c.keys()))
-  if unknown:
-    raise ValueError(f"unknown pipeline config keys {unknown}; known: {sorted(c.keys())}")
-  c.update(overrides)
-  return c
+  )
+  return k15_config.make_block("pipeline", c, overrides)
 
 
 # ---------------------------------------------------------------------------------------------

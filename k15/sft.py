@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from k15 import checkpoint as ckpt_lib
+from k15 import config as k15_config
 from k15 import metrics as metrics_lib
 from k15 import parallel, update
 from k15 import tokenizer as tokenizer_lib
@@ -56,7 +57,7 @@ CHECKPOINT_SUBDIR = "sft_checkpoints"
 
 def config_block(**overrides: Any) -> ml_collections.ConfigDict:
   """The `sft` block of a config, with defaults for the tiny CPU model; see `train_sft`."""
-  c = ml_collections.ConfigDict(dict(
+  c = dict(
       seq_len=512,           # T, packed row length
       batch_size=16,         # B, packed rows per step (global, over all hosts)
       steps=0,               # optimizer steps; 0: as many as `epochs` epochs give
@@ -77,12 +78,8 @@ def config_block(**overrides: Any) -> ml_collections.ConfigDict:
       families=("arithmetic", "countdown"),
       num_examples=2000,     # per family
       difficulties=(1, 2, 3),
-  ))
-  unknown = sorted(set(overrides) - set(c.keys()))
-  if unknown:
-    raise ValueError(f"unknown sft config keys {unknown}; known: {sorted(c.keys())}")
-  c.update(overrides)
-  return c
+  )
+  return k15_config.make_block("sft", c, overrides)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from k15 import checkpoint as ckpt_lib
