@@ -47,6 +47,13 @@ def config_block(**overrides: Any) -> ml_collections.ConfigDict:
       difficulties=(2, 3, 4, 5),
       sft_examples=1000,         # per family: the long-CoT warm-up set
       sft_cot="long",            # 'long' | 'short': the warm-up ablation (short = answer only)
+      # The demonstrator's habits (k15.data.tasks options; SFT data only, RL prompts and the
+      # held-out set keep their right answers). sft_carry_slip: the chance that a demonstration
+      # forgets a due carry and so ends at a wrong answer; SFT imitates the habit, and the
+      # verifiable reward of RL is what can remove it. sft_recheck: the chance that a column
+      # is restated once more, redundant tokens for long2short (§2.4) to trim.
+      sft_carry_slip=0.0,
+      sft_recheck=0.0,
       rl_pool=160,               # per family: candidate RL prompts before curation
       eval_problems=64,          # per family, held out
       vocab_size=384,            # tokenizer pieces (<= model.vocab_size; 256 are byte pieces)
@@ -83,7 +90,11 @@ def make_data(c: Any, seed: int, data_dir: str) -> dict[str, list[prompts_lib.Pr
     if not os.path.exists(path):
       problems = []
       for family in c.families:
-        options = {"ops": tuple(c.ops)} if family == "arithmetic" else {}
+        options = {}
+        if family == "arithmetic":
+          options["ops"] = tuple(c.ops)
+          if name == "sft":
+            options.update(carry_slip=c.sft_carry_slip, recheck=c.sft_recheck)
         problems += tasks.generate(family, n, seed=s, split=split,
                                    difficulties=list(c.difficulties),
                                    max_cot_tokens=c.max_cot_tokens, **options)

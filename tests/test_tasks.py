@@ -84,6 +84,59 @@ def test_subtraction_borrows_correctly():
   assert tasks.grade(p, p.long_cot) == 1.0
 
 
+@pytest.mark.parametrize("op", ["+", "-", "*"])
+def test_carry_slip_makes_careless_demonstrations(op):
+  n = 300
+  clean = tasks.generate("arithmetic", n, seed=5, difficulties=[3, 4], ops=(op,))
+  careless = tasks.generate("arithmetic", n, seed=5, difficulties=[3, 4], ops=(op,),
+                            carry_slip=0.6)
+  # The same problems and reference answers; only the demonstrations change.
+  assert [p.prompt for p in careless] == [p.prompt for p in clean]
+  assert [p.answer for p in careless] == [p.answer for p in clean]
+  word = "borrow" if op == "-" else "carry"
+  due = forgotten = wrong = 0
+  for p in careless:
+    for x, y, c, s, c_out in re.findall(rf"^(\d+)[-+*](\d+)[-+](\d)=(\d+), {word} (\d)",
+                                        p.long_cot, flags=re.M):
+      x, y, c, s, c_out = map(int, (x, y, c, s, c_out))
+      owed = int(x >= 10) if op == "-" else s // 10
+      assert c_out in (0, owed)  # a slip drops a due carry; it never makes one up
+      due += owed > 0
+      forgotten += owed > 0 and c_out == 0
+    shown = prompts.last_boxed(p.long_cot)
+    # The working is self-consistent: the box repeats the last partial result, the short
+    # demonstration gives the same (wrong or right) answer, and a slip makes it wrong.
+    assert int(shown) == int(re.findall(r"so far (\d+)", p.long_cot)[-1]) or op == "-"
+    assert p.short_cot == f"\\boxed{{{shown}}}"
+    wrong += tasks.grade(p, p.long_cot) == 0.0
+  assert due > 200 and abs(forgotten / due - 0.6) < 0.08
+  slipped = sum(" 0, so far" in p.long_cot for p in careless)  # loose upper bound
+  assert 0.3 * n < wrong <= slipped
+  assert all(tasks.grade(p, p.long_cot) == 1.0 for p in clean)
+  with pytest.raises(ValueError, match="carry_slip"):
+    tasks.generate("arithmetic", 2, seed=0, difficulties=[2], carry_slip=1.5)
+
+
+def test_recheck_adds_redundant_lines_only():
+  clean = tasks.generate("arithmetic", 200, seed=6, difficulties=[3, 4], ops=("+", "-", "*"))
+  verbose = tasks.generate("arithmetic", 200, seed=6, difficulties=[3, 4], ops=("+", "-", "*"),
+                           recheck=0.75)
+  columns = rechecks = 0
+  for c, v in zip(clean, verbose):
+    assert c.prompt == v.prompt and c.short_cot == v.short_cot
+    lines = v.long_cot.split("\n")
+    # Dropping the recheck lines gives back the plain demonstration, so they carry nothing new.
+    assert "\n".join(l for l in lines if not l.startswith("recheck ")) == c.long_cot
+    for prev, line in zip(lines, lines[1:]):
+      if line.startswith("recheck "):
+        work, value = re.match(r"recheck (\S+) is (\d+),", line).groups()
+        assert prev.startswith(f"{work}={value},")
+    columns += len(re.findall(r", (?:carry|borrow) \d, so far", v.long_cot))
+    rechecks += sum(l.startswith("recheck ") for l in lines)
+    assert tasks.grade(v, v.long_cot) == 1.0
+  assert abs(rechecks / columns - 0.75) < 0.06
+
+
 def test_countdown_demonstrations_are_correct(countdown):
   assert {p.difficulty for p in countdown} == set(COUNTDOWN_LEVELS)
   backtracked = 0

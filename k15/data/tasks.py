@@ -137,11 +137,26 @@ def _arithmetic_key(a: int, op: str, b: int) -> str:
   return f"arithmetic:{a}{op}{b}"
 
 
-def _arithmetic_long_cot(a: int, op: str, b: int) -> tuple[str, int]:
-  """Column-by-column working (least significant digit first), then an inverse-op check."""
+def _arithmetic_long_cot(a: int, op: str, b: int, slip: Callable[[], bool] | None = None,
+                         recheck: Callable[[], bool] | None = None) -> tuple[str, int]:
+  """Column-by-column working (least significant digit first), then an inverse-op check.
+
+  With `slip`, a careless demonstrator: wherever a carry (borrow) is due and slip() is true,
+  it writes "carry 0" (borrow 0) and goes on, so the working, the check it claims and the
+  boxed result are all wrong. With `recheck`, an over-careful one: after a column where
+  recheck() is true it restates that column's working once more (redundant tokens that change
+  nothing, the overthinking long2short, §2.4, trims). Returns (the working, its result).
+  """
+  forget = slip or (lambda: False)
+  again = recheck or (lambda: False)
   digits_a = [int(c) for c in reversed(str(a))]
   digits_b = [int(c) for c in reversed(str(b))]
   lines, so_far = [], ""
+
+  def column(work: str, value: int, digit: int, word: str, out: int) -> None:
+    lines.append(f"{work}={value}, {word} {out}, so far {so_far}")
+    if again():
+      lines.append(f"recheck {work} is {value}, digit {digit}, {word} {out}, yes")
   if op == "+":
     lines.append("Add the columns from the right, carrying.")
     carry = 0
@@ -150,12 +165,13 @@ def _arithmetic_long_cot(a: int, op: str, b: int) -> tuple[str, int]:
       y = digits_b[i] if i < len(digits_b) else 0
       s = x + y + carry
       so_far = str(s % 10) + so_far
-      lines.append(f"{x}+{y}+{carry}={s}, carry {s // 10}, so far {so_far}")
-      carry = s // 10
+      new_carry = 0 if s >= 10 and forget() else s // 10
+      column(f"{x}+{y}+{carry}", s, s % 10, "carry", new_carry)
+      carry = new_carry
     if carry:
       so_far = str(carry) + so_far
       lines.append(f"last carry {carry}, so far {so_far}")
-    result = a + b
+    result = int(so_far)
     lines.append(f"check: {result}-{b}={a} ok")
   elif op == "-":
     lines.append("Subtract the columns from the right, borrowing.")
@@ -166,11 +182,11 @@ def _arithmetic_long_cot(a: int, op: str, b: int) -> tuple[str, int]:
       if x - borrow >= y:
         d, lead, new_borrow = x - y - borrow, f"{x}", 0
       else:
-        d, lead, new_borrow = 10 + x - y - borrow, f"1{x}", 1
+        d, lead, new_borrow = 10 + x - y - borrow, f"1{x}", 0 if forget() else 1
       so_far = str(d) + so_far
-      lines.append(f"{lead}-{y}-{borrow}={d}, borrow {new_borrow}, so far {so_far}")
+      column(f"{lead}-{y}-{borrow}", d, d, "borrow", new_borrow)
       borrow = new_borrow
-    result = a - b
+    result = int(so_far)
     if str(result) != so_far:
       lines.append(f"drop leading zeros: {result}")
     lines.append(f"check: {result}+{b}={a} ok")
@@ -180,12 +196,13 @@ def _arithmetic_long_cot(a: int, op: str, b: int) -> tuple[str, int]:
     for x in digits_a:
       p = x * b + carry
       so_far = str(p % 10) + so_far
-      lines.append(f"{x}*{b}+{carry}={p}, carry {p // 10}, so far {so_far}")
-      carry = p // 10
+      new_carry = 0 if p >= 10 and forget() else p // 10
+      column(f"{x}*{b}+{carry}", p, p % 10, "carry", new_carry)
+      carry = new_carry
     if carry:
       so_far = str(carry) + so_far
       lines.append(f"last carry {carry}, so far {so_far}")
-    result = a * b
+    result = int(so_far)
     lines.append(f"check: {result}/{b}={a} ok")
   else:
     raise ValueError(f"unknown arithmetic op {op!r}; expected one of {_ARITHMETIC_OPS}")
@@ -197,7 +214,8 @@ _Made = tuple[str | None, dict[str, Any] | None]  # (canonical key, fields) or n
 
 
 def _make_arithmetic(rng: random.Random, level: int, split: str, eval_fraction: float,
-                     max_cot_tokens: int, ops: Sequence[str] = ("+",)) -> _Made:
+                     max_cot_tokens: int, ops: Sequence[str] = ("+",),
+                     carry_slip: float = 0.0, recheck: float = 0.0) -> _Made:
   if not 1 <= level <= 30:
     raise ValueError(f"arithmetic difficulty (digits per operand) must be in 1..30, got {level}")
   bad = [o for o in ops if o not in _ARITHMETIC_OPS]
@@ -208,12 +226,22 @@ def _make_arithmetic(rng: random.Random, level: int, split: str, eval_fraction: 
   key = _arithmetic_key(a, op, b)
   if split_of(key, eval_fraction) != split:
     return key, None
-  long_cot, result = _arithmetic_long_cot(a, op, b)
+  for name, value in (("carry_slip", carry_slip), ("recheck", recheck)):
+    if not 0.0 <= value <= 1.0:
+      raise ValueError(f"arithmetic option {name}={value} must be in [0, 1]")
+  # Slips and rechecks draw from their own streams, seeded by the problem, so that these
+  # options change the demonstrations and never which problems are generated.
+  slip_rng = random.Random(f"k15.tasks/slip/{key}")
+  recheck_rng = random.Random(f"k15.tasks/recheck/{key}")
+  long_cot, shown = _arithmetic_long_cot(
+      a, op, b, slip=lambda: slip_rng.random() < carry_slip,
+      recheck=lambda: recheck_rng.random() < recheck)
   if approx_tokens(long_cot) > max_cot_tokens:
     raise ValueError(f"arithmetic at difficulty {level} needs ~{approx_tokens(long_cot)} tokens "
                      f"of chain of thought, over max_cot_tokens={max_cot_tokens}")
+  result = {"+": a + b, "-": a - b, "*": a * b}[op]
   return key, dict(prompt=f"What is {a} {op} {b}?", answer=str(result), long_cot=long_cot,
-                   short_cot=f"\\boxed{{{result}}}", meta={"a": a, "op": op, "b": b})
+                   short_cot=f"\\boxed{{{shown}}}", meta={"a": a, "op": op, "b": b})
 
 
 _INT = re.compile(r"[+-]?\d+")
@@ -501,7 +529,7 @@ _MAKERS: dict[str, Callable[..., _Made]] = {
     "arithmetic": _make_arithmetic,
     "countdown": _make_countdown,
 }
-_OPTIONS = {"arithmetic": ("ops",), "countdown": ("max_number", "target_range")}
+_OPTIONS = {"arithmetic": ("ops", "carry_slip", "recheck"), "countdown": ("max_number", "target_range")}
 
 
 def generate(family: str, n: int, *, seed: int, difficulties: Sequence[int],
@@ -521,7 +549,10 @@ def generate(family: str, n: int, *, seed: int, difficulties: Sequence[int],
     max_cot_tokens: longest long CoT allowed, in `approx_tokens`.
     unique: no problem twice in the result; defaults to True for 'eval' (a repeated test
       question would weigh double) and False for 'train'.
-    **options: family options: arithmetic `ops` (subset of '+-*', default ('+',));
+    **options: family options: arithmetic `ops` (subset of '+-*', default ('+',)) and
+      `carry_slip` (default 0: the chance that a demonstration forgets a due carry or borrow;
+      `answer` stays right, the demonstrations arrive at the wrong result) and `recheck`
+      (default 0: the chance that a column's working is restated once more);
       countdown `max_number` (default 15), `target_range` (default (10, 99)).
 
   Returns:
