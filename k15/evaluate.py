@@ -113,7 +113,7 @@ def evaluate(model: transformer.Transformer, problems: Sequence[Any], *,
     prompts += [prompts[-1]] * (min(batch_size, len(problems)) - len(prompts))
     result = sampler.generate(
         model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        top_k=top_k, seed=seed, eos_id=tokenizer.eos_id, num_samples=k,
+        top_k=top_k, seed=seed, eos_id=tokenizer.stop_ids, num_samples=k,
         pad_id=tokenizer.pad_id, row_seeds=np.arange(start * k, (start + len(prompts)) * k))
     for i, problem in enumerate(chunk):
       for j in range(k):
@@ -169,7 +169,8 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
   difficulties: list[Any] = []
   for res in results.values():
     for d in res.get("by_difficulty", {}):
-      if str(d) not in map(str, difficulties):
+      # Unlabelled problems (e.g. GSM8K) have no difficulty: no column for them alone.
+      if d is not None and str(d) not in map(str, difficulties):
         difficulties.append(d)
   difficulties.sort(key=_sort_key)
 

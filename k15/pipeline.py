@@ -143,7 +143,7 @@ class Policy:
       prompts = [self.tok.render_prompt(q) + forced for q in chunk]
       res = sampler.generate(self.model, prompts, temperature=temperature, seed=self.seed + start,
                              max_new_tokens=max_new_tokens or self.max_new_tokens,
-                             eos_id=self.tok.eos_id, num_samples=n, pad_id=self.tok.pad_id)
+                             eos_id=self.tok.stop_ids, num_samples=n, pad_id=self.tok.pad_id)
       for i in range(len(chunk)):
         rows = range(i * n, (i + 1) * n)
         out.append([prefix + self._decode(res.tokens[r, :res.lengths[r]]) for r in rows])
@@ -190,7 +190,7 @@ def rl_stage(config: Any, model: transformer.Transformer, records, tok, mesh,
                      for i, r in zip(ids, responses)], np.float32)
 
   trainer = trainer_lib.RLTrainer(config, model, prompts, reward_fn, mesh=mesh, workdir=workdir,
-                                  eos_id=tok.eos_id, pad_id=tok.pad_id)
+                                  eos_id=tok.stop_ids, pad_id=tok.pad_id)
   trainer.train()
   if trainer.preempted:
     raise SystemExit("preempted during RL (checkpoint saved); rerun the same command to resume")

@@ -86,6 +86,11 @@ class Tokenizer:
     return self._sp.eos_id()
 
   @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """Every id that ends a response (the sampler's `eos_id`); here eos alone."""
+    return (self.eos_id,)
+
+  @property
   def pad_id(self) -> int:
     # Llama-style models have no pad piece (-1); they pad with eos, which decode strips too.
     pad = self._sp.pad_id()

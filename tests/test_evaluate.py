@@ -150,7 +150,8 @@ def test_format_table():
                                 3: {"accuracy": 0.0, "mean_tokens": 200.0, "n": 2}}},
       "rl": {"accuracy": 0.6, "mean_tokens": 150.0,
              "by_difficulty": {"1": {"accuracy": 1.0, "mean_tokens": 90.0, "n": 4},
-                               "2": {"accuracy": 0.5, "mean_tokens": 160.0, "n": 4}}},
+                               "2": {"accuracy": 0.5, "mean_tokens": 160.0, "n": 4},
+                               None: {"accuracy": 0.5, "mean_tokens": 9.0, "n": 2}}},
   }
   table = evaluate.format_table(results)
   lines = table.splitlines()

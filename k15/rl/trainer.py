@@ -132,7 +132,7 @@ class RLTrainer:
   """
 
   def __init__(self, config: Any, model: transformer.Transformer, prompts: Sequence[Prompt],
-               reward_fn: RewardFn, *, mesh, workdir: str, eos_id: int | None,
+               reward_fn: RewardFn, *, mesh, workdir: str, eos_id: int | Sequence[int] | None,
                pad_id: int = 0):
     self.config, self.rl = config, config.rl
     self.mesh, self.workdir = mesh, workdir
@@ -296,18 +296,21 @@ class RLTrainer:
           "perf/train_tokens_per_s": trained_tokens / max(t_train, 1e-9),
       })
       # MFU of the train step over the tokens it really processes (prompt + response rows);
-      # NaN where the devices' peak is unknown (CPU).
-      seq_tokens = sum(len(t.prompt) + t.length for t in flat) * rl.num_passes
-      flops = seq_tokens * metrics_lib.model_flops_per_token(self.config.model, T, training=True)
-      metrics["perf/train_mfu"] = metrics_lib.mfu(flops / max(t_train, 1e-9), self.peak_flops)
+      # left out where the devices' peak is unknown (CPU).
+      if self.peak_flops:
+        seq_tokens = sum(len(t.prompt) + t.length for t in flat) * rl.num_passes
+        flops = seq_tokens * metrics_lib.model_flops_per_token(self.config.model, T,
+                                                               training=True)
+        metrics["perf/train_mfu"] = metrics_lib.mfu(flops / max(t_train, 1e-9), self.peak_flops)
       metrics.update(metrics_lib.response_length_stats(
           lengths.reshape(-1),
           np.array([t.finish_reason == sampling.FinishReason.LENGTH for t in flat]),
           repeated.reshape(-1)))
     metrics["perf/sample_tokens_per_s"] = sampled_tokens / max(t_sample, 1e-9)
-    metrics["perf/sample_mfu"] = metrics_lib.mfu(
-        metrics["perf/sample_tokens_per_s"] * metrics_lib.model_flops_per_token(
-            self.config.model, self.rl.max_new_tokens, training=False), self.peak_flops)
+    if self.peak_flops:
+      metrics["perf/sample_mfu"] = metrics_lib.mfu(
+          metrics["perf/sample_tokens_per_s"] * metrics_lib.model_flops_per_token(
+              self.config.model, self.rl.max_new_tokens, training=False), self.peak_flops)
     metrics["perf/sample_s"] = t_sample
     self.iteration += 1
     return metrics
