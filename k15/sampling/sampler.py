@@ -184,8 +184,14 @@ def default_phases(steps: int) -> int:
   return int(min(8, steps // 64)) if steps >= 128 else 1
 
 
+def _map_cache(fn, cache: dict) -> dict:
+  """fn(array, its logical axes) on every cache array, each layer's k and v included."""
+  return {name: jax.tree.map(lambda a, axes=transformer.CACHE_AXES[name]: fn(a, axes), val)
+          for name, val in cache.items()}
+
+
 def _constrain_cache(cache: dict) -> dict:
-  return {k: parallel.constrain(v, transformer.CACHE_AXES[k]) for k, v in cache.items()}
+  return _map_cache(parallel.constrain, cache)
 
 
 def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
@@ -207,12 +213,11 @@ def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
 
   # Each sample row continues its prompt's cache; slots P.. will hold the new tokens.
   def grow(cache, extra):
-    return _constrain_cache({
-        name: jnp.pad(val, [(0, extra) if ax == "cache_length" else (0, 0)
-                            for ax in transformer.CACHE_AXES[name]])
-        for name, val in cache.items()})
-  cache = {name: jnp.take(val, x["row_source"], axis=transformer.CACHE_AXES[name].index("batch"))
-           for name, val in cache.items()}
+    return _constrain_cache(_map_cache(
+        lambda a, axes: jnp.pad(a, [(0, extra) if ax == "cache_length" else (0, 0)
+                                    for ax in axes]), cache))
+  cache = _map_cache(lambda a, axes: jnp.take(a, x["row_source"], axis=axes.index("batch")),
+                     cache)
   bounds = _phase_bounds(N, static.phases)
   cache = grow(cache, bounds[0])
   last = parallel.constrain(last, ("batch", "act_vocab"))
@@ -337,7 +342,7 @@ def _layout_key():
   if mesh is None:
     return None
   names = ("batch", "length", "cache_length", "kv_heads", "act_embed", "act_mlp", "act_q_heads",
-           "act_kv_heads", "act_vocab", "layers", "head_dim")
+           "act_kv_heads", "act_vocab", "head_dim")
   return (mesh, tuple(parallel.logical_to_spec((n,), None, mesh) for n in names))
 
 
