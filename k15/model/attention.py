@@ -153,9 +153,12 @@ def _reference(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale, kv_layout="BSKH"
   p = jnp.where(mask, jnp.exp(s - m), 0.0)
   l = p.sum(axis=-1, keepdims=True)
   p = p / jnp.where(l == 0.0, 1.0, l)  # A row with no visible key is all zeros.
-  out = jnp.einsum(f"BKGTS,{kv_layout}->BTKGH", p.astype(v.dtype), v,
+  # Heads-first output, transposed after: asked for "BTKGH" directly, XLA:CPU lays the dot out
+  # as v^T p and runs it 2.4x slower (0.47 vs 1.12 ms per layer of a 32-row decode step against
+  # 320 cache slots; training's forward and backward are no slower).
+  out = jnp.einsum(f"BKGTS,{kv_layout}->BKGTH", p.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
-  return out.reshape(b, t, n, h).astype(q.dtype)
+  return jnp.einsum("BKGTH->BTKGH", out).reshape(b, t, n, h).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
