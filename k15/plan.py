@@ -58,12 +58,12 @@ bucket. Worst case (every response spends its whole budget): C = (ceil(max_new_t
 segment_budget) - 1) x prompts_per_iteration x k continued rows (capped by rl.max_continued
 if the config has it), R = C + prompts x k rows and U = C + prompts sequences (powers of two
 per batch shard), prompt bucket P = pow2(prompt + max_new_tokens - segment_budget), cache
-length S = P + pow2(segment_budget). The KV cache is [L, R, S, K, H] x 2 in the compute dtype.
-The sampler's prefill keeps only the cache of the first P-1 prompt tokens (XLA drops their
-logits) and runs the last token as a one-token step, so it holds [U, 1, V] logits
-(`--prefill_logits=all` shows the cost of logits at every position), plus its own [U, P] cache
-and one layer's intermediates. Decode holds the [R, V] logits
-and [R, N, 1, S] scores (a single query takes the reference path while S <= block^2).
+length S = P + pow2(segment_budget). The KV cache is a k and a v array [R, K, S, H] per layer
+in the compute dtype. The sampler's prefill keeps only the cache of the first P-1 prompt tokens
+(XLA drops their logits) and runs the last token as a one-token step, so it holds [U, 1, V]
+logits (`--prefill_logits=all` shows the cost of logits at every position), plus its own
+[U, P] cache and one layer's intermediates. Decode holds the [R, V] logits and [R, N, 1, S]
+scores (a single query takes the reference path while S <= block^2).
 Sampling peak = params + optimizer state (the trainer keeps it between iterations) + KV cache
 + max(prefill transient, decode transient).
 
@@ -317,8 +317,8 @@ def _sampling(cfg: transformer.ModelConfig, sh: _Sharder, rl: Any, prompt_len: i
   S = P + _pow2(seg)
   tok = ("batch", "length")
 
-  def cache(rows, length):
-    return 2 * sh.per_chip(transformer.CACHE_AXES["k"], (L, rows, length, K, H), b)
+  def cache(rows, length):  # k and v of every layer
+    return 2 * L * sh.per_chip(transformer.CACHE_AXES["k"], (rows, K, length, H), b)
 
   # Prefill of the U sequences: their cache, the logits, one layer's forward intermediates.
   logits = sh.per_chip(tok + ("act_vocab",), (U, P if prefill_logits == "all" else 1, V), 4)

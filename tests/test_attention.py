@@ -127,6 +127,25 @@ def test_flash_matches_reference(name, heads):
 
 
 @pytest.mark.parametrize("impl", ["reference", "flash"])
+@pytest.mark.parametrize("name", ["decode", "chunk"])
+def test_cache_layout_equals_default_layout(name, impl):
+  # kv_layout="BKSH" (the KV cache's [B, K, S, H]) attends exactly as [B, S, K, H] does; both
+  # cases exceed one 16 x 16 block, so "flash" takes its blockwise path.
+  rng = np.random.default_rng(3)
+  q_seg, kv_seg, q_pos, kv_pos = _case(name, rng)
+  (b, t), s = q_seg.shape, kv_seg.shape[1]
+  q, k, v = _random_qkv(rng, b, t, s, 4, 2, 8)
+  kw = dict(q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_positions=q_pos, kv_positions=kv_pos,
+            impl=impl, block_size=16)
+  want = attention.attend(q, k, v, **kw)
+  heads_first = lambda x: jnp.einsum("BSKH->BKSH", x)
+  got = jax.jit(lambda q, k, v: attention.attend(q, k, v, kv_layout="BKSH", **kw))(
+      q, heads_first(k), heads_first(v))
+  assert float(jnp.abs(want).max()) > 0.1
+  _assert_close(got, want, f"{impl} with kv_layout='BKSH'")
+
+
+@pytest.mark.parametrize("impl", ["reference", "flash"])
 def test_query_without_visible_keys_gives_zeros_and_finite_grads(impl):
   rng = np.random.default_rng(1)
   t = 40
@@ -228,3 +247,9 @@ def test_bad_arguments_raise_clear_errors():
     attention.attend(x, x[:, :, :3], x[:, :, :3], **kw)
   with pytest.raises(ValueError, match="kv_positions"):
     attention.attend(x, x, x, **{**kw, "kv_positions": ids[:, :5]})
+  with pytest.raises(ValueError, match="kv_layout='BSHK'"):
+    attention.attend(x, x, x, kv_layout="BSHK", **kw)
+  # [B, K, S, H] keys of 8 slots and 2 heads, but segment ids for 4 slots.
+  kv = jnp.zeros((1, 2, 8, 4))
+  with pytest.raises(ValueError, match=r"kv_segment_ids must have shape \(1, 8\)"):
+    attention.attend(x, kv, kv, kv_layout="BKSH", **{**kw, "kv_segment_ids": ids[:, :4]})

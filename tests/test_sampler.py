@@ -322,6 +322,21 @@ def test_sharded_greedy_equals_unsharded():
   np.testing.assert_allclose(got_t1.logprobs, expected_t1.logprobs, atol=1e-5)
 
 
+def test_cache_layout_under_a_mesh():
+  # One [B, K, S, H] k and v per layer, rows over the batch axes and kv heads over 'tensor'.
+  from k15.sampling import sampler  # pylint: disable=g-import-not-at-top
+  cfg = transformer.ModelConfig(vocab_size=128, embed_dim=64, num_layers=3, num_heads=4,
+                                num_kv_heads=2, head_dim=16, mlp_dim=128)
+  with parallel.use_mesh(parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+    cache = jax.jit(lambda: sampler._constrain_cache(transformer.init_cache(cfg, 8, 24)))()
+  assert len(cache["k"]) == len(cache["v"]) == 3
+  rows = ("data", "fsdp")
+  for x in cache["k"] + cache["v"]:
+    assert x.shape == (8, 2, 24, 16)
+    assert x.sharding.spec == jax.sharding.PartitionSpec(rows, "tensor")
+  assert cache["positions"].sharding.spec == jax.sharding.PartitionSpec(rows)
+
+
 # --- bad input: every error names what is wrong ---------------------------------------------
 
 def test_bad_inputs_are_named():

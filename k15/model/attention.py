@@ -24,6 +24,7 @@ from jax import lax
 import jax.numpy as jnp
 
 IMPLS = ("reference", "flash", "splash")
+KV_LAYOUTS = ("BSKH", "BKSH")
 
 # A finite stand-in for -inf: exp(_NEG - _NEG) is 1, not NaN, so rows that see no key stay finite
 # (their weights are zeroed by the mask, never by underflow alone).
@@ -44,13 +45,15 @@ def attend(
     impl: str = "reference",
     block_size: int = 512,
     scale: float | None = None,
+    kv_layout: str = "BSKH",
 ) -> jax.Array:
   """Grouped-query attention with segment ids and position-based causality.
 
   Args:
     q: [B, T, N, H] queries.
-    k: [B, S, K, H] keys, with N % K == 0 (query head n uses kv head n // (N // K)).
-    v: [B, S, K, H] values.
+    k: [B, S, K, H] keys, with N % K == 0 (query head n uses kv head n // (N // K)); [B, K, S, H]
+      with kv_layout="BKSH".
+    v: values, shaped like k.
     q_segment_ids: int32 [B, T]; 0 marks padding, which attends to nothing.
     kv_segment_ids: int32 [B, S]; 0 marks padding, which is never attended to.
     q_positions: int32 [B, T].
@@ -65,11 +68,17 @@ def attend(
       T != S (decode, chunked prefill against a cache) "splash" runs "flash" instead.
     block_size: query and key block length for "flash" and "splash" (a multiple of 128 for splash).
     scale: score scale; defaults to H ** -0.5.
+    kv_layout: "BSKH", or "BKSH" for keys and values in the KV cache's layout
+      (k15.model.transformer.init_cache). The reference consumes either as it lies, which is
+      what a decode step runs; "flash" and "splash" transpose "BKSH" to "BSKH" first, a copy
+      that only a long query against a cache (chunked prefill) pays.
 
   Returns:
     [B, T, N, H] in q.dtype. A query that sees no key returns zeros, with finite gradients.
   """
-  _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+  if kv_layout not in KV_LAYOUTS:
+    raise ValueError(f"Unknown attention kv_layout={kv_layout!r}; valid: {', '.join(KV_LAYOUTS)}.")
+  _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, kv_layout)
   if impl not in IMPLS:
     raise ValueError(f"Unknown attention impl={impl!r}; valid names: {', '.join(IMPLS)}.")
   if not isinstance(block_size, int) or block_size <= 0:
@@ -79,36 +88,42 @@ def attend(
   scale = float(scale)
   seg_pos = (q_segment_ids, kv_segment_ids, q_positions, kv_positions)
 
+  t, s = q.shape[1], kv_segment_ids.shape[1]
   if impl == "splash":
     backend = jax.default_backend()
     if backend != "tpu":
       raise ValueError(
           f"attention impl='splash' needs a TPU (Pallas TPU kernel), but the JAX backend is "
           f"{backend!r}; use impl='flash' or 'reference'.")
-    if q.shape[1] == k.shape[1]:
-      return _splash(q, k, v, q_segment_ids, kv_segment_ids, scale=scale, block_size=block_size)
-    impl = "flash"  # Decode / chunked prefill: splash's index causality does not apply.
+    if t != s:
+      impl = "flash"  # Decode / chunked prefill: splash's index causality does not apply.
 
-  t, s = q.shape[1], k.shape[1]
-  if impl == "reference" or t * s <= block_size**2:
-    return _reference(q, k, v, *seg_pos, scale=scale)
+  if impl == "reference" or (impl == "flash" and t * s <= block_size**2):
+    return _reference(q, k, v, *seg_pos, scale=scale, kv_layout=kv_layout)
+  if kv_layout == "BKSH":
+    k, v = jnp.einsum("BKSH->BSKH", k), jnp.einsum("BKSH->BSKH", v)
+  if impl == "splash":
+    return _splash(q, k, v, q_segment_ids, kv_segment_ids, scale=scale, block_size=block_size)
   return _flash_padded(q, k, v, *seg_pos, scale=scale, block_size=block_size)
 
 
-def _check_inputs(q, k, v, q_seg, kv_seg, q_pos, kv_pos) -> None:
+def _check_inputs(q, k, v, q_seg, kv_seg, q_pos, kv_pos, kv_layout) -> None:
   """Raises ValueError naming the argument whose shape or dtype does not fit."""
   if q.ndim != 4:
     raise ValueError(f"attention q must be [B, T, N, H], got shape {q.shape}.")
+  letters = ", ".join(kv_layout)
   if k.ndim != 4 or k.shape != v.shape:
-    raise ValueError(f"attention k and v must both be [B, S, K, H], got {k.shape} and {v.shape}.")
+    raise ValueError(f"attention k and v must both be [{letters}] (kv_layout={kv_layout!r}), got "
+                     f"{k.shape} and {v.shape}.")
   b, t, n, h = q.shape
-  if k.shape[0] != b or k.shape[3] != h:
-    raise ValueError(f"attention k {k.shape} does not match q {q.shape} in batch or head dim.")
-  if n % k.shape[2]:
-    raise ValueError(
-        f"attention needs query heads N={n} divisible by kv heads K={k.shape[2]} (GQA).")
-  for name, x, want in (("q_segment_ids", q_seg, (b, t)), ("kv_segment_ids", kv_seg, k.shape[:2]),
-                        ("q_positions", q_pos, (b, t)), ("kv_positions", kv_pos, k.shape[:2])):
+  kb, kh, s = k.shape[0], k.shape[kv_layout.index("K")], k.shape[kv_layout.index("S")]
+  if kb != b or k.shape[3] != h:
+    raise ValueError(f"attention k {k.shape} [{letters}] does not match q {q.shape} in batch or "
+                     f"head dim.")
+  if n % kh:
+    raise ValueError(f"attention needs query heads N={n} divisible by kv heads K={kh} (GQA).")
+  for name, x, want in (("q_segment_ids", q_seg, (b, t)), ("kv_segment_ids", kv_seg, (b, s)),
+                        ("q_positions", q_pos, (b, t)), ("kv_positions", kv_pos, (b, s))):
     if x.shape != tuple(want):
       raise ValueError(f"attention {name} must have shape {tuple(want)}, got {x.shape}.")
     if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -125,21 +140,25 @@ def _visible(q_seg, q_pos, kv_seg, kv_pos) -> jax.Array:
 # Reference.
 
 
-def _reference(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale):
+def _reference(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale, kv_layout="BSKH"):
   b, t, n, h = q.shape
-  kh = k.shape[2]
+  kh = k.shape[kv_layout.index("K")]
   # GQA by splitting query heads into [K, G], so k and v are never repeated.
   qg = q.reshape(b, t, kh, n // kh, h)
   # Scores and softmax in float32 whatever the input dtype.
-  s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+  s = jnp.einsum(f"BTKGH,{kv_layout}->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
   mask = _visible(q_seg, q_pos, kv_seg, kv_pos)[:, None, None]  # [B, 1, 1, T, S]
   s = jnp.where(mask, s, _NEG)
   m = lax.stop_gradient(s.max(axis=-1, keepdims=True))  # Softmax is invariant to the shift.
   p = jnp.where(mask, jnp.exp(s - m), 0.0)
   l = p.sum(axis=-1, keepdims=True)
   p = p / jnp.where(l == 0.0, 1.0, l)  # A row with no visible key is all zeros.
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.reshape(b, t, n, h).astype(q.dtype)
+  # Heads-first output, transposed after: asked for "BTKGH" directly, XLA:CPU lays the dot out
+  # as v^T p and runs it 2.4x slower (0.47 vs 1.12 ms per layer of a 32-row decode step against
+  # 320 cache slots; training's forward and backward are no slower).
+  out = jnp.einsum(f"BKGTS,{kv_layout}->BKGTH", p.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return jnp.einsum("BKGTH->BTKGH", out).reshape(b, t, n, h).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
