@@ -23,20 +23,28 @@ def get_config(arg=None):
   c = k15_config.add_run_blocks(k15_config.base(mode="pipeline"))
   c.model = k15_config.model_block(
       vocab_size=384, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
-      mlp_dim=384, rope_theta=10_000.0, tie_embeddings=True)
+      mlp_dim=384, rope_theta=10_000.0, tie_embeddings=True,
+      # Blockwise attention: 1.7x faster than the reference for the SFT step's 512-token rows
+      # on a 2-core CPU (it skips key blocks past the causal diagonal).
+      attention_impl="flash", attention_block_size=128)
+  # The demonstrations (k15.data.tasks): a careless demonstrator who forgets 60% of the
+  # carries (so SFT learns a habit that RL, rewarded by the checked answer, can unlearn) and
+  # restates 75% of the columns (redundancy for long2short to trim); RL and eval are clean.
+  c.pipeline.update(difficulties=(2, 3, 4), sft_carry_slip=0.6, sft_recheck=0.75,
+                    rl_pool=320, eval_problems=96)
   c.sft = sft.config_block(seq_len=512, batch_size=16, steps=300,
                            optimizer=dict(learning_rate=2e-3, warmup_steps=20, decay="cosine",
                                           decay_steps=0, end_learning_rate=2e-4, b1=0.9,
                                           b2=0.95, weight_decay=0.0, grad_clip=1.0))
   # Adam is reset every RL iteration (§2.3.2), so its first step moves every weight by ~lr:
-  # 3e-4 wrecked the SFT model within 5 iterations here, 2e-5 trains stably.
-  c.optimizer = k15_config.optimizer_block(learning_rate=2e-5, grad_clip=1.0)
+  # 1e-4 and 3e-4 wrecked the SFT model within 5-20 iterations here; 5e-5 trains.
+  c.optimizer = k15_config.optimizer_block(learning_rate=5e-5, grad_clip=1.0)
   c.rl = k15_config.rl_block(
-      iterations=60, prompts_per_iteration=16, samples_per_prompt=8, max_new_tokens=192,
+      iterations=60, prompts_per_iteration=16, samples_per_prompt=8, max_new_tokens=256,
       loss="pmd", tau=0.1, minibatch_groups=4, num_passes=1, length_bucket=64,
       length_weight=0.0, repeat_ngram=0)
   c.rl.sampling.mode = "prioritized"
-  c.evaluate = evaluate.config_block(num_samples=4, temperature=1.0, max_new_tokens=192,
+  c.evaluate = evaluate.config_block(num_samples=8, temperature=1.0, max_new_tokens=256,
                                      batch_size=64)
   c.checkpoint = k15_config.checkpoint_block(every=10, keep=2)
   if arg.runlocal:  # the shrink switch: tests, CI and the notebook's CI run
