@@ -16,6 +16,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _check_small_scale(outputs, work):
   assert "RL - SFT:" in outputs
   assert os.path.exists(work / "rl" / "metrics.jsonl")
+  # Section 6 ran every long2short method from the pipeline's outputs and compared it to long.
+  l2s = json.loads((work / "long2short.json").read_text())["results"]
+  assert set(l2s) >= {"long", "short", "merge", "merge_rs", "shortest_rs", "dpo", "rl"}
+  for name, r in l2s.items():
+    if name != "long" and "accuracy" in r:
+      assert r["tokens_vs_long"] == pytest.approx(r["mean_tokens"] / l2s["long"]["mean_tokens"])
+  assert (work / "long2short.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _check_qwen25_gsm8k(outputs, work):
