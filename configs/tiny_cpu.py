@@ -8,9 +8,11 @@ prompts with the SFT model (§2.1), runs RL with policy mirror descent (§2.3) a
 SFT and the RL model on the same held-out problems. It prints a table and writes
 DIR/results.json and DIR/rl_curves.png; see the README for the numbers and the time it takes.
 
-Other modes on the same model: `--config.mode=smoke` (one forward pass), `sft`, `evaluate`.
+Other modes on the same model: `--config.mode=smoke` (one forward pass), `sft`, `evaluate`,
+`long2short` (after the pipeline, in the same workdir; the README's long2short run adds
+`--config.pipeline.sft_recheck=0.75` to both commands).
 Ablations are overrides, e.g. `--config.rl.loss=grpo`, `--config.rl.sampling.mode=uniform`,
-`--config.rl.length_weight=0`, `--config.pipeline.sft_cot=short`.
+`--config.rl.length_weight=1.0`, `--config.pipeline.sft_cot=short`.
 Structural options go after a colon: `:runlocal=True` shrinks everything for tests and CI.
 """
 
@@ -47,6 +49,9 @@ def get_config(arg=None):
   c.evaluate = evaluate.config_block(num_samples=8, temperature=1.0, max_new_tokens=256,
                                      batch_size=64)
   c.checkpoint = k15_config.checkpoint_block(every=10, keep=2)
+  # Long2short RL: a gentler length penalty over more iterations kept 4 more points than
+  # weight 1.0 for 20 iterations at a similar cut (README).
+  c.long2short.rl.update(iterations=30, max_new_tokens=200, length_weight=0.5)
   if arg.runlocal:  # the shrink switch: tests, CI and the notebook's CI run
     c.model.update(num_layers=2, embed_dim=64, mlp_dim=128)
     c.smoke.batch, c.smoke.length = 8, 32
