@@ -113,7 +113,7 @@ def evaluate(model: transformer.Transformer, problems: Sequence[Any], *,
     prompts += [prompts[-1]] * (min(batch_size, len(problems)) - len(prompts))
     result = sampler.generate(
         model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        top_k=top_k, seed=seed, eos_id=tokenizer.stop_ids, num_samples=k,
+        top_k=top_k, seed=seed, eos_id=tokenizer_lib.stop_ids(tokenizer), num_samples=k,
         pad_id=tokenizer.pad_id, row_seeds=np.arange(start * k, (start + len(prompts)) * k))
     for i, problem in enumerate(chunk):
       for j in range(k):

@@ -290,7 +290,7 @@ def sample_groups(model: transformer.Transformer, problems: Sequence[Any], *,
     prompts += [prompts[-1]] * (min(batch_size, len(problems)) - len(prompts))
     res = sampling.generate(
         model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-        eos_id=tokenizer.stop_ids, num_samples=n, pad_id=tokenizer.pad_id,
+        eos_id=tokenizer_lib.stop_ids(tokenizer), num_samples=n, pad_id=tokenizer.pad_id,
         row_seeds=np.arange(start * n, (start + len(prompts)) * n))
     for i, problem in enumerate(chunk):
       responses, correct = [], []

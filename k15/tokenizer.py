@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -126,6 +126,12 @@ class Tokenizer:
   def render_example(self, question: str, response: str) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids + <eos>) for SFT; the loss covers only the response ids."""
     return self.render_prompt(question), self.encode(response, add_eos=True)
+
+
+def stop_ids(tokenizer: Any) -> tuple[int, ...]:
+  """The ids that end a response: `tokenizer.stop_ids`, or (eos_id,) for a tokenizer without."""
+  ids = getattr(tokenizer, "stop_ids", None)
+  return tuple(ids) if ids is not None else (tokenizer.eos_id,)
 
 
 def _model_path(model_prefix_or_dir: str | os.PathLike[str]) -> str:

@@ -55,7 +55,7 @@ def _fake_generate(calls):
         r = i * k + j
         assert row_seeds[r] % k == j
         text = ("ok" if row_seeds[r] % k < solved else "no") + "x" * (j + len(question) % 3)
-        ids = [ord(ch) for ch in text] + [eos_id]
+        ids = [ord(ch) for ch in text] + [int(np.atleast_1d(eos_id)[0])]  # stop ids: eos first
         if len(ids) > max_new_tokens:
           ids = ids[:max_new_tokens]
           reasons[r] = int(sampler.FinishReason.LENGTH)

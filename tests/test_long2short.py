@@ -205,7 +205,8 @@ def _fake_generate(model, prompts, *, max_new_tokens, eos_id, num_samples, seed,
   for i, p in enumerate(prompts):
     for j, (n, first, reason) in enumerate(_PLAN[p[-1]]):
       r = i * num_samples + j
-      row = [first] + [20 + j] * (n - 2) + ([eos_id] if reason == _E else [30])
+      eos = int(np.atleast_1d(eos_id)[0])  # the sampler gets the tokenizer's stop ids
+      row = [first] + [20 + j] * (n - 2) + ([eos] if reason == _E else [30])
       tokens[r, :n], lengths[r], reasons[r] = row, n, reason
   return sampling.SampleResult(tokens=tokens, logprobs=np.zeros(tokens.shape, np.float32),
                                lengths=lengths, finish_reason=reasons)

@@ -112,3 +112,18 @@ def test_approx_tokens_tracks_real_counts(trained):
   for p in problems[::7]:
     real, approx = len(tok.encode(p.long_cot)), tasks.approx_tokens(p.long_cot)
     assert 0.7 * real <= approx <= 1.3 * real, (p.long_cot, real, approx)
+
+
+def test_stop_ids(trained):
+  tok, _ = trained
+  assert tok.stop_ids == (tok.eos_id,)
+  assert tokenizer.stop_ids(tok) == (tok.eos_id,)
+
+  class ChatTokenizer:  # e.g. k15.hf_tokenizer.HFTokenizer: end of turn first, then eos
+    eos_id, stop_ids = 7, [7, 3]
+
+  class EosOnly:  # any object with an eos_id is enough for the sampler calls
+    eos_id = 5
+
+  assert tokenizer.stop_ids(ChatTokenizer()) == (7, 3)
+  assert tokenizer.stop_ids(EosOnly()) == (5,)
