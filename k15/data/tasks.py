@@ -19,6 +19,10 @@ arithmetic  "What is 4738 + 925?"; difficulty = digits per operand. Operations '
               check: 5663-925=4738 ok
               \boxed{5663}
 
+            Two options model a demonstrator's habits: `carry_slip` forgets a due carry (the
+            working then ends at a wrong answer, while `answer` stays right) and `recheck`
+            restates a column once more ("recheck 8+5+0 is 13, digit 3, carry 1, yes").
+
 countdown   "Reach 24 with the numbers 3 5 7 2 ..."; difficulty = how many numbers are given
             (2..6, 3..5 in practice), and no solution uses fewer than min(difficulty, 4) of
             them, so that more numbers mean a deeper search. The answer is an expression using
@@ -529,7 +533,8 @@ _MAKERS: dict[str, Callable[..., _Made]] = {
     "arithmetic": _make_arithmetic,
     "countdown": _make_countdown,
 }
-_OPTIONS = {"arithmetic": ("ops", "carry_slip", "recheck"), "countdown": ("max_number", "target_range")}
+_OPTIONS = {"arithmetic": ("ops", "carry_slip", "recheck"),
+            "countdown": ("max_number", "target_range")}
 
 
 def generate(family: str, n: int, *, seed: int, difficulties: Sequence[int],
