@@ -15,10 +15,11 @@ identical).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -53,6 +54,49 @@ def config_block(**overrides: Any) -> ml_collections.ConfigDict:
       checkpoints="",
   )
   return k15_config.make_block("evaluate", c, overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+  """One sampled response: its ids (eos included when it ended there), text and finish reason."""
+  ids: np.ndarray
+  text: str
+  finish_reason: int  # a k15.sampling.FinishReason
+
+
+def sample_responses(model: transformer.Transformer, problems: Sequence[Any], *,
+                     tokenizer: tokenizer_lib.Tokenizer, num_samples: int, batch_size: int,
+                     max_new_tokens: int, seed: int = 0, temperature: float = 1.0,
+                     top_p: float = 1.0, top_k: int = 0,
+                     ) -> Iterator[tuple[int, list[int], list[Response]]]:
+  """Yields (index, prompt ids, its `num_samples` responses) for each problem, in order.
+
+  `problem.prompt` is the question; the tokenizer renders it and decodes the responses (ids
+  past its vocabulary, which a model may pad, have no text). Sample j of problem i draws from
+  row seed i * num_samples + j, so the responses do not depend on batch_size.
+  """
+  k = num_samples
+  if k < 1 or batch_size < 1:
+    raise ValueError(f"num_samples={k} and batch_size={batch_size} must be >= 1")
+  vocab = getattr(tokenizer, "vocab_size", None)
+  for start in range(0, len(problems), batch_size):
+    chunk = problems[start:start + batch_size]
+    prompts = [tokenizer.render_prompt(p.prompt) for p in chunk]
+    # The last batch is filled up with copies of its last prompt (their rows are dropped), so
+    # every call has the same shape and the sampler compiles once.
+    prompts += [prompts[-1]] * (min(batch_size, len(problems)) - len(prompts))
+    result = sampler.generate(
+        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        top_k=top_k, seed=seed, eos_id=tokenizer_lib.stop_ids(tokenizer), num_samples=k,
+        pad_id=tokenizer.pad_id, row_seeds=np.arange(start * k, (start + len(prompts)) * k))
+    for i in range(len(chunk)):
+      responses = []
+      for r in range(i * k, (i + 1) * k):  # prompt-major rows
+        ids = np.asarray(result.tokens[r, :int(result.lengths[r])])
+        responses.append(Response(
+            ids=ids, text=tokenizer.decode(ids if vocab is None else ids[ids < vocab]),
+            finish_reason=int(result.finish_reason[r])))
+      yield start + i, list(prompts[i]), responses
 
 
 def _difficulty_key(problem: Any) -> Any:
@@ -100,33 +144,18 @@ def evaluate(model: transformer.Transformer, problems: Sequence[Any], *,
   lengths = np.zeros((len(problems), k), np.float32)
   truncated = np.zeros((len(problems), k), bool)
 
-  # A model's vocabulary may be padded beyond the tokenizer's; such ids have no text.
-  vocab = getattr(tokenizer, "vocab_size", None)
-
   bar = metrics_lib.progress(len(problems), desc="evaluate", unit="problems",
                              enabled=None if progress else False)
-  for start in range(0, len(problems), batch_size):
-    chunk = problems[start:start + batch_size]
-    prompts = [tokenizer.render_prompt(p.prompt) for p in chunk]
-    # The last batch is filled up with copies of its last prompt (their rows are dropped), so
-    # every call has the same shape and the sampler compiles once.
-    prompts += [prompts[-1]] * (min(batch_size, len(problems)) - len(prompts))
-    result = sampler.generate(
-        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        top_k=top_k, seed=seed, eos_id=tokenizer_lib.stop_ids(tokenizer), num_samples=k,
-        pad_id=tokenizer.pad_id, row_seeds=np.arange(start * k, (start + len(prompts)) * k))
-    for i, problem in enumerate(chunk):
-      for j in range(k):
-        r = i * k + j  # prompt-major rows
-        n = int(result.lengths[r])
-        ids = result.tokens[r, :n]
-        text = tokenizer.decode(ids if vocab is None else ids[ids < vocab])
-        correct[start + i, j] = float(grade_fn(problem, text)) > 0.5
-        lengths[start + i, j] = n
-        truncated[start + i, j] = (
-            int(result.finish_reason[r]) == int(sampler.FinishReason.LENGTH))
-    bar.set_postfix(acc=f"{correct[:start + len(chunk)].mean():.3f}")
-    bar.update(len(chunk))
+  for i, _, responses in sample_responses(
+      model, problems, tokenizer=tokenizer, num_samples=k, batch_size=batch_size,
+      max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p,
+      top_k=top_k):
+    for j, resp in enumerate(responses):
+      correct[i, j] = float(grade_fn(problems[i], resp.text)) > 0.5
+      lengths[i, j] = len(resp.ids)
+      truncated[i, j] = resp.finish_reason == int(sampler.FinishReason.LENGTH)
+    bar.set_postfix(acc=f"{correct[:i + 1].mean():.3f}")
+    bar.update(1)
   bar.close()
 
   by_difficulty: dict[Any, dict[str, Any]] = {}

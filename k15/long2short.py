@@ -279,30 +279,15 @@ def sample_groups(model: transformer.Transformer, problems: Sequence[Any], *,
   A response is correct when grade_fn(problem, text) > 0.5 and it ended with eos. Sample j of
   problem i draws from row seed i * n + j, so the groups do not depend on batch_size.
   """
-  if n < 1 or batch_size < 1:
-    raise ValueError(f"sample_groups: n={n} and batch_size={batch_size} must be >= 1")
-  vocab = getattr(tokenizer, "vocab_size", None)
-  groups = []
-  for start in range(0, len(problems), batch_size):
-    chunk = problems[start:start + batch_size]
-    prompts = [tokenizer.render_prompt(p.prompt) for p in chunk]
-    # Filled up with copies of the last prompt (dropped), so every call compiles the same shape.
-    prompts += [prompts[-1]] * (min(batch_size, len(problems)) - len(prompts))
-    res = sampling.generate(
-        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-        eos_id=tokenizer_lib.stop_ids(tokenizer), num_samples=n, pad_id=tokenizer.pad_id,
-        row_seeds=np.arange(start * n, (start + len(prompts)) * n))
-    for i, problem in enumerate(chunk):
-      responses, correct = [], []
-      for j in range(n):
-        r = i * n + j  # prompt-major rows
-        ids = np.asarray(res.tokens[r, :int(res.lengths[r])])
-        text = tokenizer.decode(ids if vocab is None else ids[ids < vocab])
-        ended = int(res.finish_reason[r]) == int(sampling.FinishReason.EOS)
-        responses.append([int(t) for t in ids])
-        correct.append(bool(ended and float(grade_fn(problem, text)) > 0.5))
-      groups.append(Group(prompt=[int(t) for t in prompts[i]], responses=responses,
-                          correct=correct, problem_id=str(getattr(problem, "id", start + i))))
+  groups, eos = [], int(sampling.FinishReason.EOS)
+  for i, prompt, responses in evaluate_lib.sample_responses(
+      model, problems, tokenizer=tokenizer, num_samples=n, batch_size=batch_size,
+      max_new_tokens=max_new_tokens, seed=seed, temperature=temperature):
+    groups.append(Group(
+        prompt=[int(t) for t in prompt], responses=[[int(t) for t in r.ids] for r in responses],
+        correct=[r.finish_reason == eos and float(grade_fn(problems[i], r.text)) > 0.5
+                 for r in responses],
+        problem_id=str(getattr(problems[i], "id", i))))
   return groups
 
 

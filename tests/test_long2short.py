@@ -213,7 +213,7 @@ def _fake_generate(model, prompts, *, max_new_tokens, eos_id, num_samples, seed,
 
 
 def test_shortest_rejection_sampling_fake_sampler(monkeypatch):
-  monkeypatch.setattr(sampling, "generate", _fake_generate)
+  monkeypatch.setattr(sampling.sampler, "generate", _fake_generate)
   grade = lambda problem, text: float(text.split()[0] == "5")
   examples, stats = L2S.shortest_rejection_sampling(
       None, [_Problem(i) for i in range(3)], tokenizer=_FakeTokenizer(), grade_fn=grade, n=6,
