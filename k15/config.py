@@ -48,11 +48,23 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 def make_block(name: str, defaults: dict[str, Any],
                overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A config block: `defaults` updated by `overrides`; a key it does not have is an error."""
+  """A config block: `defaults` updated by `overrides`; a key it does not have is an error.
+
+  A default that is itself a dict is a nested block: its override must be a dict too, with
+  known keys only, and updates just the keys it names.
+  """
   c = ml_collections.ConfigDict(defaults)
   unknown = sorted(set(overrides) - set(c.keys()))
   if unknown:
     raise ValueError(f"unknown {name} config keys {unknown}; known: {sorted(c.keys())}")
+  for key, value in overrides.items():
+    if isinstance(c[key], ml_collections.ConfigDict):
+      known = sorted(c[key].keys())
+      if not isinstance(value, (dict, ml_collections.ConfigDict)):
+        raise ValueError(f"{name}.{key} must be a dict of {known}, got {value!r}")
+      bad = sorted(set(value.keys()) - set(known))
+      if bad:
+        raise ValueError(f"unknown {name}.{key} keys {bad}; known: {known}")
   c.update(overrides)
   return c
 

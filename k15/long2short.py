@@ -61,6 +61,7 @@ import numpy as np
 from flax import nnx
 
 from k15 import checkpoint as ckpt_lib
+from k15 import config as k15_config
 from k15 import evaluate as evaluate_lib
 from k15 import metrics as metrics_lib
 from k15 import parallel, pipeline, sampling, sft, smoke, update
@@ -81,7 +82,7 @@ DPO_LENGTH_RATIO = 1.5  # §2.4: correct responses longer than 1.5x the positive
 
 def config_block(**overrides: Any) -> ml_collections.ConfigDict:
   """The `long2short` block, with defaults for the tiny CPU model; see `run`."""
-  c = ml_collections.ConfigDict(dict(
+  return k15_config.make_block("long2short", dict(
       methods=METHODS,           # which of the methods `run` trains and evaluates
       prompt_set="rl_pool",      # prompts for rejection sampling and DPO: 'rl_pool' |
                                  # 'rl_prompts' (the curated RL set) | 'sft' (train split all)
@@ -102,20 +103,7 @@ def config_block(**overrides: Any) -> ml_collections.ConfigDict:
       # Long2short RL: config.rl with these overrides; the length penalty is on from
       # iteration 0 (length_warmup_iterations=0).
       rl=dict(iterations=20, max_new_tokens=128, length_weight=1.0),
-  ))
-  known = {k: set(v.keys()) if isinstance(v, ml_collections.ConfigDict) else None
-           for k, v in c.items()}
-  for key, value in overrides.items():
-    if key not in known:
-      raise ValueError(f"unknown long2short config key {key!r}; known: {sorted(known)}")
-    if known[key] is not None:
-      if not isinstance(value, dict):
-        raise ValueError(f"long2short.{key} must be a dict of {sorted(known[key])}, got {value!r}")
-      bad = sorted(set(value) - known[key])
-      if bad:
-        raise ValueError(f"unknown long2short.{key} keys {bad}; known: {sorted(known[key])}")
-  c.update(overrides)
-  return c
+  ), overrides)
 
 
 def _log(msg: str) -> None:
@@ -558,14 +546,8 @@ def train_dpo(model: transformer.Transformer, pairs: Sequence[tuple[Example, Exa
     writer = metrics_lib.MetricWriter(workdir) if workdir else None
     pending = None  # the previous step's metrics, fetched after the next step is dispatched
 
-    def record(step_metrics):
-      s, m = step_metrics
-      m = jax.device_get(m)
-      history.append(float(m["loss"]))
-      bar.set_postfix(loss=f"{float(m['loss']):.4f}", acc=f"{float(m['dpo/accuracy']):.2f}")
-      bar.update(1)
-      if writer is not None:
-        writer.write_scalars(s, {k if "/" in k else f"dpo/{k}": v for k, v in m.items()})
+    record = lambda m: metrics_lib.record_step(m, history, bar, writer, "dpo",
+                                               {"acc": "dpo/accuracy"})
 
     while step < c.steps:
       idx = _batch_indices(step, B, num, c.seed)

@@ -260,6 +260,22 @@ def peak_flops(devices: Sequence[jax.Device] | None = None) -> float | None:
 # Progress.
 # ---------------------------------------------------------------------------------------------
 
+def record_step(step_metrics: tuple[int, Mapping[str, Any]], history: list[float], bar,
+                writer: "MetricWriter | None", prefix: str,
+                shown: Mapping[str, str]) -> None:
+  """Books one optimizer step of a training loop (SFT, DPO): fetches its metrics, appends the
+  loss to `history`, shows `loss` and the `shown` {label: metric} on the progress bar, and writes
+  every metric under `prefix/` (names that already have a '/' as they are)."""
+  step, m = step_metrics
+  m = jax.device_get(m)
+  history.append(float(m["loss"]))
+  bar.set_postfix(loss=f"{float(m['loss']):.4f}",
+                  **{label: f"{float(m[key]):.2f}" for label, key in shown.items()})
+  bar.update(1)
+  if writer is not None:
+    writer.write_scalars(step, {k if "/" in k else f"{prefix}/{k}": v for k, v in m.items()})
+
+
 def _eta(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"

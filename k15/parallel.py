@@ -37,7 +37,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
-    ("layers", None),
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("act_q_heads", "tensor"),

@@ -434,7 +434,8 @@ def train_sft(model: transformer.Transformer, examples: Sequence[Example], confi
     bar = metrics_lib.progress(num_steps, desc="sft", enabled=None if progress else False)
     bar.update(step)
     writer = metrics_lib.MetricWriter(workdir) if workdir else None
-    record = lambda m: _record(m, history, bar, writer)
+    record = lambda m: metrics_lib.record_step(m, history, bar, writer, "sft",
+                                               {"gnorm": "grad_norm"})
     pending = None  # the previous step's metrics, fetched after the next step is dispatched
     t0, tokens_seen = time.perf_counter(), 0
     while step < num_steps:
@@ -471,17 +472,6 @@ def train_sft(model: transformer.Transformer, examples: Sequence[Example], confi
       logging.info("SFT: %d steps, loss %.4f -> %.4f, %.0f loss tokens/s", step, history[0],
                    history[-1], tokens_seen / max(elapsed, 1e-9))
   return nnx.merge(graphdef, params), history
-
-
-def _record(step_metrics: tuple[int, dict[str, jax.Array]], history: list[float], bar,
-            writer: metrics_lib.MetricWriter | None) -> None:
-  step, m = step_metrics
-  m = jax.device_get(m)
-  history.append(float(m["loss"]))
-  bar.set_postfix(loss=f"{float(m['loss']):.4f}", gnorm=f"{float(m['grad_norm']):.2f}")
-  bar.update(1)
-  if writer is not None:
-    writer.write_scalars(step, {f"sft/{k}": v for k, v in m.items()})
 
 
 def restore_params(model: transformer.Transformer, directory: str,

@@ -295,14 +295,21 @@ def test_batch_indices_cover_each_epoch_once():
 # ---------------------------------------------------------------------------------------------
 
 def test_config_block_and_long2short_rl_overrides(monkeypatch):
-  with pytest.raises(ValueError, match="unknown long2short config key 'dpo_beta'"):
+  with pytest.raises(ValueError, match=r"unknown long2short config keys \['dpo_beta'\]"):
     L2S.config_block(dpo_beta=0.2)
   with pytest.raises(ValueError, match=r"unknown long2short.dpo keys \['bta'\]"):
     L2S.config_block(dpo=dict(bta=0.2))
   c = L2S.config_block(dpo=dict(beta=0.2))
   assert c.dpo.beta == 0.2 and c.dpo.steps == 60  # the other dpo keys keep their defaults
+  with pytest.raises(ValueError, match=r"long2short.rs must be a dict"):
+    L2S.config_block(rs=8)
 
   from k15 import config as k15_config
+  # Nested blocks of the other config blocks are checked the same way (k15.config.make_block).
+  with pytest.raises(ValueError, match=r"unknown rl.sampling keys \['mod'\]"):
+    k15_config.rl_block(sampling=dict(mod="uniform"))
+  assert k15_config.rl_block(sampling=dict(mode="uniform")).sampling.to_dict() == dict(
+      mode="uniform", curriculum="", epsilon=0.0)
   config = ml_collections.ConfigDict(dict(
       seed=0, rl=k15_config.rl_block(max_new_tokens=192, length_weight=0.0,
                                      length_warmup_iterations=30, iterations=60,
