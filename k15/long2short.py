@@ -12,8 +12,9 @@ and mean response tokens:
   dpo           positive = the shortest correct response; negatives = the wrong responses and the
                 correct ones longer than 1.5x the positive; DPO against the frozen starting
                 model                                     (`build_dpo_pairs`, `train_dpo`)
-  rl            RL from the long model with the length penalty on from the first iteration and a
-                smaller rollout budget                                         (`long2short_rl`)
+  rl            RL from the long model (or, with `rl.init`, another method's model) with the
+                length penalty on from the first iteration and a smaller rollout budget
+                                                                               (`long2short_rl`)
 
 Mode `long2short` (`run`) expects a finished `pipeline` in the workdir and adds:
 
@@ -77,6 +78,7 @@ LABELS = {"long": "long (RL)", "short": "short (SFT)", "merge": "merge",
           "merge_rs": "merge + shortest RS", "shortest_rs": "shortest RS", "dpo": "DPO",
           "rl": "long2short RL"}
 PROMPT_SETS = {"rl_pool": "rl_pool.jsonl", "rl_prompts": "rl_prompts.jsonl", "sft": "sft.jsonl"}
+RL_INITS = ("long", "merge", "merge_rs", "shortest_rs", "dpo")  # where long2short RL may start
 DPO_LENGTH_RATIO = 1.5  # §2.4: correct responses longer than 1.5x the positive are negatives
 
 
@@ -101,8 +103,9 @@ def config_block(**overrides: Any) -> ml_collections.ConfigDict:
                learning_rate=1e-4, warmup_steps=5, grad_clip=1.0, seed=0,
                checkpoint_every=20),
       # Long2short RL: config.rl with these overrides; the length penalty is on from
-      # iteration 0 (length_warmup_iterations=0).
-      rl=dict(iterations=20, max_new_tokens=128, length_weight=1.0),
+      # iteration 0 (length_warmup_iterations=0). init: the checkpoint it starts from, 'long'
+      # or one of the other methods' models (e.g. 'shortest_rs': RL after rejection sampling).
+      rl=dict(iterations=20, max_new_tokens=128, length_weight=1.0, init="long"),
   ), overrides)
 
 
@@ -655,6 +658,11 @@ def _require_pipeline(workdir: str) -> dict[str, str]:
   return paths
 
 
+def _label(name: str, r: dict[str, Any]) -> str:
+  init = r.get("init", "long")
+  return LABELS.get(name, name) + ("" if init == "long" else f" (from {LABELS.get(init, init)})")
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
   """One row per model: accuracy, mean tokens, both against `long`, token efficiency."""
   long = results.get("long")
@@ -663,13 +671,13 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
   rows = []
   for name, r in results.items():
     if "accuracy" not in r:
-      rows.append([LABELS.get(name, name), "-", "-", "-", "-", r.get("skipped", "-")])
+      rows.append([_label(name, r), "-", "-", "-", "-", r.get("skipped", "-")])
       continue
     vs_tok = vs_acc = "-"
     if long and name != "long":
       vs_tok = f"{100 * (r['mean_tokens'] / long['mean_tokens'] - 1):+.1f}%"
       vs_acc = f"{100 * (r['accuracy'] - long['accuracy']):+.1f}"
-    rows.append([LABELS.get(name, name), f"{100 * r['accuracy']:.1f}",
+    rows.append([_label(name, r), f"{100 * r['accuracy']:.1f}",
                  f"{r['mean_tokens']:.1f}", vs_tok, vs_acc, f"{r['token_efficiency']:.2f}"])
   widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
   fmt = lambda row: "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
@@ -689,7 +697,7 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
     x, y = r["mean_tokens"], 100 * r["accuracy"]
     ax.scatter([x], [y], s=70 if name == "long" else 40, marker="*" if name == "long" else "o",
                zorder=3)
-    ax.annotate(LABELS.get(name, name), (x, y), textcoords="offset points", xytext=(5, 4),
+    ax.annotate(_label(name, r), (x, y), textcoords="offset points", xytext=(5, 4),
                 fontsize=8)
   ax.set_xlabel("mean response tokens (held-out)")
   ax.set_ylabel("accuracy % (pass@1)")
@@ -713,6 +721,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                      f"{sorted(PROMPT_SETS)}")
   if c.short.init not in ("sft", "long"):
     raise ValueError(f"long2short.short.init={c.short.init!r}; expected 'sft' or 'long'")
+  if c.rl.init not in RL_INITS:
+    raise ValueError(f"long2short.rl.init={c.rl.init!r}; expected one of {list(RL_INITS)}")
   paths = _require_pipeline(workdir)
   out_dir = os.path.join(workdir, "long2short")
   os.makedirs(out_dir, exist_ok=True)
@@ -810,10 +820,15 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         return m, {"pairs": len(pairs)}
       if name == "rl":
         records = prompts_lib.load_jsonl(paths["rl_prompts"])[0]
-        _log(f"long2short RL: {c.rl.iterations} iterations, budget {c.rl.max_new_tokens} "
-             f"tokens, length_weight {c.rl.length_weight}")
-        return long2short_rl(config, model_of("long"), records, tok, mesh,
-                             os.path.join(out_dir, "rl"))
+        _log(f"long2short RL from the {c.rl.init} model: {c.rl.iterations} iterations, "
+             f"budget {c.rl.max_new_tokens} tokens, length_weight {c.rl.length_weight}")
+        start = model_of(c.rl.init)
+        if isinstance(start, tuple):  # a method's (model, stats)
+          start = start[0]
+        if start is None:
+          return None, {"skipped": f"its init, {c.rl.init}, trained nothing"}
+        return (long2short_rl(config, start, records, tok, mesh, os.path.join(out_dir, "rl")),
+                {"init": c.rl.init})
       raise ValueError(f"unknown model {name!r}")
 
     names = ["long"]
@@ -842,7 +857,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       r.update(extra)
       results[name] = r
       save()
-      if name not in ("long", "short", "merge"):  # no later method starts from it
+      if name not in ("long", "short", "merge", c.rl.init):  # no later method starts from it
         cache.pop(name, None)
 
   long = results["long"]
@@ -855,7 +870,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   save()
   if jax.process_index() == 0:
     print(format_table(results))
-    met = [LABELS.get(n, n) for n, r in results.items() if r.get("meets_target")]
+    met = [_label(n, r) for n, r in results.items() if r.get("meets_target")]
     print(f"methods with >= 30% fewer tokens at <= 3 points below long: {met or 'none'}")
     plot(results, os.path.join(workdir, "long2short.png"))
   return results

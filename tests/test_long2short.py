@@ -3,6 +3,7 @@ sampling, one DPO training run, the long2short RL config."""
 
 import math
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -363,4 +364,61 @@ def test_run_refuses_a_missing_pipeline_and_a_changed_config(tmp_path):
     L2S.run(config, str(tmp_path))
   config.long2short.methods = ("merge", "distill")
   with pytest.raises(ValueError, match=r"unknown \['distill'\]"):
+    L2S.run(config, str(tmp_path))
+
+
+def test_run_long2short_rl_starts_from_the_chosen_method(tmp_path, monkeypatch):
+  """rl.init='shortest_rs': long2short RL trains the rejection-sampling model, not the long one,
+  and the table says so. The stages are fakes that return labelled stand-in models."""
+  from k15 import evaluate as evaluate_lib
+  from k15 import sft, smoke
+  from k15 import tokenizer as tokenizer_lib
+  from k15.data import prompts as prompts_lib
+
+  for rel in ("tokenizer.model", "sft/sft_checkpoints/", "rl/checkpoints/", "data/eval.jsonl",
+              "data/sft.jsonl", "data/rl_pool.jsonl", "data/rl_prompts.jsonl"):
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir() if rel.endswith("/") else path.write_text("")
+  records = {"eval.jsonl": ["e0", "e1"], "rl_pool.jsonl": ["p0", "p1"],
+             "rl_prompts.jsonl": ["q0"], "sft.jsonl": []}
+  monkeypatch.setattr(prompts_lib, "load_jsonl",
+                      lambda path: (records[path.rsplit("/", 1)[-1]], None))
+  monkeypatch.setattr(tokenizer_lib.Tokenizer, "load",
+                      staticmethod(lambda path: types.SimpleNamespace(pad_id=0)))
+  monkeypatch.setattr(smoke, "build_model", lambda config, mesh: "template")
+  monkeypatch.setattr(sft, "restore_params", lambda template, path: f"long@{path[-14:]}")
+  monkeypatch.setattr(L2S, "sample_groups", lambda model, problems, **kw: [
+      L2S.Group([1], [[5, 6, 2], [5, 2]], [True, True], "p0"),
+      L2S.Group([1], [[7, 2]], [False], "p1")])
+  trained = []
+  monkeypatch.setattr(sft, "train_sft", lambda model, examples, cfg, **kw: (
+      trained.append((model, examples)) or f"rs({model})", None))
+  started = []
+  monkeypatch.setattr(L2S, "long2short_rl", lambda config, model, recs, tok, mesh, workdir: (
+      started.append((model, recs)) or f"l2s({model})"))
+  accuracy = {"long@rl/checkpoints": 0.5, "rs(long@rl/checkpoints)": 0.6,
+              "l2s(rs(long@rl/checkpoints))": 0.58}
+  monkeypatch.setattr(evaluate_lib, "evaluate", lambda model, problems, **kw: dict(
+      accuracy=accuracy[model], mean_tokens=100.0 if model.startswith("long") else 60.0))
+
+  from k15 import config as k15_config
+  config = ml_collections.ConfigDict(dict(
+      seed=0, mesh=k15_config.mesh_block(data=-1), sharding_rules=tuple(parallel.DEFAULT_RULES),
+      sft=dict(steps=1, optimizer=dict(learning_rate=1.0, end_learning_rate=0.0,
+                                       warmup_steps=0, decay_steps=0)),
+      rl=dict(max_new_tokens=64),
+      evaluate=dict(num_samples=2, temperature=1.0, top_p=1.0, max_new_tokens=64, batch_size=4),
+      long2short=L2S.config_block(methods=("shortest_rs", "rl"),
+                                  rl=dict(init="shortest_rs"))))
+  results = L2S.run(config, str(tmp_path))
+  # Rejection sampling kept the shortest correct response of p0 (p1 had none); RL started from
+  # that model, on the curated RL prompts.
+  assert trained == [("long@rl/checkpoints", [([1], [5, 2])])]
+  assert started == [("rs(long@rl/checkpoints)", ["q0"])]
+  assert results["rl"]["init"] == "shortest_rs" and results["rl"]["accuracy"] == 0.58
+  assert results["rl"]["tokens_vs_long"] == pytest.approx(0.6) and results["rl"]["meets_target"]
+  assert "long2short RL (from shortest RS)" in L2S.format_table(results)
+  with pytest.raises(ValueError, match=r"long2short.rl.init='sft'"):
+    config.long2short.rl.init = "sft"
     L2S.run(config, str(tmp_path))
