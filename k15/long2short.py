@@ -20,7 +20,9 @@ Mode `long2short` (`run`) expects a finished `pipeline` in the workdir and adds:
 
   DIR/long2short/short/      SFT of the short-CoT model (answer-only demonstrations)
   DIR/long2short/groups_{long,merge}.json   n sampled responses per prompt (ids, correct)
-  DIR/long2short/{merge_rs,shortest_rs}/   their SFT checkpoints
+  DIR/long2short/{merge_rs,shortest_rs}/   their SFT checkpoints (with rs.rounds > 1, also
+                             groups_shortest_rs.json, shortest_rs_round2/, ...: round r samples
+                             from round r - 1's model)
   DIR/long2short/dpo/        DPO checkpoints and metrics
   DIR/long2short/rl/         long2short RL checkpoints and metrics
   DIR/long2short.json        per model: accuracy, mean tokens, token efficiency, vs long
@@ -96,7 +98,8 @@ def config_block(**overrides: Any) -> ml_collections.ConfigDict:
       # Shortest rejection sampling: n samples per prompt, SFT on the shortest correct.
       rs=dict(samples=8, temperature=1.0,
               max_new_tokens=0,  # 0: config.rl.max_new_tokens, the long model's budget
-              sft_steps=40, learning_rate=3e-4),
+              sft_steps=40, learning_rate=3e-4,
+              rounds=1),         # > 1: each round samples from the previous round's model
       # DPO on the same samples of the long model as shortest_rs.
       dpo=dict(beta=0.1, steps=60, batch_size=16,  # pairs per step
                seq_len=256,      # prompt + response; longer pairs are dropped (counted)
@@ -721,6 +724,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                      f"{sorted(PROMPT_SETS)}")
   if c.short.init not in ("sft", "long"):
     raise ValueError(f"long2short.short.init={c.short.init!r}; expected 'sft' or 'long'")
+  if not (isinstance(c.rs.rounds, int) and c.rs.rounds >= 1):
+    raise ValueError(f"long2short.rs.rounds={c.rs.rounds!r}; expected an int >= 1")
   if c.rl.init not in RL_INITS:
     raise ValueError(f"long2short.rl.init={c.rl.init!r}; expected one of {list(RL_INITS)}")
   paths = _require_pipeline(workdir)
@@ -762,14 +767,16 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         cache[name] = build(name)
       return cache[name]
 
-    def groups_of(source):
+    def groups_of(source, model=None):
+      """n responses per prompt from model `source` (or `model`, filed under `source`)."""
       path = os.path.join(out_dir, f"groups_{source}.json")
       if os.path.exists(path):
         with open(path) as f:
           return [Group.from_json(g) for g in json.load(f)]
       _log(f"sampling {c.rs.samples} responses for each of {len(prompt_records)} prompts "
            f"from the {source} model")
-      groups = sample_groups(model_of(source), prompt_records, tokenizer=tok,
+      groups = sample_groups(model_of(source) if model is None else model, prompt_records,
+                             tokenizer=tok,
                              grade_fn=tasks.grade, n=c.rs.samples, temperature=c.rs.temperature,
                              max_new_tokens=rs_budget, seed=config.seed,
                              batch_size=ev.batch_size)
@@ -777,14 +784,21 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       return groups
 
     def rs_sft(source, name):
-      examples, stats = select_shortest(groups_of(source))
-      _log(f"{name}: {stats}")
-      if not examples:
-        return None, dict(stats, skipped="no correct samples")
-      cfg = _finetune_config(config.sft, c.rs.sft_steps, c.rs.learning_rate)
-      m, _ = sft.train_sft(model_of(source), examples, cfg, mesh=mesh,
-                           workdir=os.path.join(out_dir, name), pad_id=tok.pad_id)
-      return m, stats
+      # Round 1 fine-tunes `source` on its own shortest correct samples; round r > 1 samples
+      # from round r - 1's model and fine-tunes that (stats: the last round's).
+      m, stats = model_of(source), {}
+      for r in range(1, c.rs.rounds + 1):
+        tag = name if r == 1 else f"{name}_round{r}"
+        prev = name if r == 2 else f"{name}_round{r - 1}"
+        groups = groups_of(source) if r == 1 else groups_of(prev, m)
+        examples, stats = select_shortest(groups)
+        _log(f"{tag}: {stats}")
+        if not examples:
+          return None, dict(stats, skipped="no correct samples", rounds=r)
+        cfg = _finetune_config(config.sft, c.rs.sft_steps, c.rs.learning_rate)
+        m, _ = sft.train_sft(m, examples, cfg, mesh=mesh, workdir=os.path.join(out_dir, tag),
+                             pad_id=tok.pad_id)
+      return m, dict(stats, rounds=c.rs.rounds)
 
     def build(name):
       if name == "long":

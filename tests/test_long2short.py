@@ -367,9 +367,13 @@ def test_run_refuses_a_missing_pipeline_and_a_changed_config(tmp_path):
     L2S.run(config, str(tmp_path))
 
 
-def test_run_long2short_rl_starts_from_the_chosen_method(tmp_path, monkeypatch):
-  """rl.init='shortest_rs': long2short RL trains the rejection-sampling model, not the long one,
-  and the table says so. The stages are fakes that return labelled stand-in models."""
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_run_chains_rejection_sampling_rounds_and_rl_init(tmp_path, monkeypatch, rounds):
+  """rs.rounds and rl.init='shortest_rs': each rejection-sampling round fine-tunes the previous
+  round's model on that model's own shortest correct samples, and long2short RL trains the last
+  one, not the long model; the table says so. The stages are fakes that return labelled
+  stand-in models (strings)."""
+  from k15 import config as k15_config
   from k15 import evaluate as evaluate_lib
   from k15 import sft, smoke
   from k15 import tokenizer as tokenizer_lib
@@ -387,38 +391,50 @@ def test_run_long2short_rl_starts_from_the_chosen_method(tmp_path, monkeypatch):
   monkeypatch.setattr(tokenizer_lib.Tokenizer, "load",
                       staticmethod(lambda path: types.SimpleNamespace(pad_id=0)))
   monkeypatch.setattr(smoke, "build_model", lambda config, mesh: "template")
-  monkeypatch.setattr(sft, "restore_params", lambda template, path: f"long@{path[-14:]}")
-  monkeypatch.setattr(L2S, "sample_groups", lambda model, problems, **kw: [
-      L2S.Group([1], [[5, 6, 2], [5, 2]], [True, True], "p0"),
-      L2S.Group([1], [[7, 2]], [False], "p1")])
+  monkeypatch.setattr(sft, "restore_params", lambda template, path: "long")
+  sampled = []
+
+  def fake_groups(model, problems, **kw):  # a model named after k fine-tunes answers in 4 - k
+    sampled.append(model)
+    k = model.count("rs(")
+    return [L2S.Group([1], [[5, 6, 7, 2][k:], [5, 6, 7, 8, 2][k:]], [True, True], "p0"),
+            L2S.Group([1], [[7, 2]], [False], "p1")]
+
+  monkeypatch.setattr(L2S, "sample_groups", fake_groups)
   trained = []
   monkeypatch.setattr(sft, "train_sft", lambda model, examples, cfg, **kw: (
       trained.append((model, examples)) or f"rs({model})", None))
   started = []
   monkeypatch.setattr(L2S, "long2short_rl", lambda config, model, recs, tok, mesh, workdir: (
       started.append((model, recs)) or f"l2s({model})"))
-  accuracy = {"long@rl/checkpoints": 0.5, "rs(long@rl/checkpoints)": 0.6,
-              "l2s(rs(long@rl/checkpoints))": 0.58}
   monkeypatch.setattr(evaluate_lib, "evaluate", lambda model, problems, **kw: dict(
-      accuracy=accuracy[model], mean_tokens=100.0 if model.startswith("long") else 60.0))
+      accuracy=0.5 + 0.01 * model.count("("), mean_tokens=100.0 - 35 * model.count("rs(")))
 
-  from k15 import config as k15_config
   config = ml_collections.ConfigDict(dict(
       seed=0, mesh=k15_config.mesh_block(data=-1), sharding_rules=tuple(parallel.DEFAULT_RULES),
       sft=dict(steps=1, optimizer=dict(learning_rate=1.0, end_learning_rate=0.0,
                                        warmup_steps=0, decay_steps=0)),
       rl=dict(max_new_tokens=64),
       evaluate=dict(num_samples=2, temperature=1.0, top_p=1.0, max_new_tokens=64, batch_size=4),
-      long2short=L2S.config_block(methods=("shortest_rs", "rl"),
+      long2short=L2S.config_block(methods=("shortest_rs", "rl"), rs=dict(rounds=rounds),
                                   rl=dict(init="shortest_rs"))))
   results = L2S.run(config, str(tmp_path))
-  # Rejection sampling kept the shortest correct response of p0 (p1 had none); RL started from
-  # that model, on the curated RL prompts.
-  assert trained == [("long@rl/checkpoints", [([1], [5, 2])])]
-  assert started == [("rs(long@rl/checkpoints)", ["q0"])]
-  assert results["rl"]["init"] == "shortest_rs" and results["rl"]["accuracy"] == 0.58
-  assert results["rl"]["tokens_vs_long"] == pytest.approx(0.6) and results["rl"]["meets_target"]
+  # Round r samples from round r - 1's model and keeps each prompt's shortest correct
+  # response (p1 has none); RL starts from the last round's model, on the curated RL prompts.
+  models = ["long", "rs(long)", "rs(rs(long))"]
+  assert sampled == models[:rounds]
+  assert trained == [(models[r], [([1], [5, 6, 7, 2][r:])]) for r in range(rounds)]
+  assert started == [(models[rounds], ["q0"])]
+  rl = results["rl"]
+  assert rl["init"] == "shortest_rs" and rl["accuracy"] == pytest.approx(0.5 + 0.01 * (rounds + 1))
+  assert results["shortest_rs"]["rounds"] == rounds
+  assert rl["tokens_vs_long"] == pytest.approx(1 - 0.35 * rounds) and rl["meets_target"]
   assert "long2short RL (from shortest RS)" in L2S.format_table(results)
+  assert (tmp_path / "long2short" / "groups_shortest_rs.json").exists() == (rounds == 2)
   with pytest.raises(ValueError, match=r"long2short.rl.init='sft'"):
     config.long2short.rl.init = "sft"
+    L2S.run(config, str(tmp_path))
+  config.long2short.rl.init = "long"
+  with pytest.raises(ValueError, match=r"long2short.rs.rounds=0"):
+    config.long2short.rs.rounds = 0
     L2S.run(config, str(tmp_path))
