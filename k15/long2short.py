@@ -785,7 +785,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
     def rs_sft(source, name):
       # Round 1 fine-tunes `source` on its own shortest correct samples; round r > 1 samples
-      # from round r - 1's model and fine-tunes that (stats: the last round's).
+      # from round r - 1's model and fine-tunes that (stats: the last round's). A later round
+      # with no correct sample ends the rounds with the model before it.
       m, stats = model_of(source), {}
       for r in range(1, c.rs.rounds + 1):
         tag = name if r == 1 else f"{name}_round{r}"
@@ -793,8 +794,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         groups = groups_of(source) if r == 1 else groups_of(prev, m)
         examples, stats = select_shortest(groups)
         _log(f"{tag}: {stats}")
-        if not examples:
-          return None, dict(stats, skipped="no correct samples", rounds=r)
+        if not examples and r == 1:
+          return None, dict(stats, skipped="no correct samples")
+        if not examples:  # keep the previous round's model
+          return m, dict(stats, rounds=r - 1, stopped=f"round {r}: no correct samples")
         cfg = _finetune_config(config.sft, c.rs.sft_steps, c.rs.learning_rate)
         m, _ = sft.train_sft(m, examples, cfg, mesh=mesh, workdir=os.path.join(out_dir, tag),
                              pad_id=tok.pad_id)

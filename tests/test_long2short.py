@@ -367,11 +367,13 @@ def test_run_refuses_a_missing_pipeline_and_a_changed_config(tmp_path):
     L2S.run(config, str(tmp_path))
 
 
-@pytest.mark.parametrize("rounds", [1, 2])
-def test_run_chains_rejection_sampling_rounds_and_rl_init(tmp_path, monkeypatch, rounds):
+@pytest.mark.parametrize("rounds,dry_round", [(1, 0), (2, 0), (3, 3)])
+def test_run_chains_rejection_sampling_rounds_and_rl_init(tmp_path, monkeypatch, rounds,
+                                                          dry_round):
   """rs.rounds and rl.init='shortest_rs': each rejection-sampling round fine-tunes the previous
   round's model on that model's own shortest correct samples, and long2short RL trains the last
-  one, not the long model; the table says so. The stages are fakes that return labelled
+  one, not the long model; the table says so. A round whose samples are all wrong (dry_round)
+  ends the rounds with the model before it. The stages are fakes that return labelled
   stand-in models (strings)."""
   from k15 import config as k15_config
   from k15 import evaluate as evaluate_lib
@@ -397,7 +399,8 @@ def test_run_chains_rejection_sampling_rounds_and_rl_init(tmp_path, monkeypatch,
   def fake_groups(model, problems, **kw):  # a model named after k fine-tunes answers in 4 - k
     sampled.append(model)
     k = model.count("rs(")
-    return [L2S.Group([1], [[5, 6, 7, 2][k:], [5, 6, 7, 8, 2][k:]], [True, True], "p0"),
+    ok = k + 1 != dry_round
+    return [L2S.Group([1], [[5, 6, 7, 2][k:], [5, 6, 7, 8, 2][k:]], [ok, ok], "p0"),
             L2S.Group([1], [[7, 2]], [False], "p1")]
 
   monkeypatch.setattr(L2S, "sample_groups", fake_groups)
@@ -422,15 +425,17 @@ def test_run_chains_rejection_sampling_rounds_and_rl_init(tmp_path, monkeypatch,
   # Round r samples from round r - 1's model and keeps each prompt's shortest correct
   # response (p1 has none); RL starts from the last round's model, on the curated RL prompts.
   models = ["long", "rs(long)", "rs(rs(long))"]
+  done = dry_round - 1 if dry_round else rounds  # rounds that trained a model
   assert sampled == models[:rounds]
-  assert trained == [(models[r], [([1], [5, 6, 7, 2][r:])]) for r in range(rounds)]
-  assert started == [(models[rounds], ["q0"])]
+  assert trained == [(models[r], [([1], [5, 6, 7, 2][r:])]) for r in range(done)]
+  assert started == [(models[done], ["q0"])]
   rl = results["rl"]
-  assert rl["init"] == "shortest_rs" and rl["accuracy"] == pytest.approx(0.5 + 0.01 * (rounds + 1))
-  assert results["shortest_rs"]["rounds"] == rounds
-  assert rl["tokens_vs_long"] == pytest.approx(1 - 0.35 * rounds) and rl["meets_target"]
+  assert rl["init"] == "shortest_rs" and rl["accuracy"] == pytest.approx(0.5 + 0.01 * (done + 1))
+  assert results["shortest_rs"]["rounds"] == done
+  assert ("stopped" in results["shortest_rs"]) == bool(dry_round)
+  assert rl["tokens_vs_long"] == pytest.approx(1 - 0.35 * done) and rl["meets_target"]
   assert "long2short RL (from shortest RS)" in L2S.format_table(results)
-  assert (tmp_path / "long2short" / "groups_shortest_rs.json").exists() == (rounds == 2)
+  assert (tmp_path / "long2short" / "groups_shortest_rs.json").exists() == (rounds >= 2)
   with pytest.raises(ValueError, match=r"long2short.rl.init='sft'"):
     config.long2short.rl.init = "sft"
     L2S.run(config, str(tmp_path))
