@@ -10,7 +10,7 @@ DIR/results.json and DIR/rl_curves.png; see the README for the numbers and the t
 
 Other modes on the same model: `--config.mode=smoke` (one forward pass), `sft`, `evaluate`,
 `long2short` (after the pipeline, in the same workdir; the README's long2short run adds
-`--config.pipeline.sft_recheck=0.75` to both commands).
+`--config.pipeline.sft_carry_slip=0.0 --config.pipeline.sft_recheck=0.75` to both commands).
 Ablations are overrides, e.g. `--config.rl.loss=grpo`, `--config.rl.sampling.mode=uniform`,
 `--config.rl.length_weight=1.0`, `--config.pipeline.sft_cot=short`.
 Structural options go after a colon: `:runlocal=True` shrinks everything for tests and CI.
@@ -31,7 +31,8 @@ def get_config(arg=None):
       attention_impl="flash", attention_block_size=128)
   # The demonstrations (k15.data.tasks) come from a careless demonstrator who forgets 60% of
   # the carries, a habit SFT imitates and RL, rewarded by the checked answer, can unlearn; the
-  # RL prompts and the held-out problems are clean. (`pipeline.sft_recheck=0.75` adds restated
+  # RL prompts and the held-out problems are clean. (The long2short study sets sft_carry_slip=0
+  # and `pipeline.sft_recheck=0.75`: restated
   # columns for long2short to trim; see the README.)
   c.pipeline.update(difficulties=(2, 3, 4), sft_carry_slip=0.6, rl_pool=320, eval_problems=96)
   c.sft = sft.config_block(seq_len=512, batch_size=16, steps=300,
@@ -52,6 +53,9 @@ def get_config(arg=None):
   # Long2short RL: a gentler length penalty over more iterations kept 4 more points than
   # weight 1.0 for 20 iterations at a similar cut (README).
   c.long2short.rl.update(iterations=30, max_new_tokens=200, length_weight=0.5)
+  # Shortest rejection sampling in 5 rounds of 32 samples, each from the previous round's model:
+  # the README's long2short run cut 34% of the tokens at -2.2 points this way.
+  c.long2short.rs.update(samples=32, rounds=5)
   if arg.runlocal:  # the shrink switch: tests, CI and the notebook's CI run
     c.model.update(num_layers=2, embed_dim=64, mlp_dim=128)
     c.smoke.batch, c.smoke.length = 8, 32
@@ -61,7 +65,7 @@ def get_config(arg=None):
     c.rl.update(iterations=2, prompts_per_iteration=4, samples_per_prompt=4, max_new_tokens=64,
                 minibatch_groups=4)
     c.evaluate.update(num_samples=2, max_new_tokens=64, batch_size=16)
-    c.long2short.update(num_prompts=16, short=dict(steps=4), rs=dict(samples=4, sft_steps=3),
+    c.long2short.update(num_prompts=16, short=dict(steps=4), rs=dict(samples=4, sft_steps=3, rounds=2),
                         dpo=dict(steps=3, batch_size=8, seq_len=128, checkpoint_every=3),
                         rl=dict(iterations=2, max_new_tokens=48))
   return c
