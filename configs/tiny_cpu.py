@@ -32,8 +32,7 @@ def get_config(arg=None):
   # The demonstrations (k15.data.tasks) come from a careless demonstrator who forgets 60% of
   # the carries, a habit SFT imitates and RL, rewarded by the checked answer, can unlearn; the
   # RL prompts and the held-out problems are clean. (The long2short study sets sft_carry_slip=0
-  # and `pipeline.sft_recheck=0.75`: restated
-  # columns for long2short to trim; see the README.)
+  # and sft_recheck=0.75: restated columns for long2short to trim; see the README.)
   c.pipeline.update(difficulties=(2, 3, 4), sft_carry_slip=0.6, rl_pool=320, eval_problems=96)
   c.sft = sft.config_block(seq_len=512, batch_size=16, steps=300,
                            optimizer=dict(learning_rate=2e-3, warmup_steps=20, decay="cosine",
