@@ -64,7 +64,8 @@ def get_config(arg=None):
     c.rl.update(iterations=2, prompts_per_iteration=4, samples_per_prompt=4, max_new_tokens=64,
                 minibatch_groups=4)
     c.evaluate.update(num_samples=2, max_new_tokens=64, batch_size=16)
-    c.long2short.update(num_prompts=16, short=dict(steps=4), rs=dict(samples=4, sft_steps=3, rounds=2),
+    c.long2short.update(num_prompts=16, short=dict(steps=4),
+                        rs=dict(samples=4, sft_steps=3, rounds=2),
                         dpo=dict(steps=3, batch_size=8, seq_len=128, checkpoint_every=3),
                         rl=dict(iterations=2, max_new_tokens=48))
   return c

@@ -776,10 +776,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       _log(f"sampling {c.rs.samples} responses for each of {len(prompt_records)} prompts "
            f"from the {source} model")
       groups = sample_groups(model_of(source) if model is None else model, prompt_records,
-                             tokenizer=tok,
-                             grade_fn=tasks.grade, n=c.rs.samples, temperature=c.rs.temperature,
-                             max_new_tokens=rs_budget, seed=config.seed,
-                             batch_size=ev.batch_size)
+                             tokenizer=tok, grade_fn=tasks.grade, n=c.rs.samples,
+                             temperature=c.rs.temperature, max_new_tokens=rs_budget,
+                             seed=config.seed, batch_size=ev.batch_size)
       _atomic_json([g.to_json() for g in groups], path)  # every host: its own copy
       return groups
 
@@ -787,11 +786,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       # Round 1 fine-tunes `source` on its own shortest correct samples; round r > 1 samples
       # from round r - 1's model and fine-tunes that (stats: the last round's). A later round
       # with no correct sample ends the rounds with the model before it.
-      m, stats = model_of(source), {}
+      m, stats, tag = model_of(source), {}, source
       for r in range(1, c.rs.rounds + 1):
+        groups = groups_of(tag, m)  # samples of the model this round starts from
         tag = name if r == 1 else f"{name}_round{r}"
-        prev = name if r == 2 else f"{name}_round{r - 1}"
-        groups = groups_of(source) if r == 1 else groups_of(prev, m)
         examples, stats = select_shortest(groups)
         _log(f"{tag}: {stats}")
         if not examples and r == 1:
