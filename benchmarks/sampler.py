@@ -9,12 +9,19 @@ float32 weights. Workload: batch 32 x 64-token prompts, 256 new tokens, plain sa
 transformers runs on the CPU under torch.no_grad() with its default attention (sdpa) and
 dynamic KV cache, twice: with torch's default thread count and with one thread (on a small
 model and a shared machine one thread is often much faster, as OpenMP workers spin and wait on
-each other); the speed-up is quoted against the faster of the two. k15 runs its compiled
-prefill + while_loop decode on the default JAX backend with XLA's default threading.
-Both are warmed up first (k15: compilation); each time is the best of --repeats runs (best,
-not mean: dev machines are shared). Timed k15 runs use seeds different from the warm-up.
+each other); the speed-up is quoted against the faster of the two.
 
-The last column relates the sampler to the machine: a large float32 jnp.dot is timed in the same
+k15 runs its compiled prefill + while_loop decode twice: on one JAX device (on CPU, XLA spreads
+each op over the cores), and data-parallel over all devices under a mesh {'data': devices}, where
+each device samples its share of the rows in its own loop. On CPU the script exposes one JAX
+device per core (XLA_FLAGS=--xla_force_host_platform_device_count=<cores>, set before jax
+starts unless XLA_FLAGS already sets a count); with one accelerator only the first row runs.
+Both libraries are warmed up first (k15: compilation). The runs of all rows are interleaved,
+--repeats rounds, and each row's time is its best run (best, not mean: dev machines are shared,
+and interleaving spreads slow spells over all rows). Timed k15 runs use seeds different from
+the warm-up.
+
+The "% of peak" column relates a sampler to the machine: a large float32 jnp.dot is timed in the same
 run, and the sampler's useful FLOPs are
   2 * (non-embedding params incl. the LM head) * (prompt + new tokens processed)
   + attention: 4 * N * H * (visible context) per token and layer,
@@ -28,17 +35,25 @@ Run from the repository root (not part of the tests):
 """
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# One CPU device per core, before jax starts (see the docstring).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                             f"device_count={len(os.sched_getaffinity(0))}").strip()
 
-from k15.model import hf
-from k15.sampling import sampler
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from k15 import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from k15.model import hf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from k15.sampling import sampler  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ARCH = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=2, head_dim=32,
@@ -46,12 +61,18 @@ ARCH = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_l
             bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
-def _best(fn, repeats: int) -> float:
-  best = float("inf")
+def _timed(fn, arg) -> float:
+  t0 = time.perf_counter()
+  fn(arg)
+  return time.perf_counter() - t0
+
+
+def _interleaved_best(fns: dict, repeats: int) -> dict:
+  """Best time of each fn over `repeats` rounds, one call of every fn per round."""
+  best = {name: float("inf") for name in fns}
   for i in range(repeats):
-    t0 = time.perf_counter()
-    fn(i)
-    best = min(best, time.perf_counter() - t0)
+    for name, fn in fns.items():
+      best[name] = min(best[name], _timed(fn, i))
   return best
 
 
@@ -60,7 +81,7 @@ def _matmul_flops(n: int = 2048, repeats: int = 5) -> float:
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
   dot = jax.jit(jnp.dot)
   jax.block_until_ready(dot(a, b))
-  t = _best(lambda _: jax.block_until_ready(dot(a, b)), repeats)
+  t = min(_timed(lambda _: jax.block_until_ready(dot(a, b)), None) for _ in range(repeats))
   return 2 * n ** 3 / t
 
 
@@ -80,7 +101,7 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--prompt_len", type=int, default=64)
   parser.add_argument("--new_tokens", type=int, default=256)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--skip_transformers", action="store_true")
   parser.add_argument("--torch_threads", default="",
                       help="comma-separated torch thread counts to time (default: torch's "
@@ -102,35 +123,51 @@ def main(argv=None):
     model = hf.load(tmp, jnp.float32)
   cfg = model.cfg
 
-  rows = {}
+  rows, runs = {}, {}
   load_before = f"{os.getloadavg()[0]:.2f}"
-  print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); torch threads "
+  devices = jax.device_count()
+  print(f"backend {jax.default_backend()}, {devices} device(s); torch threads "
         f"{torch.get_num_threads()}")
 
-  def k15_run(seed):
-    res = sampler.generate(model, list(prompts), max_new_tokens=args.new_tokens, eos_id=None,
-                           temperature=1.0, seed=seed)
-    assert res.lengths.min() == args.new_tokens
-    return res
+  def k15_runner(mesh):
+    placed = model
+    if mesh is not None:  # parameters replicated on every device once, as training would
+      state = nnx.state(model)
+      with parallel.use_mesh(mesh):
+        placed = nnx.merge(nnx.graphdef(model),
+                           jax.device_put(state, parallel.state_shardings(state)))
 
-  t0 = time.perf_counter()
-  k15_run(12345)
-  compile_s = time.perf_counter() - t0
-  k15_s = _best(k15_run, args.repeats)
-  rows["k15"] = {"seconds": k15_s, "tokens_per_s": new / k15_s, "first_call_s": compile_s}
+    def run(seed):
+      with parallel.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        res = sampler.generate(placed, list(prompts), max_new_tokens=args.new_tokens,
+                               eos_id=None, temperature=1.0, seed=seed)
+      assert res.lengths.min() == args.new_tokens
+      return res
+    return run
+
+  k15_rows = {"k15 (1 device)": None}
+  if devices > 1:
+    k15_rows[f"k15 (data x{devices})"] = parallel.make_mesh({"data": devices})
+  for name, mesh in k15_rows.items():
+    run = k15_runner(mesh)
+    rows[name] = {"first_call_s": _timed(run, 12345), "devices": 1 if mesh is None else devices}
+    runs[name] = lambda i, run=run: run(1000 + i)
 
   if not args.skip_transformers:
     ids = torch.tensor(prompts, dtype=torch.long)
     mask = torch.ones_like(ids)
 
-    def hf_run(seed):
-      torch.manual_seed(seed)
-      with torch.no_grad():
-        out = ref.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
-                           top_p=1.0, max_new_tokens=args.new_tokens,
-                           min_new_tokens=args.new_tokens, pad_token_id=0)
-      assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
-      return out
+    def hf_runner(threads):
+      def run(seed):
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+          out = ref.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
+                             min_new_tokens=args.new_tokens, pad_token_id=0)
+        assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
+        return out
+      return run
 
     # torch's default (one thread per core) and one thread: on a small model and a busy
     # machine the single thread is often faster, and the comparison uses the faster of the two.
@@ -138,11 +175,14 @@ def main(argv=None):
     counts = ([int(t) for t in args.torch_threads.split(",")] if args.torch_threads
               else sorted({default_threads, 1}, reverse=True))
     for threads in counts:
-      torch.set_num_threads(threads)
-      hf_run(0)  # warm-up
-      hf_s = _best(hf_run, args.repeats)
-      rows[f"transformers ({threads} thr)"] = {"seconds": hf_s, "tokens_per_s": new / hf_s,
-                                               "torch_threads": threads}
+      name = f"transformers ({threads} thr)"
+      runs[name] = hf_runner(threads)
+      runs[name](0)  # warm-up
+      rows[name] = {"torch_threads": threads}
+
+  for name, seconds in _interleaved_best(runs, args.repeats).items():
+    rows[name].update(seconds=seconds, tokens_per_s=new / seconds)
+  if not args.skip_transformers:
     torch.set_num_threads(default_threads)
 
   peak = _matmul_flops()
@@ -150,19 +190,24 @@ def main(argv=None):
   for r in rows.values():
     r["gflops"] = flops / r["seconds"] / 1e9
     r["share_of_matmul_peak"] = flops / r["seconds"] / peak
-  hf_rows = [r for name, r in rows.items() if name.startswith("transformers")]
-  base = max((r["tokens_per_s"] for r in hf_rows), default=None)
+  base = max((r["tokens_per_s"] for name, r in rows.items() if name.startswith("transformers")),
+             default=None)
+  best_k15 = max(r["tokens_per_s"] for name, r in rows.items() if name.startswith("k15"))
 
   print(f"\nbatch {args.batch} x {args.prompt_len}-token prompts, {args.new_tokens} new tokens, "
         f"sampling at temperature 1; params {cfg.num_params():,}; "
         f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3 jnp.dot)\n")
-  print(f"{'sampler':<22}{'seconds':>9}{'new tok/s':>11}{'GFLOP/s':>9}{'% of peak':>11}"
+  print(f"{'sampler':<24}{'seconds':>9}{'new tok/s':>11}{'GFLOP/s':>9}{'% of peak':>11}"
         f"{'vs best transformers':>22}")
   for name, r in rows.items():
     ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-    print(f"{name:<22}{r['seconds']:>9.3f}{r['tokens_per_s']:>11.0f}{r['gflops']:>9.2f}"
+    print(f"{name:<24}{r['seconds']:>9.3f}{r['tokens_per_s']:>11.0f}{r['gflops']:>9.2f}"
           f"{100 * r['share_of_matmul_peak']:>10.1f}%{ratio:>22}")
-  print(f"\nk15 first call (compile + run): {rows['k15']['first_call_s']:.1f} s; "
+  first = ", ".join(f"{name} {r['first_call_s']:.1f} s" for name, r in rows.items()
+                    if "first_call_s" in r)
+  if base:
+    print(f"\nbest k15 / best transformers: {best_k15 / base:.2f}x")
+  print(f"k15 first call (compile + run): {first}; "
         f"load average before/after: {load_before} / {os.getloadavg()[0]:.2f}")
 
   result = {
@@ -170,7 +215,8 @@ def main(argv=None):
       "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
       "backend": jax.default_backend(), "matmul_peak_flops": peak,
       "sampler_useful_flops": flops, "rows": rows,
-      "speedup_vs_best_transformers": (rows["k15"]["tokens_per_s"] / base) if base else None,
+      "devices": devices,
+      "speedup_vs_best_transformers": (best_k15 / base) if base else None,
       "load_average_before": float(load_before),
   }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -141,6 +141,18 @@ def use_mesh(mesh: Mesh, rules=None) -> Iterator[Mesh]:
     _ACTIVE.update(prev)
 
 
+@contextlib.contextmanager
+def without_mesh() -> Iterator[None]:
+  """Turns `constrain` off, e.g. while tracing a `jax.shard_map` body, whose values are per
+  device (the jax-level mesh stays set)."""
+  prev = _ACTIVE["mesh"]
+  _ACTIVE["mesh"] = None
+  try:
+    yield
+  finally:
+    _ACTIVE["mesh"] = prev
+
+
 def active_mesh() -> Mesh | None:
   return _ACTIVE["mesh"]
 

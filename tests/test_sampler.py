@@ -322,6 +322,52 @@ def test_sharded_greedy_equals_unsharded():
   np.testing.assert_allclose(got_t1.logprobs, expected_t1.logprobs, atol=1e-5)
 
 
+def test_prefill_slots_keep_rows_with_their_prompts():
+  from k15.sampling import sampler  # pylint: disable=g-import-not-at-top
+  # 3 prompts with 1, 5 and 2 samples over 4 devices of 4 rows (8 real rows, 8 padding rows):
+  # prompt 1's samples straddle devices 0 and 1, so both prefill it.
+  source = np.repeat(np.arange(3), [1, 5, 2])
+  slots, rows = sampler._prefill_slots(source, U=3, Rb=16, shards=4, local=True)
+  width = len(slots) // 4
+  assert width == 2 and len(slots) == 8
+  for r, u in enumerate(source):
+    block = r // 4
+    assert 0 <= rows[r] < width and slots[block * width + rows[r]] == u
+  assert slots[:4] == [0, 1, 1, 2] and slots[4:] == [-1] * 4
+  # One SPMD program: prompt u in slot u, rows pointing at it wherever it lies.
+  slots, rows = sampler._prefill_slots(source, U=3, Rb=16, shards=4, local=False)
+  assert slots[:3] == [0, 1, 2] and all(s == -1 for s in slots[3:]) and len(slots) % 4 == 0
+  np.testing.assert_array_equal(rows[:8], source)
+
+
+@pytest.mark.parametrize("mesh_axes,per_device", [
+    ({"data": 8}, True), ({"data": 4, "fsdp": 2}, False), ({"data": 2, "tensor": 4}, False)])
+def test_data_parallel_mesh_samples_per_device(mesh_axes, per_device):
+  # On a mesh that only splits rows (parameters whole on every device), each device samples its
+  # own rows in its own loop, with no collective; rows, log-probs, lengths and finish reasons
+  # are those of the unsharded sampler. Uneven sample counts put a prompt's samples on two
+  # devices; an eos id, a repeat check and per-prompt limits make rows finish at different
+  # steps, so devices stop their loops at different times.
+  from k15.sampling import sampler  # pylint: disable=g-import-not-at-top
+  model = _native(seed=12, num_layers=2)
+  prompts = PROMPTS + [[9, 9, 1], list(range(30, 52))]
+  gen = dict(max_new_tokens=[24, 40, 8, 40, 33], num_samples=[1, 5, 2, 3, 1], temperature=1.0,
+             seed=5, repeat_ngram=2, repeat_window=8)
+  free = sampling.generate(model, prompts, eos_id=None, **gen)
+  eos = int(free.tokens[3, 4])
+  expected = sampling.generate(model, prompts, eos_id=eos, **gen)
+  assert len(set(expected.reasons())) >= 2, expected.reasons()
+  with parallel.use_mesh(parallel.make_mesh(mesh_axes)):
+    sharded = parallel.create_sharded(lambda: _native(seed=12, num_layers=2))
+    axes = sampler._row_axes(parallel.state_shardings(nnx.state(sharded)))
+    assert bool(axes) == per_device
+    got = sampling.generate(sharded, prompts, eos_id=eos, **gen)
+  np.testing.assert_array_equal(got.tokens, expected.tokens)
+  np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
+  np.testing.assert_array_equal(got.lengths, expected.lengths)
+  np.testing.assert_array_equal(got.finish_reason, expected.finish_reason)
+
+
 def test_cache_layout_under_a_mesh():
   # One [B, K, S, H] k and v per layer, rows over the batch axes and kv heads over 'tensor'.
   from k15.sampling import sampler  # pylint: disable=g-import-not-at-top
