@@ -179,11 +179,7 @@ class Attention(nnx.Module):
         q, kv_k, kv_v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
         q_positions=positions, kv_positions=kv_pos, impl=cfg.attention_impl,
         block_size=cfg.attention_block_size, kv_layout=kv_layout)             # [B, T, N, H]
-    # As one [N*H] contraction (free reshapes of row-major arrays): with "BTNH,NHD->BTD" XLA:CPU
-    # may pick an (H, N) order for it and transpose the o weights in every decode step.
-    b, t, n, h = out.shape
-    y = jnp.einsum("BTF,FD->BTD", out.reshape(b, t, n * h),
-                   self.o[...].astype(dt).reshape(n * h, -1))
+    y = jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt))
     return y, new_kv
 
 
