@@ -342,7 +342,7 @@ def test_prefill_slots_keep_rows_with_their_prompts():
 
 @pytest.mark.parametrize("mesh_axes,per_device", [
     ({"data": 8}, True), ({"data": 4, "fsdp": 2}, False), ({"data": 2, "tensor": 4}, False)])
-def test_data_parallel_mesh_samples_per_device(mesh_axes, per_device):
+def test_data_parallel_mesh_samples_per_device(mesh_axes, per_device, monkeypatch):
   # On a mesh that only splits rows (parameters whole on every device), each device samples its
   # own rows in its own loop, with no collective; rows, log-probs, lengths and finish reasons
   # are those of the unsharded sampler. Uneven sample counts put a prompt's samples on two
@@ -357,11 +357,18 @@ def test_data_parallel_mesh_samples_per_device(mesh_axes, per_device):
   eos = int(free.tokens[3, 4])
   expected = sampling.generate(model, prompts, eos_id=eos, **gen)
   assert len(set(expected.reasons())) >= 2, expected.reasons()
+  calls = []
+  run = sampler._run
+  monkeypatch.setattr(sampler, "_run", lambda *a, **kw: calls.append((a, kw)) or run(*a, **kw))
   with parallel.use_mesh(parallel.make_mesh(mesh_axes)):
     sharded = parallel.create_sharded(lambda: _native(seed=12, num_layers=2))
     axes = sampler._row_axes(parallel.state_shardings(nnx.state(sharded)))
     assert bool(axes) == per_device
     got = sampling.generate(sharded, prompts, eos_id=eos, **gen)
+    # The per-device program has no collective at all; the SPMD one all-reduces "all done?".
+    hlo = run.lower(*calls[-1][0], **calls[-1][1]).compile().as_text()
+  collectives = ("all-reduce", "all-gather", "all-to-all", "collective-permute")
+  assert any(c in hlo for c in collectives) != per_device
   np.testing.assert_array_equal(got.tokens, expected.tokens)
   np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
   np.testing.assert_array_equal(got.lengths, expected.lengths)
