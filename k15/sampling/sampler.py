@@ -402,10 +402,11 @@ def _row_axes(state_shardings) -> tuple[str, ...]:
   axes = _batch_axes()
   if not axes or {a for a, n in mesh.shape.items() if n > 1} != set(axes):
     return ()
-  for sharding in jax.tree.leaves(state_shardings):
-    for entry in sharding.spec:
-      if entry is not None and set((entry,) if isinstance(entry, str) else entry) & set(axes):
-        return ()
+  # Every mesh axis left is a batch axis, and specs name no axis of size 1: a parameter whose
+  # spec names any axis is split over the rows' devices.
+  if any(entry is not None for sharding in jax.tree.leaves(state_shardings)
+         for entry in sharding.spec):
+    return ()
   return axes
 
 
