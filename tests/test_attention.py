@@ -129,8 +129,9 @@ def test_flash_matches_reference(name, heads):
 @pytest.mark.parametrize("impl", ["reference", "flash"])
 @pytest.mark.parametrize("name", ["decode", "chunk"])
 def test_cache_layout_equals_default_layout(name, impl):
-  # kv_layout="BKSH" (the KV cache's [B, K, S, H]) attends exactly as [B, S, K, H] does; both
-  # cases exceed one 16 x 16 block, so "flash" takes its blockwise path.
+  # kv_layout="BKSH" ([B, K, S, H]) and k_layout="BKHS" (keys [B, K, H, S], as the KV cache
+  # holds them) attend exactly as [B, S, K, H] does; both cases exceed one 16 x 16 block, so
+  # "flash" takes its blockwise path.
   rng = np.random.default_rng(3)
   q_seg, kv_seg, q_pos, kv_pos = _case(name, rng)
   (b, t), s = q_seg.shape, kv_seg.shape[1]
@@ -143,6 +144,11 @@ def test_cache_layout_equals_default_layout(name, impl):
       q, heads_first(k), heads_first(v))
   assert float(jnp.abs(want).max()) > 0.1
   _assert_close(got, want, f"{impl} with kv_layout='BKSH'")
+  # The cache's own layout: keys transposed ([B, K, H, S]), values [B, K, S, H].
+  got = jax.jit(lambda q, k, v: attention.attend(q, k, v, kv_layout="BKSH", k_layout="BKHS",
+                                                 **kw))(q, jnp.einsum("BSKH->BKHS", k),
+                                                        heads_first(v))
+  _assert_close(got, want, f"{impl} with k_layout='BKHS'")
 
 
 @pytest.mark.parametrize("impl", ["reference", "flash"])
@@ -249,6 +255,12 @@ def test_bad_arguments_raise_clear_errors():
     attention.attend(x, x, x, **{**kw, "kv_positions": ids[:, :5]})
   with pytest.raises(ValueError, match="kv_layout='BSHK'"):
     attention.attend(x, x, x, kv_layout="BSHK", **kw)
+  with pytest.raises(ValueError, match="k_layout='BHSK'"):
+    attention.attend(x, x, x, k_layout="BHSK", **kw)
+  # Keys [B, K, H, S] whose sizes disagree with the values' [B, K, S, H].
+  with pytest.raises(ValueError, match="disagree"):
+    attention.attend(x, jnp.zeros((1, 4, 4, 8)), jnp.zeros((1, 4, 4, 8)), kv_layout="BKSH",
+                     k_layout="BKHS", **kw)
   # [B, K, S, H] keys of 8 slots and 2 heads, but segment ids for 4 slots.
   kv = jnp.zeros((1, 2, 8, 4))
   with pytest.raises(ValueError, match=r"kv_segment_ids must have shape \(1, 8\)"):
