@@ -318,7 +318,8 @@ def _sampling(cfg: transformer.ModelConfig, sh: _Sharder, rl: Any, prompt_len: i
   tok = ("batch", "length")
 
   def cache(rows, length):  # k and v of every layer
-    return 2 * L * sh.per_chip(transformer.CACHE_AXES["k"], (rows, K, length, H), b)
+    return L * (sh.per_chip(transformer.CACHE_AXES["k"], (rows, K, H, length), b)
+                + sh.per_chip(transformer.CACHE_AXES["v"], (rows, K, length, H), b))
 
   # Prefill of the U sequences: their cache, the logits, one layer's forward intermediates.
   logits = sh.per_chip(tok + ("act_vocab",), (U, P if prefill_logits == "all" else 1, V), 4)

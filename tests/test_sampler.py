@@ -376,7 +376,8 @@ def test_data_parallel_mesh_samples_per_device(mesh_axes, per_device, monkeypatc
 
 
 def test_cache_layout_under_a_mesh():
-  # One [B, K, S, H] k and v per layer, rows over the batch axes and kv heads over 'tensor'.
+  # One [B, K, H, S] k and [B, K, S, H] v per layer, rows over the batch axes and kv heads over
+  # 'tensor'.
   from k15.sampling import sampler  # pylint: disable=g-import-not-at-top
   cfg = transformer.ModelConfig(vocab_size=128, embed_dim=64, num_layers=3, num_heads=4,
                                 num_kv_heads=2, head_dim=16, mlp_dim=128)
@@ -384,8 +385,9 @@ def test_cache_layout_under_a_mesh():
     cache = jax.jit(lambda: sampler._constrain_cache(transformer.init_cache(cfg, 8, 24)))()
   assert len(cache["k"]) == len(cache["v"]) == 3
   rows = ("data", "fsdp")
-  for x in cache["k"] + cache["v"]:
-    assert x.shape == (8, 2, 24, 16)
+  for x, shape in [(k, (8, 2, 16, 24)) for k in cache["k"]] + [(v, (8, 2, 24, 16))
+                                                                for v in cache["v"]]:
+    assert x.shape == shape
     assert x.sharding.spec == jax.sharding.PartitionSpec(rows, "tensor")
   assert cache["positions"].sharding.spec == jax.sharding.PartitionSpec(rows)
 

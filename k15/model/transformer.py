@@ -111,16 +111,19 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_angles(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """(cos, sin) of the rotary angles at `positions` [B, T], each float32 [B, T, 1, H/2]."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq      # [B, T, H/2]
+  return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def rope(x: Array, angles: tuple[Array, Array]) -> Array:
   """Rotary embedding, 'rotate half' layout (the layout of Llama/Qwen2 checkpoints).
 
-  x: [B, T, n, H]; positions: [B, T] int32.
+  x: [B, T, n, H]; angles: `rope_angles(positions, H, theta)`.
   """
-  H = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))  # [H/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq              # [B, T, H/2]
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
+  cos, sin = angles
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -140,11 +143,13 @@ class Attention(nnx.Module):
       self.k_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), pdt, init="zeros")
       self.v_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), pdt, init="zeros")
 
-  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None):
-    """-> (y [B, T, D], None or this layer's updated (k, v) cache, each [B, K, S, H]).
+  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None, angles=None):
+    """-> (y [B, T, D], None or this layer's updated (k, v) cache).
 
-    cache: None, or this layer's {"k", "v": [B, K, S, H], "segment_ids", "positions": [B, S]}
-    with segment ids and positions already holding this step's tokens at cache_index.
+    angles: `rope_angles(positions, ...)` if computed ahead (the model computes them once for
+    all layers). cache: None, or this layer's {"k": [B, K, H, S],
+    "v": [B, K, S, H], "segment_ids", "positions": [B, S]} with segment ids and positions
+    already holding this step's tokens at cache_index.
     """
     cfg = self.cfg
     dt = x.dtype
@@ -155,31 +160,39 @@ class Attention(nnx.Module):
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
+    if angles is None:
+      angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+    q = rope(q, angles)
+    k = rope(k, angles)
     q = parallel.constrain(q, ("batch", "length", "act_q_heads", "head_dim"))
     k = parallel.constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
 
     if cache is None:
-      kv_k, kv_v, kv_seg, kv_pos, kv_layout = k, v, segment_ids, positions, "BSKH"
+      kv_k, kv_v, kv_seg, kv_pos, kv_layout, k_layout = k, v, segment_ids, positions, "BSKH", None
       new_kv = None
     else:
-      # Write this step's keys/values in place at slot cache_index of this layer's [B, K, S, H]
-      # cache (a decode step touches one slot per row and head, not the whole cache), then
-      # attend over the whole cache in its own layout: kv heads before length, so each
-      # (row, head)'s keys are one contiguous [S, H] matrix and nothing is re-laid out.
+      # Write this step's keys/values in place at slot cache_index of this layer's cache (a
+      # decode step touches one slot per row and head, not the whole cache), then attend over
+      # the whole cache as it lies: kv heads before length, so each (row, head)'s values are one
+      # contiguous [S, H] matrix and its keys one [H, S] matrix (see `init_cache`).
       new_kv = tuple(
-          jax.lax.dynamic_update_slice(
-              c, jnp.einsum("BTKH->BKTH", val).astype(c.dtype), (0, 0, cache_index, 0))
-          for c, val in ((cache["k"], k), (cache["v"], v)))
+          jax.lax.dynamic_update_slice(c, jnp.einsum(f"BTKH->{layout}", val).astype(c.dtype),
+                                       (0, 0) + ((0, cache_index) if layout == "BKHT"
+                                                 else (cache_index, 0)))
+          for c, val, layout in ((cache["k"], k, "BKHT"), (cache["v"], v, "BKTH")))
       kv_k, kv_v = (c.astype(dt) for c in new_kv)
-      kv_seg, kv_pos, kv_layout = cache["segment_ids"], cache["positions"], "BKSH"
+      kv_seg, kv_pos, kv_layout, k_layout = (cache["segment_ids"], cache["positions"], "BKSH",
+                                             "BKHS")
 
     out = attention.attend(
         q, kv_k, kv_v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
         q_positions=positions, kv_positions=kv_pos, impl=cfg.attention_impl,
-        block_size=cfg.attention_block_size, kv_layout=kv_layout)             # [B, T, N, H]
-    y = jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt))
+        block_size=cfg.attention_block_size, kv_layout=kv_layout, k_layout=k_layout)  # [B,T,N,H]
+    # One contraction over the N * H concatenated heads: as "BTNH,NHD->BTD", XLA:CPU re-laid
+    # out the [N, H, D] weight (a copy of it every decode step) to contract H-major.
+    B, T, N, H = out.shape
+    y = jnp.einsum("BTF,FD->BTD", out.reshape(B, T, N * H),
+                   self.o[...].reshape(N * H, -1).astype(dt))
     return y, new_kv
 
 
@@ -209,8 +222,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pdt, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None):
-    h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index)
+  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None, angles=None):
+    h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index, angles)
     x = x + h
     x = x + self.mlp(self.mlp_norm(x))
     return parallel.constrain(x, ("batch", "length", "act_embed")), new_kv
@@ -222,7 +235,10 @@ class Transformer(nnx.Module):
   Optional `positions` and `segment_ids` ([B, T] int32) support packed sequences and left
   padding: segment id 0 marks padding, and a token attends to earlier positions of its own
   segment only. With `cache` (from `init_cache`) and `cache_index` the call writes this
-  step's keys/values into the cache at that slot and returns `(logits, cache)`.
+  step's keys/values into the cache at that slot and returns `(logits, cache)`. `angles`
+  may pass `rope_angles(positions, ...)` computed ahead (the sampler computes a whole
+  generation's before its decode loop, which otherwise evaluates sin and cos in every layer
+  of every step).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -238,7 +254,8 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, cache: dict | None = None,
-               cache_index: Array | int | None = None):
+               cache_index: Array | int | None = None,
+               angles: tuple[Array, Array] | None = None):
     cfg = self.cfg
     dt = to_dtype(cfg.dtype)
     B, T = tokens.shape
@@ -258,19 +275,22 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)                 # [B, T, D]
     x = parallel.constrain(x, ("batch", "length", "act_embed"))
 
+    if angles is None:
+      angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
       if cache is not None:
         layer_cache = dict(cache, k=cache["k"][i], v=cache["v"][i])
-        x, (k, v) = block(x, positions, segment_ids, layer_cache, cache_index)
+        x, (k, v) = block(x, positions, segment_ids, layer_cache, cache_index, angles)
         new_k.append(k)
         new_v.append(v)
       elif cfg.remat != "none":
         policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
                   if cfg.remat == "dots" else None)
-        x, _ = nnx.remat(lambda blk, *a: blk(*a), policy=policy)(block, x, positions, segment_ids)
+        x, _ = nnx.remat(lambda blk, x, pos, seg, ang: blk(x, pos, seg, angles=ang),
+                         policy=policy)(block, x, positions, segment_ids, angles)
       else:
-        x, _ = block(x, positions, segment_ids)
+        x, _ = block(x, positions, segment_ids, angles=angles)
 
     x = self.final_norm(x)
     # Logits and everything after them (softmax, log-probs) in float32.
@@ -285,17 +305,19 @@ class Transformer(nnx.Module):
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
   """An empty KV cache: every slot has segment id 0, so nothing in it is attended to.
 
-  k, v: one [B, K, S, H] array per layer (tuples of L); segment_ids, positions: [B, S].
-  One array per layer, rather than one stacked [L, ...] array, and kv heads before length:
-  a decode step then updates each layer's array in place and attention reads it as it lies,
-  where slicing a layer out of a stacked cache made XLA copy and re-lay it out every step
-  (38% of a CPU decode step at 32 rows x 320 slots).
+  k: one [B, K, H, S] array per layer; v: one [B, K, S, H] array per layer (tuples of L);
+  segment_ids, positions: [B, S]. One array per layer, rather than one stacked [L, ...] array,
+  and kv heads before length: a decode step then updates each layer's arrays in place and
+  attention reads them as they lie, where slicing a layer out of a stacked cache made XLA copy
+  and re-lay it out every step (38% of a CPU decode step at 32 rows x 320 slots). Keys are
+  stored transposed so that a step's scores are a plain [G, H] x [H, S] product per row and
+  kv head (XLA:CPU computed q . k against [S, H] keys about 2x slower).
   """
   dtype = to_dtype(dtype or cfg.dtype)
-  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+  K, H, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
   return {
-      "k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-      "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+      "k": tuple(jnp.zeros((batch, K, H, length), dtype) for _ in range(L)),
+      "v": tuple(jnp.zeros((batch, K, length, H), dtype) for _ in range(L)),
       "segment_ids": jnp.zeros((batch, length), jnp.int32),
       "positions": jnp.zeros((batch, length), jnp.int32),
   }
@@ -303,7 +325,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
 
 # Logical axes of `init_cache`'s arrays (for "k" and "v": of each layer's array).
 CACHE_AXES = {
-    "k": ("batch", "kv_heads", "cache_length", "head_dim"),
+    "k": ("batch", "kv_heads", "head_dim", "cache_length"),
     "v": ("batch", "kv_heads", "cache_length", "head_dim"),
     "segment_ids": ("batch", "cache_length"),
     "positions": ("batch", "cache_length"),

@@ -291,14 +291,21 @@ def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
     carry["history"] = x["history"]
   carry = sample(carry, last, 0)
 
+  # The rotary angles of every step's token, computed once here: in the loop, XLA evaluates
+  # sin and cos inside each layer's query and key fusions.
+  cfg = model.cfg
+  step_angles = transformer.rope_angles(start_pos[:, None] + jnp.arange(N) - 1, cfg.head_dim,
+                                        cfg.rope_theta)                # 2 x [B, N, 1, H/2]
+
   def body(c):
     t, carry, cache = c
     # Feed token t-1 (at slot P+t-1) to get the logits of token t.
     tok = carry["last_token"][:, None]
     pos = (start_pos + t - 1)[:, None]
+    angles = tuple(jax.lax.dynamic_slice_in_dim(a, t, 1, axis=1) for a in step_angles)
     logits, cache = nnx.merge(graphdef, state)(
         tok, positions=pos, segment_ids=jnp.ones_like(tok), cache=cache,
-        cache_index=P + t - 1)
+        cache_index=P + t - 1, angles=angles)
     cache = _constrain_cache(cache)
     return t + 1, sample(carry, logits[:, 0], t), cache
 
