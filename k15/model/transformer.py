@@ -175,11 +175,11 @@ class Attention(nnx.Module):
       # decode step touches one slot per row and head, not the whole cache), then attend over
       # the whole cache as it lies: kv heads before length, so each (row, head)'s values are one
       # contiguous [S, H] matrix and its keys one [H, S] matrix (see `init_cache`).
-      new_kv = tuple(
-          jax.lax.dynamic_update_slice(c, jnp.einsum(f"BTKH->{layout}", val).astype(c.dtype),
-                                       (0, 0) + ((0, cache_index) if layout == "BKHT"
-                                                 else (cache_index, 0)))
-          for c, val, layout in ((cache["k"], k, "BKHT"), (cache["v"], v, "BKTH")))
+      new_kv = (
+          jax.lax.dynamic_update_slice(cache["k"], jnp.einsum("BTKH->BKHT", k).astype(
+              cache["k"].dtype), (0, 0, 0, cache_index)),
+          jax.lax.dynamic_update_slice(cache["v"], jnp.einsum("BTKH->BKTH", v).astype(
+              cache["v"].dtype), (0, 0, cache_index, 0)))
       kv_k, kv_v = (c.astype(dt) for c in new_kv)
       kv_seg, kv_pos, kv_layout, k_layout = (cache["segment_ids"], cache["positions"], "BKSH",
                                              "BKHS")
