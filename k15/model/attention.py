@@ -156,9 +156,8 @@ def _visible(q_seg, q_pos, kv_seg, kv_pos) -> jax.Array:
 # Reference.
 
 
-def _reference(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale, kv_layout="BSKH", k_layout=None):
+def _reference(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale, kv_layout, k_layout):
   b, t, n, h = q.shape
-  k_layout = k_layout or kv_layout
   kh = k.shape[k_layout.index("K")]
   # GQA by splitting query heads into [K, G], so k and v are never repeated.
   g = n // kh
