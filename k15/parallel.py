@@ -221,6 +221,41 @@ def host_to_global(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
   return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
+def share_cpu_replicas(tree: Any) -> Any:
+  """`tree` with each replicated CPU array rebuilt so that all of its devices read one buffer.
+
+  The CPU devices of a process are threads over the same host memory. A replicated array held
+  as one copy per device multiplies the bytes that the cores stream through their shared cache.
+  With 2 CPU devices, the data-parallel sampler decoded 13-15% faster when both read one copy
+  of the weights.
+
+  Each fully replicated array whose devices are all CPUs is rebuilt from its first addressable
+  shard: that buffer's host view is put on the other devices without a copy (PJRT's CPU client
+  aliases aligned host memory, and XLA's buffers are aligned). Values never change. Other
+  arrays are returned as they are: split ones, those on accelerators, and those a device did
+  not alias.
+
+  Read-only use only: the result shares its first device's buffer with the input, so donating
+  either one while the other is alive would let a computation write memory another one reads.
+  """
+
+  def one(x):
+    if (not isinstance(x, jax.Array) or not x.is_fully_replicated
+        or len(x.sharding.device_set) < 2
+        or any(d.platform != "cpu" for d in x.sharding.device_set)):
+      return x
+    shards = x.addressable_shards
+    host = np.asarray(shards[0].data)  # a view of the first device's buffer, not a copy
+    ptr = shards[0].data.unsafe_buffer_pointer()
+    bufs = [shards[0].data] + [jax.device_put(host, s.device, may_alias=True)
+                               for s in shards[1:]]
+    if any(b.unsafe_buffer_pointer() != ptr for b in bufs):
+      return x  # a device made a copy: keep the original rather than hold a third one
+    return jax.make_array_from_single_device_arrays(x.shape, x.sharding, bufs)
+
+  return jax.tree.map(one, tree)
+
+
 def global_to_host(tree: Any) -> Any:
   """The full value of every jax.Array in `tree` as numpy, on every process.
 

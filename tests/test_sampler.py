@@ -373,6 +373,38 @@ def test_data_parallel_mesh_samples_per_device(mesh_axes, per_device, monkeypatc
   np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
   np.testing.assert_array_equal(got.lengths, expected.lengths)
   np.testing.assert_array_equal(got.finish_reason, expected.finish_reason)
+  # The program read one host copy of each replicated parameter on all 8 CPU devices, while
+  # the model kept its own copy per device.
+  used = [a for a in jax.tree.leaves(calls[-1][0][0]) if a.is_fully_replicated]
+  own = [a for a in jax.tree.leaves(nnx.state(sharded)) if a.is_fully_replicated]
+  assert used and len(used) == len(own)
+  assert all(len(_buffers(a)) == 1 for a in used)
+  assert all(len(_buffers(a)) == 8 for a in own)
+
+
+def _buffers(x):
+  return {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+
+
+def test_share_cpu_replicas():
+  mesh = parallel.make_mesh({"data": 4, "tensor": 2})
+  spec = jax.sharding.PartitionSpec
+  whole = jax.device_put(np.arange(96.0, dtype=np.float32).reshape(8, 12),
+                         jax.sharding.NamedSharding(mesh, spec()))
+  split = jax.device_put(np.ones((8, 12), np.float32),
+                         jax.sharding.NamedSharding(mesh, spec("tensor")))
+  tree = {"whole": whole, "split": split, "host": np.zeros(3), "n": 7}
+  out = parallel.share_cpu_replicas(tree)
+  assert len(_buffers(whole)) == 8 and len(_buffers(out["whole"])) == 1
+  assert out["whole"].sharding == whole.sharding
+  np.testing.assert_array_equal(np.asarray(out["whole"]), np.asarray(whole))
+  for shard in out["whole"].addressable_shards:  # every device sees the whole value
+    np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(whole))
+  # Split arrays, host arrays and other leaves are returned as they are.
+  assert out["split"] is split and out["host"] is tree["host"] and out["n"] == 7
+  # A computation over the shared array reads the same values on every device.
+  doubled = jax.jit(lambda a: a * 2, out_shardings=whole.sharding)(out["whole"])
+  np.testing.assert_array_equal(np.asarray(doubled), 2 * np.asarray(whole))
 
 
 def test_cache_layout_under_a_mesh():

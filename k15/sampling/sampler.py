@@ -35,11 +35,12 @@ are drawn before the decode loop.
 Under `parallel.use_mesh(mesh)` the batch (and the cache's batch axis) is sharded over the
 'batch' rule's mesh axes and the cache's heads over 'tensor' (`transformer.CACHE_AXES`), using
 the same parameter arrays as training (at most a `jax.device_put` to the active rules' layout,
-a no-op when they already agree). When the mesh only splits rows (every axis of size > 1 is a
-batch axis and no parameter is split over it: data parallelism, e.g. one CPU device per core),
-each device prefills the prompts of its own rows and runs its own decode loops
-(`jax.shard_map`, no collective); otherwise the whole call is one SPMD program. Both give the
-same tokens.
+a no-op when they already agree; on CPU devices the replicated arrays are then re-made to share
+one host buffer, `parallel.share_cpu_replicas`). When the mesh only splits rows (every axis of
+size > 1 is a batch axis and no parameter is split over it: data parallelism, e.g. one CPU
+device per core), each device prefills the prompts of its own rows and runs its own decode
+loops (`jax.shard_map`, no collective); otherwise the whole call is one SPMD program. Both give
+the same tokens.
 """
 
 from __future__ import annotations
@@ -585,6 +586,8 @@ def generate(
   if parallel.active_mesh() is not None:
     shardings = parallel.state_shardings(state)
     state = jax.device_put(state, shardings)
+    # On CPU, one copy of each replicated weight for all devices: less memory traffic.
+    state = parallel.share_cpu_replicas(state)
   row_axes = _row_axes(shardings) if shardings is not None else ()
 
   # Buckets.
