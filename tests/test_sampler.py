@@ -405,6 +405,16 @@ def test_share_cpu_replicas():
   # A computation over the shared array reads the same values on every device.
   doubled = jax.jit(lambda a: a * 2, out_shardings=whole.sharding)(out["whole"])
   np.testing.assert_array_equal(np.asarray(doubled), 2 * np.asarray(whole))
+  # Donating either array while the other is alive leaves the other one intact on every device.
+  expected = np.asarray(whole).copy()
+  bump = jax.jit(lambda a: a + 1, donate_argnums=0)
+  for donate_shared in (False, True):
+    fresh = jax.device_put(expected, whole.sharding)
+    shared = parallel.share_cpu_replicas(fresh)
+    donated, kept = (shared, fresh) if donate_shared else (fresh, shared)
+    np.testing.assert_array_equal(np.asarray(bump(donated)), expected + 1)
+    for shard in kept.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), expected)
 
 
 def test_cache_layout_under_a_mesh():
