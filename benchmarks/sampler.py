@@ -13,8 +13,9 @@ each other); the speed-up is quoted against the faster of the two.
 
 k15 runs its compiled prefill + while_loop decode twice: on one JAX device (on CPU, XLA spreads
 each op over the cores), and data-parallel over all devices under a mesh {'data': devices}, where
-each device samples its share of the rows in its own loop. On CPU the script exposes one JAX
-device per core (XLA_FLAGS=--xla_force_host_platform_device_count=<cores>, set before jax
+each device samples its share of the rows in its own loop (on CPU all devices read one host
+copy of the weights, `parallel.share_cpu_replicas`). On CPU the script exposes one JAX device
+per core (XLA_FLAGS=--xla_force_host_platform_device_count=<cores>, set before jax
 starts unless XLA_FLAGS already sets a count); with one accelerator only the first row runs.
 Both libraries are warmed up first (k15: compilation). The runs of all rows are interleaved,
 --repeats rounds, and each row's time is its best run (best, not mean: dev machines are shared,

@@ -226,8 +226,8 @@ def share_cpu_replicas(tree: Any) -> Any:
 
   The CPU devices of a process are threads over the same host memory. A replicated array held
   as one copy per device multiplies the bytes that the cores stream through their shared cache.
-  With 2 CPU devices, the data-parallel sampler decoded 13-16% faster when both read one copy
-  of the weights.
+  With 2 CPU devices, the data-parallel sampler decoded 13-19% faster when both read one copy
+  of the weights (three interleaved A/B runs, 32 rows, 256 new tokens, d_model 256).
 
   Each fully replicated array whose devices are all CPUs is rebuilt from its first addressable
   shard: that buffer's host view is put on the other devices without a copy (PJRT's CPU client
