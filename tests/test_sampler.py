@@ -389,8 +389,11 @@ def _buffers(x):
 def test_share_cpu_replicas():
   mesh = parallel.make_mesh({"data": 4, "tensor": 2})
   spec = jax.sharding.PartitionSpec
-  whole = jax.device_put(np.arange(96.0, dtype=np.float32).reshape(8, 12),
-                         jax.sharding.NamedSharding(mesh, spec()))
+  # Computed on the devices, one buffer each (a device_put of an aligned numpy array may
+  # already alias it on every device).
+  replicated = jax.jit(lambda: jnp.arange(96.0, dtype=jnp.float32).reshape(8, 12),
+                       out_shardings=jax.sharding.NamedSharding(mesh, spec()))
+  whole = replicated()
   split = jax.device_put(np.ones((8, 12), np.float32),
                          jax.sharding.NamedSharding(mesh, spec("tensor")))
   tree = {"whole": whole, "split": split, "host": np.zeros(3), "n": 7}
@@ -409,7 +412,8 @@ def test_share_cpu_replicas():
   expected = np.asarray(whole).copy()
   bump = jax.jit(lambda a: a + 1, donate_argnums=0)
   for donate_shared in (False, True):
-    fresh = jax.device_put(expected, whole.sharding)
+    fresh = replicated()
+    assert len(_buffers(fresh)) == 8
     shared = parallel.share_cpu_replicas(fresh)
     donated, kept = (shared, fresh) if donate_shared else (fresh, shared)
     np.testing.assert_array_equal(np.asarray(bump(donated)), expected + 1)
