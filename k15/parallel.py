@@ -1,7 +1,7 @@
 """The device mesh, logical-axis rules, sharded model creation and multi-host start-up.
 
 Model code names axes ('embed', 'q_heads', 'batch', ...); the config's `sharding_rules` map
-each name onto zero or more mesh axes ('data', 'fsdp', 'tensor', 'sequence'). Changing the
+each name onto zero or more mesh axes ('data', 'fsdp', 'expert', 'tensor', 'sequence'). Changing the
 parallelism of a run is an edit of `config.mesh` and `config.sharding_rules`, never of model code.
 
 A name whose dimension is not divisible by its mesh axes is left unsharded on those axes (two
@@ -22,10 +22,12 @@ from flax import nnx
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
 
 # Logical name -> mesh axes. Parameters: FSDP shards the embed dimension, tensor parallelism the
-# heads, the MLP hidden and the vocab. Activations: batch over data+fsdp, length over sequence.
+# heads, the MLP hidden and the vocab; expert parallelism the experts of a mixture-of-experts layer
+# (the 'expert' axis has size 1 unless a config sets it). Activations: batch over data+fsdp,
+# length over sequence.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", "sequence"),
@@ -37,11 +39,13 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("expert", "expert"),
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("act_q_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_vocab", "tensor"),
+    ("act_expert", "expert"),
 )
 
 _ACTIVE: dict[str, Any] = {"mesh": None, "rules": None}
@@ -73,7 +77,8 @@ def mesh_shape(axes: Any, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(axes: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh over all devices (of all hosts) with axes ('data', 'fsdp', 'tensor', 'sequence')."""
+  """A Mesh over all devices (of all hosts) with axes ('data', 'fsdp', 'expert', 'tensor',
+  'sequence')."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(axes, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)

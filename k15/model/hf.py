@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints (Llama, Qwen2) to and from k15, tensor by tensor.
+"""Hugging Face checkpoints (Llama, Qwen2, Qwen3, Qwen3-MoE) to and from k15, tensor by tensor.
 
 `load(path)` reads config.json and the *.safetensors shards of a checkpoint directory into a
 k15 Transformer placed on the active mesh. Each shard file is memory-mapped; every device's
@@ -10,7 +10,8 @@ slices its own devices hold.
 several) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
 Layouts: transformers stores a projection as [out_features, in_features]; k15 stores einsum
-kernels with named head axes, e.g. q as [D, N, H]. The converters below are views (reshape
+kernels with named head axes, e.g. q as [D, N, H], and stacks a layer's experts on one axis where
+transformers writes one tensor per expert. The converters below are views (reshape
 and transpose of the mapped array), so only the requested slice is ever read.
 """
 
@@ -31,7 +32,9 @@ from flax import nnx
 from k15 import parallel
 from k15.model import transformer
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
+_ARCH_OF = {family: arch for arch, family in ARCHITECTURES.items()}
 
 _ST_DTYPES = {
     "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
@@ -107,12 +110,37 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray],
 # config.json <-> ModelConfig
 # ---------------------------------------------------------------------------------------------
 
+def _rope_scaling(hf: dict, rope: dict, source: str) -> dict:
+  """transformers' rope parameters -> `ModelConfig.rope_scaling` (empty for plain RoPE), with
+  the defaults transformers fills in (`standardize_rope_params`, `_compute_yarn_parameters`)."""
+  rope_type = rope.get("rope_type", rope.get("type"))
+  if rope_type in (None, "default"):
+    return {}
+  if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise CheckpointError(f"{source}: partial_rotary_factor={rope['partial_rotary_factor']} is "
+                          "not supported")
+  scaling = {k: v for k, v in rope.items()
+             if k not in ("type", "rope_theta", "partial_rotary_factor") and v is not None}
+  scaling["rope_type"] = rope_type
+  if rope_type in transformer.ROPE_TYPES:
+    # Phi-3-style configs keep the pretraining length at the top level; it then wins.
+    original = hf.get("original_max_position_embeddings") or scaling.get(
+        "original_max_position_embeddings") or hf.get("max_position_embeddings")
+    scaling["original_max_position_embeddings"] = original
+    if rope_type == "yarn" and scaling.get("factor") is None and original:
+      scaling["factor"] = hf["max_position_embeddings"] / original
+  try:
+    transformer.check_rope_scaling(scaling)
+  except ValueError as e:
+    raise CheckpointError(f"{source}: {e}") from e
+  return scaling
+
+
 def config_from_hf(hf: dict, source: str = "config.json") -> transformer.ModelConfig:
   archs = hf.get("architectures") or []
   arch = next((a for a in archs if a in ARCHITECTURES), None)
   if arch is None:
-    mt = hf.get("model_type")
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(mt)
+    arch = _ARCH_OF.get(hf.get("model_type"))
   if arch is None:
     raise CheckpointError(f"{source}: unsupported architecture {archs or hf.get('model_type')!r};"
                           f" k15 reads {sorted(ARCHITECTURES)}")
@@ -121,49 +149,64 @@ def config_from_hf(hf: dict, source: str = "config.json") -> transformer.ModelCo
   rope = dict(hf.get("rope_scaling") or {})
   rope.update(hf.get("rope_parameters") or {})
   rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-  if rope.get("rope_type", rope.get("type")) not in (None, "default"):
-    raise CheckpointError(f"{source}: RoPE scaling {rope} is not supported; k15 implements "
-                          "plain RoPE with rope_theta")
-  if family == "llama" and hf.get("attention_bias"):
-    raise CheckpointError(f"{source}: Llama with attention_bias=true (biases on q/k/v and o) is "
+  scaling = _rope_scaling(hf, rope, source)
+  if family != "qwen2" and hf.get("attention_bias"):
+    raise CheckpointError(f"{source}: {arch} with attention_bias=true (biases on q/k/v and o) is "
                           "not supported; Qwen2's q/k/v biases are")
   if hf.get("mlp_bias"):
     raise CheckpointError(f"{source}: mlp_bias=true is not supported")
-  if family == "qwen2" and hf.get("use_sliding_window"):
+  if family != "llama" and hf.get("use_sliding_window"):
     raise CheckpointError(f"{source}: use_sliding_window=true is not supported")
+  moe = {}
   try:
+    if family == "qwen3_moe":
+      num_experts = hf.get("num_experts", hf.get("num_local_experts"))
+      step = int(hf.get("decoder_sparse_step", 1))
+      dense = set(hf.get("mlp_only_layers") or ())
+      moe = dict(num_experts=num_experts, experts_per_token=hf["num_experts_per_tok"],
+                 moe_mlp_dim=hf["moe_intermediate_size"],
+                 norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                 moe_dense_layers=tuple(i for i in range(hf["num_hidden_layers"])
+                                        if i in dense or (i + 1) % step))
     n_heads = hf["num_attention_heads"]
     return transformer.ModelConfig(
         vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], num_heads=n_heads,
         num_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-        mlp_dim=hf["intermediate_size"], rope_theta=rope_theta,
+        mlp_dim=hf["intermediate_size"], rope_theta=rope_theta, rope_scaling=scaling,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2")
+        qkv_bias=family == "qwen2", qk_norm=family in ("qwen3", "qwen3_moe"), **moe)
   except KeyError as e:
     raise CheckpointError(f"{source}: missing key {e.args[0]!r}") from e
 
 
 def config_to_hf(cfg: transformer.ModelConfig, family: str, dtype: str) -> dict:
-  arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+  scaling = dict(cfg.rope_scaling)
   out = {
-      "architectures": [arch], "model_type": family,
+      "architectures": [_ARCH_OF[family]], "model_type": family,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
       "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
       "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
       "intermediate_size": cfg.mlp_dim, "rope_theta": cfg.rope_theta,
       "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
       "hidden_act": "silu", "max_position_embeddings": 32768, "torch_dtype": dtype,
-      "rope_scaling": None,
-      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      # Both spellings, for transformers 4.x (rope_scaling) and 5.x (rope_parameters).
+      "rope_scaling": scaling or None,
+      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **scaling},
   }
   if family == "llama":
     out["attention_bias"] = False
     out["mlp_bias"] = False
   else:
     out["use_sliding_window"] = False
+  if family in ("qwen3", "qwen3_moe"):
+    out["attention_bias"] = False
+  if family == "qwen3_moe":
+    out.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+               moe_intermediate_size=cfg.moe_mlp_dim, norm_topk_prob=cfg.norm_topk_prob,
+               decoder_sparse_step=1, mlp_only_layers=list(cfg.moe_dense_layers))
   return out
 
 
@@ -201,14 +244,38 @@ def _mapping(cfg: transformer.ModelConfig) -> dict[tuple, tuple[str, Callable, C
         ("attn_norm", "scale"): ("input_layernorm.weight", ident, ident),
         ("mlp_norm", "scale"): ("post_attention_layernorm.weight", ident, ident),
     }
+    if cfg.qk_norm:
+      layer[("attn", "q_norm", "scale")] = ("self_attn.q_norm.weight", ident, ident)
+      layer[("attn", "k_norm", "scale")] = ("self_attn.k_norm.weight", ident, ident)
+    if cfg.is_moe_layer(i):
+      # transformers writes one tensor per expert: [F, D] gate/up and [D, F] down (out, in).
+      E = cfg.num_experts
+      layer[("mlp", "router")] = ("mlp.gate.weight", transpose, transpose)
+      for name in ("gate", "up", "down"):
+        layer[("mlp", name)] = (tuple(f"mlp.experts.{e}.{name}_proj.weight" for e in range(E)),
+                                lambda ws: _Stacked([w.T for w in ws]),
+                                lambda w: [x.T for x in w])
     if cfg.qkv_bias:
       for name, n in (("q", N), ("k", K), ("v", K)):
         layer[("attn", f"{name}_bias")] = (f"self_attn.{name}_proj.bias",
                                            lambda w, n=n: w.reshape(n, H),
                                            lambda w, n=n: w.reshape(n * H))
     for path, val in layer.items():
-      m[("layers", i) + path] = (hf + val[0],) + val[1:]
+      names = hf + val[0] if isinstance(val[0], str) else tuple(hf + n for n in val[0])
+      m[("layers", i) + path] = (names,) + val[1:]
   return m
+
+
+class _Stacked:
+  """A lazy np.stack of per-expert views: indexing reads only the requested slice of each."""
+
+  def __init__(self, parts):
+    self.parts = parts
+
+  def __getitem__(self, idx):
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    rest = idx[1:]
+    return np.stack([np.asarray(self.parts[e][rest]) for e in range(len(self.parts))[idx[0]]])
 
 
 def _index_checkpoint(path: str) -> dict[str, str]:
@@ -233,7 +300,8 @@ def _index_checkpoint(path: str) -> dict[str, str]:
 
 def load(path: str, dtype=jnp.float32, *, mesh=None, rules=None,
          config_overrides: dict | None = None) -> transformer.Transformer:
-  """Loads a Llama/Qwen2 checkpoint directory into a k15 Transformer on the mesh.
+  """Loads a Llama / Qwen2 / Qwen3 / Qwen3-MoE checkpoint directory into a k15 Transformer on
+  the mesh.
 
   dtype is the parameter dtype; compute dtype and attention implementation can be set through
   `config_overrides` (e.g. {'dtype': 'bfloat16', 'attention_impl': 'flash'}).
@@ -279,13 +347,16 @@ def load(path: str, dtype=jnp.float32, *, mesh=None, rules=None,
   for key, var in flat:
     if key not in mapping:
       raise CheckpointError(f"k15 parameter {'/'.join(map(str, key))} has no checkpoint mapping")
-    hf_name, to_k15, to_hf = mapping[key]
-    raw = hf_tensor(hf_name)
-    want = jax.eval_shape(to_hf, jax.ShapeDtypeStruct(var.shape, np.float32)).shape
-    if tuple(raw.shape) != tuple(want):
-      raise CheckpointError(f"{location[hf_name]}: tensor {hf_name!r} has shape "
-                            f"{tuple(raw.shape)}, but config.json implies {tuple(want)}")
-    view = to_k15(raw)
+    hf_names, to_k15, to_hf = mapping[key]
+    want = jax.eval_shape(to_hf, jax.ShapeDtypeStruct(var.shape, np.float32))
+    stacked = not isinstance(hf_names, str)  # one k15 array from several tensors (experts)
+    raw = [hf_tensor(n) for n in hf_names] if stacked else [hf_tensor(hf_names)]
+    for hf_name, r, w in zip(hf_names if stacked else [hf_names], raw,
+                             want if stacked else [want]):
+      if tuple(r.shape) != tuple(w.shape):
+        raise CheckpointError(f"{location[hf_name]}: tensor {hf_name!r} has shape "
+                              f"{tuple(r.shape)}, but config.json implies {tuple(w.shape)}")
+    view = to_k15(raw if stacked else raw[0])
     sharding = flat_shard[key].value
     arr = jax.make_array_from_callback(
         var.shape, sharding, lambda idx, v=view: np.asarray(v[idx], dtype=np_dtype))
@@ -301,19 +372,24 @@ def _host_array(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def save(model: transformer.Transformer, path: str, *, family: str = "qwen2",
+def save(model: transformer.Transformer, path: str, *, family: str | None = None,
          dtype: str | None = None, max_shard_bytes: int = 4 << 30) -> None:
   """Writes `model` as a transformers checkpoint (config.json + safetensors shards).
 
-  family: 'llama' (no biases) or 'qwen2' (q/k/v biases), matching model.qkv_bias. dtype: 'float32' | 'bfloat16' | 'float16', default the parameter dtype. Parameters
-  are gathered to the host one at a time; only process 0 writes.
+  family: 'llama', 'qwen2', 'qwen3' or 'qwen3_moe'; by default the one the model config describes
+  (`ModelConfig.family`: experts -> qwen3_moe, q/k norms -> qwen3, q/k/v biases -> qwen2, else
+  llama), and a family that contradicts it is refused. dtype: 'float32' | 'bfloat16' |
+  'float16', default the parameter dtype. Parameters are gathered to the host one at a time;
+  only process 0 writes.
   """
   cfg = model.cfg
-  if family not in ("llama", "qwen2"):
-    raise ValueError(f"family={family!r}; expected 'llama' or 'qwen2'")
-  if (family == "qwen2") != cfg.qkv_bias:
-    raise ValueError(f"family={family!r} with model.qkv_bias={cfg.qkv_bias}: Qwen2 has q/k/v "
-                     "biases and Llama has none; save a bias-free model as 'llama'")
+  if family is not None and family not in _ARCH_OF:
+    raise ValueError(f"family={family!r}; expected one of {sorted(_ARCH_OF)}")
+  if family is not None and family != cfg.family:
+    raise ValueError(f"family={family!r}, but the model config describes {cfg.family!r} "
+                     f"(qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}, "
+                     f"num_experts={cfg.num_experts}); Qwen2 has q/k/v biases and Llama has none")
+  family = cfg.family
   dtype = dtype or cfg.param_dtype
   np_dtype = np.dtype(transformer.to_dtype(dtype))
   write = jax.process_index() == 0
@@ -324,13 +400,17 @@ def save(model: transformer.Transformer, path: str, *, family: str = "qwen2",
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for key, var in nnx.to_flat_state(state):
-    hf_name, _, to_hf = mapping[key]
-    arr = np.ascontiguousarray(to_hf(_host_array(var.value))).astype(np_dtype)
-    if size and size + arr.nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][hf_name] = arr
-    size += arr.nbytes
+    hf_names, _, to_hf = mapping[key]
+    arrs = to_hf(_host_array(var.value))
+    if isinstance(hf_names, str):
+      hf_names, arrs = [hf_names], [arrs]
+    for hf_name, arr in zip(hf_names, arrs):
+      arr = np.ascontiguousarray(arr).astype(np_dtype)
+      if size and size + arr.nbytes > max_shard_bytes:
+        shards.append({})
+        size = 0
+      shards[-1][hf_name] = arr
+      size += arr.nbytes
   if not write:
     return
   names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]

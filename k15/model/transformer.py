@@ -1,4 +1,5 @@
-"""A decoder-only transformer of the Llama / Qwen2 family, in Flax NNX.
+"""A decoder-only transformer of the Llama / Qwen2 / Qwen3 family (dense or mixture-of-experts), in
+Flax NNX.
 
 One module serves training (full sequences, optionally packed with segment ids) and sampling
 (prefill and single-token decode against a KV cache), so the sampler's log-probs and the
@@ -7,10 +8,10 @@ trainer's log-probs come from the same code.
 Einsum letters:
   B batch          T query length     S key length (cache length when decoding)
   D embed          N query heads      K key/value heads     H head dim
-  F MLP hidden     V vocab
+  F MLP hidden     V vocab            E experts             R rows routed (tokens x top-k)
 
 Every parameter carries logical axis names as the `axes` metadata of its nnx.Param
-('vocab', 'embed', 'q_heads', 'kv_heads', 'head_dim', 'mlp', 'norm'); k15.parallel maps them
+('vocab', 'embed', 'q_heads', 'kv_heads', 'head_dim', 'mlp', 'norm', 'expert'); k15.parallel maps them
 onto mesh axes with the rules in the config. Activations are constrained by name
 ('batch', 'length', 'act_embed', ...) at the few places that fix the layout.
 """
@@ -18,6 +19,7 @@ onto mesh axes with the rules in the config. Activations are constrained by name
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -52,9 +54,22 @@ class ModelConfig:
   head_dim: int = 32               # H; need not equal D // N
   mlp_dim: int = 256               # F, SwiGLU hidden width
   rope_theta: float = 10_000.0     # RoPE base (Qwen2.5: 1e6, paper §2.6 uses 1e6 too)
+  # RoPE scaling as transformers' `rope_scaling` entries, (key, value) pairs (a dict is accepted and
+  # stored sorted, so the config stays hashable): () is plain RoPE; rope_type 'llama3' (factor,
+  # low_freq_factor, high_freq_factor, original_max_position_embeddings) or 'yarn' (factor,
+  # original_max_position_embeddings, optional beta_fast, beta_slow, attention_factor, mscale,
+  # mscale_all_dim, truncate).
+  rope_scaling: tuple = ()
   norm_eps: float = 1e-6           # RMSNorm epsilon
   tie_embeddings: bool = True      # output head shares the token embedding
   qkv_bias: bool = False           # Qwen2 has q/k/v biases, Llama does not
+  qk_norm: bool = False            # Qwen3: RMSNorm of each q and k head before RoPE
+  num_experts: int = 0             # E; 0 = a dense MLP in every layer (Qwen3-MoE: 128)
+  experts_per_token: int = 2       # top-k experts that process each token
+  moe_mlp_dim: int = 0             # SwiGLU hidden width of each expert
+  norm_topk_prob: bool = True      # renormalise the top-k router probabilities to sum to 1
+  moe_dense_layers: tuple = ()     # indices of layers that keep a dense MLP of width mlp_dim
+  moe_dispatch: str = "dense"      # 'dense' (one-hot, every expert on every token) | 'ragged'
   param_dtype: str = "float32"     # storage dtype of the weights
   dtype: str = "float32"           # compute dtype (bfloat16 on TPU); logits are always float32
   attention_impl: str = "reference"  # 'reference' | 'flash' | 'splash' (k15.model.attention)
@@ -69,6 +84,32 @@ class ModelConfig:
       raise ValueError(f"model.remat={self.remat!r}; expected 'none', 'full' or 'dots'")
     to_dtype(self.param_dtype)
     to_dtype(self.dtype)
+    scaling = self.rope_scaling
+    if hasattr(scaling, "items"):
+      scaling = scaling.items()
+    object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), v) for k, v in scaling)))
+    object.__setattr__(self, "moe_dense_layers", tuple(int(i) for i in self.moe_dense_layers))
+    check_rope_scaling(dict(self.rope_scaling))
+    if self.num_experts:
+      if not 0 < self.experts_per_token <= self.num_experts:
+        raise ValueError(f"model.experts_per_token={self.experts_per_token} must be in "
+                         f"[1, model.num_experts={self.num_experts}]")
+      if self.moe_mlp_dim <= 0:
+        raise ValueError(f"model.num_experts={self.num_experts} needs model.moe_mlp_dim > 0")
+    if self.moe_dispatch not in ("dense", "ragged"):
+      raise ValueError(f"model.moe_dispatch={self.moe_dispatch!r}; expected 'dense' or 'ragged'")
+
+  def is_moe_layer(self, i: int) -> bool:
+    return self.num_experts > 0 and i not in self.moe_dense_layers
+
+  @property
+  def family(self) -> str:
+    """The transformers architecture these hyperparameters describe (see k15.model.hf)."""
+    if self.num_experts:
+      return "qwen3_moe"
+    if self.qk_norm:
+      return "qwen3"
+    return "qwen2" if self.qkv_bias else "llama"
 
   @classmethod
   def from_config(cls, cfg: Any) -> "ModelConfig":
@@ -83,10 +124,14 @@ class ModelConfig:
   def num_params(self) -> int:
     D, N, K, H, F, V = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim,
                         self.mlp_dim, self.vocab_size)
-    per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F + 2 * D
+    per_layer = D * (N + 2 * K) * H + N * H * D + 2 * D
     if self.qkv_bias:
       per_layer += (N + 2 * K) * H
-    return V * D * (1 if self.tie_embeddings else 2) + self.num_layers * per_layer + D
+    if self.qk_norm:
+      per_layer += 2 * H
+    mlp = sum(self.num_experts * (3 * D * self.moe_mlp_dim + D) if self.is_moe_layer(i)
+              else 3 * D * F for i in range(self.num_layers))
+    return V * D * (1 if self.tie_embeddings else 2) + self.num_layers * per_layer + mlp + D
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, init: str = "normal"):
@@ -111,11 +156,99 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope_angles(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-  """(cos, sin) of the rotary angles at `positions` [B, T], each float32 [B, T, 1, H/2]."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+ROPE_TYPES = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+_YARN_OPTIONAL = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
+                  "truncate")
+
+
+def check_rope_scaling(scaling: dict) -> None:
+  """Refuses a RoPE scaling k15 does not compute, naming it and the supported ones."""
+  if not scaling:
+    return
+  rope_type = scaling.get("rope_type")
+  if rope_type not in ROPE_TYPES:
+    raise ValueError(f"rope_type {rope_type!r} is not supported; k15 computes plain RoPE "
+                     f"('default') and the scalings {sorted(ROPE_TYPES)}")
+  missing = [k for k in ROPE_TYPES[rope_type] if scaling.get(k) is None]
+  if missing:
+    raise ValueError(f"rope_type {rope_type!r} needs {missing} (got {scaling})")
+  known = set(ROPE_TYPES[rope_type]) | {"rope_type"}
+  if rope_type == "yarn":
+    known |= set(_YARN_OPTIONAL)
+  unknown = sorted(set(scaling) - known)
+  if unknown:
+    raise ValueError(f"rope_type {rope_type!r}: unknown keys {unknown}; known: {sorted(known)}")
+
+
+def _scaled_inv_freq(head_dim: int, theta: float, scaling: dict) -> tuple[Array, float]:
+  """Inverse frequencies [H/2] and cos/sin factor of a scaled RoPE, as transformers computes them
+  (modeling_rope_utils: `_compute_llama3_parameters`, `_compute_yarn_parameters`)."""
+  exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  factor = float(scaling["factor"])
+  original = float(scaling["original_max_position_embeddings"])
+  if scaling["rope_type"] == "llama3":
+    # Wavelengths shorter than original / high_freq_factor keep their frequency, those longer than
+    # original / low_freq_factor are slowed by `factor`, and the band between is interpolated.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    inv_freq = 1.0 / (theta ** exponents)
+    wavelen = 2 * math.pi / inv_freq
+    slowed = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * slowed / factor + smooth * slowed
+    medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return jnp.where(medium, smoothed, slowed), 1.0
+
+  # YaRN: dimensions that turn fewer than beta_slow times over the original context are
+  # interpolated (divided by `factor`), those that turn more than beta_fast times keep their
+  # frequency, with a linear ramp between; cos and sin are scaled by the attention factor.
+  def mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  attention_factor = scaling.get("attention_factor")
+  if attention_factor is None:
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+  beta_fast = scaling.get("beta_fast") or 32
+  beta_slow = scaling.get("beta_slow") or 1
+
+  def correction_dim(rotations):
+    return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+  low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+  if scaling.get("truncate", True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, head_dim - 1)
+  if low == high:
+    high += 0.001
+  pos_freqs = theta ** exponents
+  ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  keep = 1 - ramp
+  inv_freq = 1.0 / (factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+  return inv_freq, float(attention_factor)
+
+
+def rope_angles(positions: Array, head_dim: int, theta: float,
+                scaling: tuple | dict = ()) -> tuple[Array, Array]:
+  """(cos, sin) of the rotary angles at `positions` [B, T], each float32 [B, T, 1, H/2].
+
+  scaling: `ModelConfig.rope_scaling`; a YaRN scaling's attention factor multiplies cos and sin,
+  which scales q . k by its square as transformers does.
+  """
+  scaling = dict(scaling)
+  factor = 1.0
+  if scaling:
+    check_rope_scaling(scaling)
+    inv_freq, factor = _scaled_inv_freq(head_dim, theta, scaling)
+  else:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   angles = positions.astype(jnp.float32)[..., None] * inv_freq      # [B, T, H/2]
-  return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  if factor != 1.0:
+    cos, sin = cos * factor, sin * factor
+  return cos, sin
 
 
 def rope(x: Array, angles: tuple[Array, Array]) -> Array:
@@ -142,6 +275,9 @@ class Attention(nnx.Module):
       self.q_bias = _param(rngs, (N, H), ("q_heads", "head_dim"), pdt, init="zeros")
       self.k_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), pdt, init="zeros")
       self.v_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), pdt, init="zeros")
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(H, cfg.norm_eps, pdt, rngs=rngs)
+      self.k_norm = RMSNorm(H, cfg.norm_eps, pdt, rngs=rngs)
 
   def __call__(self, x, positions, segment_ids, cache=None, cache_index=None, angles=None):
     """-> (y [B, T, D], None or this layer's updated (k, v) cache).
@@ -160,8 +296,10 @@ class Attention(nnx.Module):
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     if angles is None:
-      angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+      angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     q = rope(q, angles)
     k = rope(k, angles)
     q = parallel.constrain(q, ("batch", "length", "act_q_heads", "head_dim"))
@@ -214,19 +352,128 @@ class MLP(nnx.Module):
     return jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(dt))
 
 
-class Block(nnx.Module):
+class MoE(nnx.Module):
+  """Mixture of SwiGLU experts (Qwen3-MoE): a softmax router picks the top-k experts of each token
+  and the output is their gate-weighted sum. No token is dropped (no capacity limit).
+
+  Experts are stacked on a leading 'expert' axis, which the sharding rules place on the 'expert'
+  mesh axis: each device then runs its own experts and the weighted sum over experts is reduced
+  across that axis. Two dispatches compute the same thing (`ModelConfig.moe_dispatch`):
+  'dense' runs every expert on every token and weights by a one-hot combine matrix (E / k times
+  the FLOPs, but plain einsums); 'ragged' sorts the token x top-k rows by expert and runs
+  grouped matmuls (`jax.lax.ragged_dot`), only the chosen experts' FLOPs.
+  """
+
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    D, F, E = cfg.embed_dim, cfg.moe_mlp_dim, cfg.num_experts
+    pdt = to_dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.router = _param(rngs, (D, E), ("embed", None), pdt, D ** -0.5)
+    self.gate = _param(rngs, (E, D, F), ("expert", "embed", "mlp"), pdt, D ** -0.5)
+    self.up = _param(rngs, (E, D, F), ("expert", "embed", "mlp"), pdt, D ** -0.5)
+    self.down = _param(rngs, (E, F, D), ("expert", "mlp", "embed"), pdt, F ** -0.5)
+
+  def route(self, x: Array, expert_ids: Array | None = None) -> tuple[Array, Array, Array]:
+    """-> (router logits [B, T, E] float32, expert ids [B, T, k] int32, weights [B, T, k]).
+
+    expert_ids: route by these (replay) instead of the router's own top-k; the weights are still
+    the router's probabilities at those experts, so gradients reach the router either way.
+    """
+    cfg = self.cfg
+    logits = jnp.einsum("BTD,DE->BTE", x, self.router[...].astype(x.dtype))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    if expert_ids is None:
+      weights, expert_ids = jax.lax.top_k(probs, cfg.experts_per_token)
+    else:
+      expert_ids = expert_ids.astype(jnp.int32)
+      weights = jnp.take_along_axis(probs, expert_ids, axis=-1)
+    if cfg.norm_topk_prob:
+      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return logits.astype(jnp.float32), expert_ids.astype(jnp.int32), weights.astype(x.dtype)
+
+  def __call__(self, x: Array, expert_ids: Array | None = None):
+    """-> (y [B, T, D], router logits [B, T, E], expert ids [B, T, k])."""
+    dt = x.dtype
+    logits, expert_ids, weights = self.route(x, expert_ids)
+    gate, up, down = (w[...].astype(dt) for w in (self.gate, self.up, self.down))
+    if self.cfg.moe_dispatch == "dense":
+      combine = jnp.einsum("BTKE,BTK->BTE", jax.nn.one_hot(expert_ids, self.cfg.num_experts,
+                                                           dtype=dt), weights)
+      g = jnp.einsum("BTD,EDF->BTEF", x, gate)
+      u = jnp.einsum("BTD,EDF->BTEF", x, up)
+      h = parallel.constrain(jax.nn.silu(g) * u * combine[..., None],
+                             ("batch", "length", "act_expert", "act_mlp"))
+      y = jnp.einsum("BTEF,EFD->BTD", h, down)
+    else:
+      y = _ragged_experts(x, expert_ids, weights, gate, up, down)
+    return y, logits, expert_ids
+
+
+def _ragged_experts(x, expert_ids, weights, gate, up, down):
+  """Sorted dispatch: the R = B*T*k (token, expert) rows grouped by expert through
+  `jax.lax.ragged_dot`, then scattered back and summed over each token's k experts."""
+  B, T, D = x.shape
+  k = expert_ids.shape[-1]
+  E = gate.shape[0]
+  flat_ids = expert_ids.reshape(-1)                                      # [R]
+  order = jnp.argsort(flat_ids, stable=True)                             # rows sorted by expert
+  sizes = jnp.bincount(flat_ids, length=E).astype(jnp.int32)             # [E]
+  xs = jnp.take(x.reshape(B * T, D), order // k, axis=0)                 # [R, D]
+  g = jax.lax.ragged_dot(xs, gate, sizes)                                # [R, F]
+  u = jax.lax.ragged_dot(xs, up, sizes)
+  out = jax.lax.ragged_dot(jax.nn.silu(g) * u, down, sizes)              # [R, D]
+  out = out * jnp.take(weights.reshape(-1), order)[:, None]
+  out = jnp.take(out, jnp.argsort(order), axis=0)                        # back to token order
+  return out.reshape(B, T, k, D).sum(axis=2)
+
+
+def load_balancing_loss(router_logits, top_k: int, mask: Array | None = None) -> Array:
+  """The auxiliary load-balancing loss of transformers' Qwen3-MoE (`load_balancing_loss_func`,
+  Switch Transformer eqs. 4-6): E * sum_e f_e * P_e, where f_e is the number of top-k picks of
+  expert e and P_e its summed router probability, both pooled over all MoE layers and divided by
+  the number of (layer, token) rows. router_logits: one [B, T, E] (or [N, E]) array per MoE
+  layer; mask [B, T]: 1 for real tokens (padding is left out), as transformers' attention_mask.
+  """
+  E = router_logits[0].shape[-1]
+  counts = jnp.zeros((E,), jnp.float32)
+  prob_sum = jnp.zeros((E,), jnp.float32)
+  rows = jnp.float32(0)
+  w = None if mask is None else mask.reshape(-1).astype(jnp.float32)
+  for logits in router_logits:
+    probs = jax.nn.softmax(logits.reshape(-1, E).astype(jnp.float32), axis=-1)     # [N, E]
+    picked = jax.nn.one_hot(jax.lax.top_k(probs, top_k)[1], E, dtype=jnp.float32)  # [N, k, E]
+    if w is None:
+      counts = counts + picked.sum(axis=(0, 1))
+      prob_sum = prob_sum + probs.sum(axis=0)
+      rows = rows + probs.shape[0]
+    else:
+      counts = counts + jnp.einsum("NKE,N->E", picked, w)
+      prob_sum = prob_sum + jnp.einsum("NE,N->E", probs, w)
+      rows = rows + w.sum()
+  return jnp.sum((counts / rows) * (prob_sum / rows)) * E
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
     pdt = to_dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pdt, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pdt, rngs=rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None, angles=None):
+  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None, angles=None,
+               expert_ids=None):
+    """-> (x, new_kv, routing): routing is None for a dense MLP, else (router logits, expert ids)."""
     h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index, angles)
     x = x + h
-    x = x + self.mlp(self.mlp_norm(x))
-    return parallel.constrain(x, ("batch", "length", "act_embed")), new_kv
+    routing = None
+    if isinstance(self.mlp, MoE):
+      y, logits, ids = self.mlp(self.mlp_norm(x), expert_ids)
+      routing = (logits, ids)
+      x = x + y
+    else:
+      x = x + self.mlp(self.mlp_norm(x))
+    return parallel.constrain(x, ("batch", "length", "act_embed")), new_kv, routing
 
 
 class Transformer(nnx.Module):
@@ -239,6 +486,11 @@ class Transformer(nnx.Module):
   may pass `rope_angles(positions, ...)` computed ahead (the sampler computes a whole
   generation's before its decode loop, which otherwise evaluates sin and cos in every layer
   of every step).
+
+  Mixture-of-experts models: `return_routing=True` appends {"router_logits": one float32
+  [B, T, E] per MoE layer, "expert_ids": one int32 [B, T, k] per MoE layer} to the outputs, and
+  `expert_ids` (the same tuple) routes each MoE layer by the given experts instead of its own
+  top-k (routing replay), with gate weights from this model's router at those experts.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -246,7 +498,8 @@ class Transformer(nnx.Module):
     pdt = to_dtype(cfg.param_dtype)
     self.embed = _param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pdt,
                         cfg.embed_dim ** -0.5)
-    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.layers = nnx.List([Block(cfg, rngs=rngs, moe=cfg.is_moe_layer(i))
+                            for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pdt, rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), pdt,
@@ -255,7 +508,8 @@ class Transformer(nnx.Module):
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, cache: dict | None = None,
                cache_index: Array | int | None = None,
-               angles: tuple[Array, Array] | None = None):
+               angles: tuple[Array, Array] | None = None,
+               expert_ids: tuple[Array, ...] | None = None, return_routing: bool = False):
     cfg = self.cfg
     dt = to_dtype(cfg.dtype)
     B, T = tokens.shape
@@ -271,35 +525,48 @@ class Transformer(nnx.Module):
           cache["segment_ids"], segment_ids.astype(jnp.int32), cache_index, axis=1)
       cache["positions"] = jax.lax.dynamic_update_slice_in_dim(
           cache["positions"], positions.astype(jnp.int32), cache_index, axis=1)
+    moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    if expert_ids is not None and len(expert_ids) != len(moe_layers):
+      raise ValueError(f"expert_ids has {len(expert_ids)} arrays; the model has "
+                       f"{len(moe_layers)} MoE layers")
+    replay = dict(zip(moe_layers, expert_ids or ()))
 
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)                 # [B, T, D]
     x = parallel.constrain(x, ("batch", "length", "act_embed"))
 
     if angles is None:
-      angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-    new_k, new_v = [], []
+      angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    new_k, new_v, routing = [], [], []
     for i, block in enumerate(self.layers):
       if cache is not None:
         layer_cache = dict(cache, k=cache["k"][i], v=cache["v"][i])
-        x, (k, v) = block(x, positions, segment_ids, layer_cache, cache_index, angles)
+        x, (k, v), route = block(x, positions, segment_ids, layer_cache, cache_index, angles,
+                                 replay.get(i))
         new_k.append(k)
         new_v.append(v)
       elif cfg.remat != "none":
         policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
                   if cfg.remat == "dots" else None)
-        x, _ = nnx.remat(lambda blk, x, pos, seg, ang: blk(x, pos, seg, angles=ang),
-                         policy=policy)(block, x, positions, segment_ids, angles)
+        x, _, route = nnx.remat(
+            lambda blk, x, pos, seg, ang, ids: blk(x, pos, seg, angles=ang, expert_ids=ids),
+            policy=policy)(block, x, positions, segment_ids, angles, replay.get(i))
       else:
-        x, _ = block(x, positions, segment_ids, angles=angles)
+        x, _, route = block(x, positions, segment_ids, angles=angles, expert_ids=replay.get(i))
+      if route is not None:
+        routing.append(route)
 
     x = self.final_norm(x)
     # Logits and everything after them (softmax, log-probs) in float32.
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum("BTD,DV->BTV", x.astype(jnp.float32), head.astype(jnp.float32))
     logits = parallel.constrain(logits, ("batch", "length", "act_vocab"))
-    if cache is None:
-      return logits
-    return logits, dict(cache, k=tuple(new_k), v=tuple(new_v))
+    out = (logits,) if cache is None else (logits, dict(cache, k=tuple(new_k), v=tuple(new_v)))
+    if return_routing:
+      # Per MoE layer, in layer order: the router logits (for `load_balancing_loss`) and the
+      # chosen experts (to replay through `expert_ids`).
+      out += ({"router_logits": tuple(r[0] for r in routing),
+               "expert_ids": tuple(r[1] for r in routing)},)
+    return out[0] if len(out) == 1 else out
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
