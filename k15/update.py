@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from k15.model import transformer
+from k15.model import logprobs, transformer
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[transformer.Transformer, Batch], tuple[jax.Array, dict[str, jax.Array]]]
@@ -56,12 +56,11 @@ def token_logprobs(model: transformer.Transformer, tokens: jax.Array,
   """log p(tokens[:, t] | tokens[:, <t]) from one forward pass: [B, T] float32, 0 at t = 0.
 
   The same function gives the trainer's log-probs and the teacher-forced check of the
-  sampler's, so the two can only differ by numerics.
+  sampler's, so the two can only differ by numerics. The head runs in tiles of the model's
+  `logits_chunk` tokens (k15.model.logprobs), never on whole [B, T, V] logits unless one tile
+  covers the row.
   """
-  logits = model(tokens, positions=positions, segment_ids=segment_ids)       # [B, T, V] f32
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]   # [B, T-1]
-  return jnp.pad(picked, ((0, 0), (1, 0)))
+  return logprobs.token_logprobs_and_entropy(model, tokens, positions, segment_ids)[0]
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:

@@ -265,3 +265,46 @@ def test_bad_arguments_raise_clear_errors():
   kv = jnp.zeros((1, 2, 8, 4))
   with pytest.raises(ValueError, match=r"kv_segment_ids must have shape \(1, 8\)"):
     attention.attend(x, kv, kv, kv_layout="BKSH", **{**kw, "kv_segment_ids": ids[:, :4]})
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(data=2, tensor=4), dict(fsdp=4, tensor=2)])
+def test_splash_under_shard_map_in_pallas_interpreter(mesh_shape):
+  # On a mesh the kernel runs per device under shard_map, built for the local heads: 4-way
+  # tensor splits the 4 query heads but not the 2 kv heads (they are repeated to 4 so each
+  # shard has its own), 2-way splits both. Batch rows split over data / fsdp.
+  from k15 import parallel  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  b, t = 4, 150
+  seg, pos = (np.concatenate([x, x]) for x in _packed(2, t))
+  q, k, v = _random_qkv(rng, b, t, t, 4, 2, 128)
+  scale = 0.1
+  mesh = parallel.make_mesh(mesh_shape)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+  def splash(q, k, v):
+    return attention._splash(q, k, v, seg, seg, scale=scale, block_size=128, interpret=True)
+
+  def reference(q, k, v):
+    return attention.attend(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos,
+                            kv_positions=pos, scale=scale)
+
+  with parallel.use_mesh(mesh):
+    out = jax.jit(splash)(q, k, v)
+    grads = jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)
+  _assert_close(out, reference(q, k, v), "sharded splash forward")
+  ref_grads = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+  for grad, ref_grad, what in zip(grads, ref_grads, "qkv"):
+    _assert_close(grad, ref_grad, f"sharded splash d{what}")
+
+
+def test_splash_choice_follows_the_mesh_devices():
+  # A mesh of CPU devices refuses splash whatever the default backend; the message says so.
+  from k15 import parallel  # pylint: disable=g-import-not-at-top
+  x = jnp.zeros((1, 8, 2, 4))
+  ids = jnp.ones((1, 8), jnp.int32)
+  with parallel.use_mesh(parallel.make_mesh(dict(data=-1))):
+    with pytest.raises(ValueError, match=r"devices of the mesh.*'cpu'"):
+      attention.attend(x, x, x, q_segment_ids=ids, kv_segment_ids=ids, q_positions=ids,
+                       kv_positions=ids, impl="splash")

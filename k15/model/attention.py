@@ -18,10 +18,14 @@ Einsum letters:
 """
 
 import functools
+import math
 
 import jax
 from jax import lax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from k15 import parallel
 
 IMPLS = ("reference", "flash", "splash")
 KV_LAYOUTS = ("BSKH", "BKSH")
@@ -102,11 +106,12 @@ def attend(
 
   t, s = q.shape[1], kv_segment_ids.shape[1]
   if impl == "splash":
-    backend = jax.default_backend()
-    if backend != "tpu":
+    platform = _platform()
+    if platform != "tpu":
       raise ValueError(
-          f"attention impl='splash' needs a TPU (Pallas TPU kernel), but the JAX backend is "
-          f"{backend!r}; use impl='flash' or 'reference'.")
+          f"attention impl='splash' needs a TPU (Pallas TPU kernel), but the devices of the "
+          f"mesh (or, without one, the JAX backend) are {platform!r}; use impl='flash' or "
+          f"'reference'.")
     if t != s:
       impl = "flash"  # Decode / chunked prefill: splash's index causality does not apply.
 
@@ -116,6 +121,18 @@ def attend(
   if impl == "splash":
     return _splash(q, k, v, q_segment_ids, kv_segment_ids, scale=scale, block_size=block_size)
   return _flash_padded(q, k, v, *seg_pos, scale=scale, block_size=block_size)
+
+
+def _platform() -> str:
+  """The platform the attention will run on: that of the active mesh's devices.
+
+  Not `jax.default_backend()`: a program compiled ahead of time for TPU devices (k15.aot, on
+  libtpu's compile-only devices) is traced on a host whose default backend is the CPU.
+  """
+  mesh = parallel.active_mesh()
+  if mesh is not None:
+    return mesh.devices.flat[0].platform
+  return jax.default_backend()
 
 
 def _check_inputs(q, k, v, q_seg, kv_seg, q_pos, kv_pos, kv_layout, k_layout) -> None:
@@ -380,9 +397,12 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # them.
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(num_heads: int, length: int, block: int, interpret: bool):
-  """Builds (once per shape) the causal splash kernel for [N, L, H] queries, [K, L, H] keys."""
+  """The causal splash kernel for [N, L, H] queries, [K, L, H] keys.
+
+  Built anew at every call: the kernel holds its mask tables as arrays, which are tracers when
+  it is built under a trace (inside shard_map); a cached kernel would leak them into the next.
+  """
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
   mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * num_heads)
   sizes = splash.BlockSizes(
@@ -395,9 +415,40 @@ def _splash_kernel(num_heads: int, length: int, block: int, interpret: bool):
 def _splash(q, k, v, q_seg, kv_seg, *, scale, block_size, interpret=False):
   """Causal splash attention by index, with GQA and segment ids. Needs T == S.
 
+  Under `parallel.use_mesh` the kernel runs inside `jax.shard_map` over the batch and head axes
+  of the mesh (XLA cannot partition a Mosaic kernel by itself), each device building it for its
+  own rows and heads. The length axis is gathered: every query of a row needs all its keys.
   `interpret=True` runs the Pallas kernel in the interpreter, which lets tests check this wrapper
-  off TPU; `attend` itself refuses non-TPU backends.
+  off TPU; `attend` itself refuses meshes of non-TPU devices.
   """
+  mesh = parallel.active_mesh()
+  local = functools.partial(_splash_local, scale=scale, block_size=block_size,
+                            interpret=interpret)
+  if mesh is None or mesh.size == 1:
+    return local(q, k, v, q_seg, kv_seg)
+  spec = parallel.logical_to_spec(("batch", None, "act_q_heads", None), q.shape, mesh)
+  batch_axes, head_axes = spec[0], spec[2]
+  shards = math.prod(mesh.shape[a] for a in _axes(head_axes))
+  kh = k.shape[2]
+  if kh % shards:
+    # Fewer kv heads than head shards (2 kv heads on a tensor axis of 4): repeat each kv head r
+    # times, the fewest that split evenly. Query head n used kv head n // G; with K * r kv heads
+    # it uses n // (G / r), a copy of the same head, so each shard holds the kv heads of its
+    # own query heads. r divides G whenever the query heads split over the shards.
+    k, v = (jnp.repeat(x, shards // math.gcd(kh, shards), axis=2) for x in (k, v))
+  heads = P(batch_axes, None, head_axes, None)
+  rows = P(batch_axes, None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, rows, rows),
+                       out_specs=heads, check_vma=False)(q, k, v, q_seg, kv_seg)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, 'tensor' or ('data', 'fsdp')) as a tuple of mesh axes."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _splash_local(q, k, v, q_seg, kv_seg, *, scale, block_size, interpret):
+  """`_splash` on one device's arrays: the kernel is built for the heads it is given."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
   b, t, n, h = q.shape
   # Splash computes key blocks in lanes of 128; pad the length to whole blocks (segment id 0).

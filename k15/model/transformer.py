@@ -75,11 +75,14 @@ class ModelConfig:
   attention_impl: str = "reference"  # 'reference' | 'flash' | 'splash' (k15.model.attention)
   attention_block_size: int = 512  # key/query block of the flash-style attention
   remat: str = "none"              # 'none' | 'full' | 'dots': rematerialization of each block
+  logits_chunk: int = 0            # log-probs: head in tiles of this many tokens (0: whole rows)
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_heads={self.num_heads} is not a multiple of "
                        f"model.num_kv_heads={self.num_kv_heads}")
+    if self.logits_chunk < 0:
+      raise ValueError(f"model.logits_chunk={self.logits_chunk} must be >= 0 (0: whole rows)")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat={self.remat!r}; expected 'none', 'full' or 'dots'")
     to_dtype(self.param_dtype)
@@ -485,7 +488,8 @@ class Transformer(nnx.Module):
   step's keys/values into the cache at that slot and returns `(logits, cache)`. `angles`
   may pass `rope_angles(positions, ...)` computed ahead (the sampler computes a whole
   generation's before its decode loop, which otherwise evaluates sin and cos in every layer
-  of every step).
+  of every step). `hidden=True` returns the final norm's output [B, T, D] instead of the
+  logits (k15.model.logprobs applies the head in tiles).
 
   Mixture-of-experts models: `return_routing=True` appends {"router_logits": one float32
   [B, T, E] per MoE layer, "expert_ids": one int32 [B, T, k] per MoE layer} to the outputs, and
@@ -509,7 +513,8 @@ class Transformer(nnx.Module):
                segment_ids: Array | None = None, cache: dict | None = None,
                cache_index: Array | int | None = None,
                angles: tuple[Array, Array] | None = None,
-               expert_ids: tuple[Array, ...] | None = None, return_routing: bool = False):
+               expert_ids: tuple[Array, ...] | None = None, return_routing: bool = False,
+               hidden: bool = False):
     cfg = self.cfg
     dt = to_dtype(cfg.dtype)
     B, T = tokens.shape
@@ -556,6 +561,8 @@ class Transformer(nnx.Module):
         routing.append(route)
 
     x = self.final_norm(x)
+    if hidden:  # The final-norm output [B, T, D], for a caller that applies the head in tiles.
+      return x
     # Logits and everything after them (softmax, log-probs) in float32.
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum("BTD,DV->BTV", x.astype(jnp.float32), head.astype(jnp.float32))

@@ -33,7 +33,7 @@ from k15 import checkpoint as ckpt_lib
 from k15 import metrics as metrics_lib
 from k15 import parallel, update
 from k15.data import samplers
-from k15.model import transformer
+from k15.model import logprobs, transformer
 from k15.rewards import length as length_lib
 from k15.rl import loss as loss_lib
 from k15 import sampling
@@ -97,11 +97,9 @@ def make_loss_fn(rl_cfg: Any, k: int):
   name = rl_cfg.loss
 
   def loss_fn(model, batch):
-    logits = model(batch["tokens"], positions=batch["positions"],
-                   segment_ids=batch["segment_ids"])                           # [R, T, V]
-    logp_all = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    logp = jnp.take_along_axis(logp_all, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
-    logp = jnp.pad(logp, ((0, 0), (1, 0)))                                     # [R, T]
+    # Log-probs and entropies with the head in tiles (model.logits_chunk), never [R, T, V].
+    logp, ent = logprobs.token_logprobs_and_entropy(
+        model, batch["tokens"], batch["positions"], batch["segment_ids"])      # [R, T] each
     R, T = logp.shape
     shape = (R // k, k, T)
     loss, metrics = loss_lib.compute_loss(
@@ -109,7 +107,7 @@ def make_loss_fn(rl_cfg: Any, k: int):
         batch["mask"].reshape(shape), batch["rewards"], tau=rl_cfg.tau,
         clip_eps=rl_cfg.clip_eps, sample_weight=batch["sample_weight"])
     # Mean token entropy of the policy on the response tokens (a diagnostic, no gradient).
-    ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)                     # [R, T-1]
+    ent = ent[:, 1:]                                                           # [R, T-1]
     m = batch["mask"][:, 1:]
     metrics["entropy"] = jax.lax.stop_gradient(jnp.sum(ent * m) / jnp.maximum(m.sum(), 1.0))
     return loss, metrics
