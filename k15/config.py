@@ -135,6 +135,36 @@ def rl_block(**overrides: Any) -> ml_collections.ConfigDict:
       length_warmup_iterations=0,  # ... and the iteration it switches on
       repeat_penalty=0.0,          # subtracted from the reward of a looping response
       sampling=dict(mode="prioritized", curriculum="", epsilon=0.0),
+      eval_every=0,                # mode rl: evaluate on data.eval every N iterations (and at
+                                   # the end); 0 = at the end only
+  ), overrides)
+
+
+# Prompt-file formats that k15.data.prompts reads (see there for each one's keys).
+DATA_FORMATS = ("gsm8k", "math", "k15", "code")
+
+
+def data_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """Prompt sets of the modes that start from a checkpoint (rl, evaluate): JSONL files."""
+  return make_block("data", dict(
+      train="",             # RL prompts
+      eval="",              # held-out problems: pass@1 every rl.eval_every iterations and at the end
+      format="gsm8k",       # one of DATA_FORMATS
+      on_error="raise",     # a malformed line: 'raise' (names file, line and key) | 'skip' (counted)
+      eval_limit=0,         # evaluate the first N problems of data.eval; 0 = all
+      instruction="",       # the user turn, "{question}" replaced; "" = the reward's own
+                            # (k15.rewards.verifier.INSTRUCTIONS)
+  ), overrides)
+
+
+def reward_options_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """Settings of the verifiers that `config.reward` names (k15.rewards.verifier)."""
+  return make_block("reward_options", dict(
+      math_timeout_s=5.0,   # per answer; over it scores 0
+      code_fraction=False,  # code: reward the share of passed tests instead of all-or-nothing
+      code_timeout_s=2.0,   # code: wall clock per test
+      code_memory_mb=256,   # code: address space per sandboxed process
+      code_workers=0,       # code: sandboxes at once; 0 = the CPU count
   ), overrides)
 
 
@@ -187,6 +217,7 @@ def evaluate_block(**overrides: Any) -> ml_collections.ConfigDict:
       # Comma-separated name=checkpoint_dir, e.g. "sft=DIR/sft_checkpoints,rl=DIR/checkpoints";
       # an empty dir ("base=") is the model of config.model_path, or a random one.
       checkpoints="",
+      greedy=True,            # modes from a checkpoint: also the greedy accuracy (one sample)
   )
   return make_block("evaluate", c, overrides)
 
@@ -267,4 +298,9 @@ def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.evaluate = evaluate_block()
   c.pipeline = pipeline_block()
   c.long2short = long2short_block()
+  # Modes that start from a checkpoint on prompt files (rl, evaluate).
+  c.data = data_block()
+  c.reward = "math"   # the verifier: 'math' | 'code' | 'task' (k15.rewards.verifier)
+  c.reward_options = reward_options_block()
+  c.export = dict(dtype="")  # W/export/final's dtype; "" = config.model.param_dtype
   return c
