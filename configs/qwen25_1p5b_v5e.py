@@ -1,8 +1,20 @@
 r"""Qwen2.5-1.5B on a v5e-8 (v5litepod-8: 8 chips x 16 GiB, one host): long-CoT RL at 8k tokens.
 
+Mode `rl` (the default): PMD RL from a Hugging Face checkpoint on MATH-format prompts, rewarded
+by the math verifier on the last \boxed{}, evaluated on a held-out set every 20 iterations, the
+final policy exported as a Hugging Face checkpoint to W/export/final:
+
     python -m k15.plan --config=configs/qwen25_1p5b_v5e.py
     python -m k15.main --config=configs/qwen25_1p5b_v5e.py --workdir=gs://BUCKET/k15/qwen1p5b \
-        --config.model_path=/path/to/Qwen2.5-1.5B-Instruct
+        --config.model_path=/data/Qwen2.5-Math-1.5B-Instruct \
+        --config.data.train=/data/math/train.jsonl --config.data.eval=/data/math500/test.jsonl \
+        --config.data.format=math --config.reward=math --config.rl.iterations=1000
+
+(`hf download Qwen/Qwen2.5-Math-1.5B-Instruct --local-dir /data/Qwen2.5-Math-1.5B-Instruct`;
+MATH as JSONL of {problem, solution, level, type}.) GSM8K instead: `--config.data.format=gsm8k`
+with its train/test JSONL. The architecture comes from the checkpoint's config.json; the
+`model` keys below size the plan and keep the dtypes, attention and remat. `--config.mode=smoke`
+runs one forward pass instead.
 
 `k15.plan` prints the per-chip budget against 16 GiB: 11.7 GiB for the train step (6.5 GiB
 of it the float32 logits of one 9k-token row), a step of 8 rows x 9216 tokens in ~1.4 s at
@@ -13,8 +25,12 @@ shows the 14.1 GiB it takes once prefill computes the last position's logits onl
 also why an iteration starts only 2 prompts (16 rows, plus up to 16 continued): the KV cache
 is replicated over the tensor axis (2 kv heads) and a continuation is prefilled whole.
 
-The keys are those of configs/qwen25_7b_v5p.py plus `rl`, `optimizer` and `accelerator_type`;
-`:runlocal=True` shrinks everything to a CPU-sized model with the same structure.
+The keys are those of configs/qwen25_7b_v5p.py and configs/tiny_cpu.py. `:runlocal=True` runs
+the same mode on a CPU with a tiny checkpoint (tests/test_rl_mode.py writes one):
+
+    python -m k15.main --config=configs/qwen25_1p5b_v5e.py:runlocal=True --workdir=/tmp/k15_rl \
+        --config.model_path=TINY_CKPT --config.data.train=TRAIN.jsonl \
+        --config.data.eval=EVAL.jsonl --config.data.format=gsm8k --config.reward=math
 """
 
 from k15 import config as k15_config
@@ -22,7 +38,7 @@ from k15 import config as k15_config
 
 def get_config(arg=None):
   arg = k15_config.parse_arg(arg, runlocal=False)
-  c = k15_config.add_run_blocks(k15_config.base(mode="smoke"))
+  c = k15_config.add_run_blocks(k15_config.base(mode="rl"))
   c.accelerator_type = "v5litepod-8"  # read by k15.plan (chip type and count)
   c.distributed = False  # one host: its 8 chips are local devices
   # Qwen2.5-1.5B (config.json of the released checkpoint).
@@ -71,7 +87,14 @@ def get_config(arg=None):
       length_weight=1.0,           # length penalty (§2.3.3) after a warm-up without it
       length_warmup_iterations=50,
       repeat_penalty=1.0,
+      eval_every=20,
   )
+  c.checkpoint = k15_config.checkpoint_block(every=10, keep=3)
+  c.data.format = "math"
+  c.reward = "math"
+  # pass@1 over 4 samples at the training temperature, and the greedy accuracy.
+  c.evaluate.update(num_samples=4, temperature=1.0, max_new_tokens=8192, batch_size=16)
+  c.export.dtype = "bfloat16"
   if arg.runlocal:
     c.accelerator_type = ""
     c.model.update(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -79,7 +102,14 @@ def get_config(arg=None):
                    remat="none")
     c.mesh = k15_config.mesh_block(data=-1)
     c.smoke = dict(batch=8, length=32)
+    # No partial rollouts: a random model writes to the budget, and with segments its first
+    # iteration would finish no group to train on (k15.rl.trainer).
     c.rl.update(iterations=2, prompts_per_iteration=4, samples_per_prompt=4,
-                max_new_tokens=32, segment_budget=16, minibatch_groups=2, microbatches=1,
-                length_bucket=16, repeat_ngram=0, length_warmup_iterations=0)
+                max_new_tokens=32, segment_budget=0, minibatch_groups=2, microbatches=1,
+                length_bucket=16, repeat_ngram=0, length_warmup_iterations=0, eval_every=1)
+    # A random tiny model needs a rate that moves it within two iterations.
+    c.optimizer.learning_rate = 1e-3
+    c.checkpoint = k15_config.checkpoint_block(every=1, keep=2)
+    c.evaluate.update(num_samples=2, max_new_tokens=16, batch_size=4)
+    c.export.dtype = ""
   return c

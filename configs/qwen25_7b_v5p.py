@@ -1,10 +1,18 @@
-"""Qwen2.5-7B on a v5p-64 slice (32 chips, 4 hosts): FSDP across the slice, 4-way tensor.
+r"""Qwen2.5-7B on a v5p-64 slice (32 chips, 4 hosts): FSDP across the slice, 4-way tensor.
+
+Mode `rl` (the default): long-CoT PMD RL from a Hugging Face checkpoint on MATH-format prompts
+with the math verifier, evaluated every 20 iterations, exported to W/export/final:
 
     python -m k15.main --config=configs/qwen25_7b_v5p.py --workdir=gs://BUCKET/k15/qwen7b \
-        --config.model_path=/path/to/Qwen2.5-7B-Instruct
+        --config.model_path=/data/Qwen2.5-Math-7B-Instruct \
+        --config.data.train=/data/math/train.jsonl --config.data.eval=/data/math500/test.jsonl \
+        --config.data.format=math --config.reward=math --config.rl.iterations=1000
 
-Launch it on every host with launch/run.sh (see launch/README.md). The keys are the same as
-configs/tiny_cpu.py; `:runlocal=True` shrinks it to a CPU-sized model with the same structure.
+Launch it on every host with launch/run.sh (see launch/README.md); the checkpoint and the data
+must be on each host's local disk. The architecture comes from the checkpoint's config.json.
+The keys are the same as configs/tiny_cpu.py; `:runlocal=True` shrinks it to a CPU-sized model
+with the same structure (`--config.model_path=` a tiny checkpoint, as for
+configs/qwen25_1p5b_v5e.py).
 """
 
 from k15 import config as k15_config
@@ -12,7 +20,7 @@ from k15 import config as k15_config
 
 def get_config(arg=None):
   arg = k15_config.parse_arg(arg, runlocal=False)
-  c = k15_config.add_run_blocks(k15_config.base(mode="smoke"))
+  c = k15_config.add_run_blocks(k15_config.base(mode="rl"))
   c.distributed = True
   # Qwen2.5-7B (config.json of the released checkpoint).
   c.model = k15_config.model_block(
@@ -33,11 +41,22 @@ def get_config(arg=None):
       segment_budget=16_384,       # partial rollouts (§2.6): two segments at most
       repeat_ngram=20, loss="pmd", tau=0.1,
       minibatch_groups=2, microbatches=2, length_bucket=1024,
-      length_weight=1.0, length_warmup_iterations=50, repeat_penalty=1.0)
+      length_weight=1.0, length_warmup_iterations=50, repeat_penalty=1.0, eval_every=20)
+  c.data.format = "math"
+  c.reward = "math"
+  c.evaluate.update(num_samples=4, temperature=1.0, max_new_tokens=32_768, batch_size=32)
+  c.export.dtype = "bfloat16"
   if arg.runlocal:
     c.distributed = False
     c.model.update(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, mlp_dim=128, dtype="float32", attention_impl="reference")
     c.mesh = k15_config.mesh_block(data=-1)
     c.smoke = dict(batch=8, length=32)
+    c.rl.update(iterations=2, prompts_per_iteration=4, samples_per_prompt=4,
+                max_new_tokens=32, segment_budget=0, minibatch_groups=2, microbatches=1,
+                length_bucket=16, repeat_ngram=0, length_warmup_iterations=0, eval_every=1)
+    c.optimizer.learning_rate = 1e-3
+    c.checkpoint = k15_config.checkpoint_block(every=1, keep=2)
+    c.evaluate.update(num_samples=2, max_new_tokens=16, batch_size=4)
+    c.export.dtype = ""
   return c

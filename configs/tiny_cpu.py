@@ -17,7 +17,6 @@ Structural options go after a colon: `:runlocal=True` shrinks everything for tes
 """
 
 from k15 import config as k15_config
-from k15 import evaluate, sft
 
 
 def get_config(arg=None):
@@ -34,7 +33,7 @@ def get_config(arg=None):
   # RL prompts and the held-out problems are clean. (The long2short study sets sft_carry_slip=0
   # and sft_recheck=0.75: restated columns for long2short to trim; see the README.)
   c.pipeline.update(difficulties=(2, 3, 4), sft_carry_slip=0.6, rl_pool=320, eval_problems=96)
-  c.sft = sft.config_block(seq_len=512, batch_size=16, steps=300,
+  c.sft = k15_config.sft_block(seq_len=512, batch_size=16, steps=300,
                            optimizer=dict(learning_rate=2e-3, warmup_steps=20, decay="cosine",
                                           decay_steps=0, end_learning_rate=2e-4, b1=0.9,
                                           b2=0.95, weight_decay=0.0, grad_clip=1.0))
@@ -46,7 +45,7 @@ def get_config(arg=None):
       loss="pmd", tau=0.1, minibatch_groups=4, num_passes=1, length_bucket=64,
       length_weight=0.0, repeat_ngram=0)
   c.rl.sampling.mode = "prioritized"
-  c.evaluate = evaluate.config_block(num_samples=8, temperature=1.0, max_new_tokens=256,
+  c.evaluate = k15_config.evaluate_block(num_samples=8, temperature=1.0, max_new_tokens=256,
                                      batch_size=64)
   c.checkpoint = k15_config.checkpoint_block(every=10, keep=2)
   # Long2short RL: a gentler length penalty over more iterations kept 4 more points than

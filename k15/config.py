@@ -15,6 +15,9 @@ import ml_collections
 from k15 import parallel
 from k15.model import transformer
 
+# The methods k15.long2short trains and compares (§2.4), in the order of its table.
+LONG2SHORT_METHODS = ("merge", "merge_rs", "shortest_rs", "dpo", "rl")
+
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """'a=1,b=x' -> ConfigDict(a=1, b='x'), typed like the defaults; unknown keys are an error."""
@@ -132,6 +135,36 @@ def rl_block(**overrides: Any) -> ml_collections.ConfigDict:
       length_warmup_iterations=0,  # ... and the iteration it switches on
       repeat_penalty=0.0,          # subtracted from the reward of a looping response
       sampling=dict(mode="prioritized", curriculum="", epsilon=0.0),
+      eval_every=0,                # mode rl: evaluate on data.eval every N iterations (and at
+                                   # the end); 0 = at the end only
+  ), overrides)
+
+
+# Prompt-file formats that k15.data.prompts reads (see there for each one's keys).
+DATA_FORMATS = ("gsm8k", "math", "k15", "code")
+
+
+def data_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """Prompt sets of the modes that start from a checkpoint (rl, evaluate): JSONL files."""
+  return make_block("data", dict(
+      train="",             # RL prompts
+      eval="",              # held-out problems: pass@1 every rl.eval_every iterations and at the end
+      format="gsm8k",       # one of DATA_FORMATS
+      on_error="raise",     # a malformed line: 'raise' (names file, line and key) | 'skip' (counted)
+      eval_limit=0,         # evaluate the first N problems of data.eval; 0 = all
+      instruction="",       # the user turn, "{question}" replaced; "" = the reward's own
+                            # (k15.rewards.verifier.INSTRUCTIONS)
+  ), overrides)
+
+
+def reward_options_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """Settings of the verifiers that `config.reward` names (k15.rewards.verifier)."""
+  return make_block("reward_options", dict(
+      math_timeout_s=5.0,   # per answer; over it scores 0
+      code_fraction=False,  # code: reward the share of passed tests instead of all-or-nothing
+      code_timeout_s=2.0,   # code: wall clock per test
+      code_memory_mb=256,   # code: address space per sandboxed process
+      code_workers=0,       # code: sandboxes at once; 0 = the CPU count
   ), overrides)
 
 
@@ -139,21 +172,135 @@ def checkpoint_block(**overrides: Any) -> ml_collections.ConfigDict:
   return make_block("checkpoint", dict(every=10, keep=3), overrides)
 
 
+def sft_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """The `sft` block of a config, with defaults for the tiny CPU model; see `train_sft`."""
+  c = dict(
+      seq_len=512,           # T, packed row length
+      batch_size=16,         # B, packed rows per step (global, over all hosts)
+      steps=0,               # optimizer steps; 0: as many as `epochs` epochs give
+      epochs=1,              # used when steps == 0 (§2.2: one epoch)
+      microbatches=1,        # gradient accumulation: B / microbatches rows per pass
+      overlong="truncate",   # examples over seq_len: 'truncate' | 'drop'
+      seed=0,                # shuffle order (per epoch) of the examples
+      # §2.2 decays 2e-5 -> 2e-6 for a 7B-class model; a tiny model wants a larger rate.
+      optimizer=dict(learning_rate=1e-3, warmup_steps=20, decay="cosine", decay_steps=0,
+                     end_learning_rate=1e-4, b1=0.9, b2=0.95, weight_decay=0.0,
+                     grad_clip=1.0),
+      checkpoint_every=100,  # steps between checkpoints (and one at the end)
+      checkpoint_keep=2,
+      # Mode `sft` only (`run`): the data and the tokenizer.
+      data="",               # JSONL of {"prompt", "response"}; "" = synthetic tasks below
+      tokenizer="",          # tokenizer.model; "" = train one on the synthetic tasks
+      vocab_size=512,        # of a tokenizer trained here (<= config.model.vocab_size)
+      families=("arithmetic", "countdown"),
+      num_examples=2000,     # per family
+      difficulties=(1, 2, 3),
+  )
+  return make_block("sft", c, overrides)
+
+
+def evaluate_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """The `evaluate` block of a config; see `evaluate` and `run`."""
+  c = dict(
+      num_samples=4,          # k responses per problem; pass@1 is their mean correctness
+      temperature=1.0,        # 0: greedy (one sample per problem)
+      top_p=1.0,
+      max_new_tokens=512,
+      batch_size=32,          # problems per sampler call (each with k rows)
+      seed=0,                 # sampling seed
+      # Mode `evaluate` only (`run`): the held-out problems and what to evaluate.
+      families=("arithmetic", "countdown"),
+      num_problems=100,       # per family, from the 'eval' split of k15.data.tasks
+      difficulties=(1, 2, 3),
+      problem_seed=1234,
+      tokenizer="",           # tokenizer.model; "" = <workdir>/tokenizer.model
+      # Comma-separated name=checkpoint_dir, e.g. "sft=DIR/sft_checkpoints,rl=DIR/checkpoints";
+      # an empty dir ("base=") is the model of config.model_path, or a random one.
+      checkpoints="",
+      greedy=True,            # modes from a checkpoint: also the greedy accuracy (one sample)
+  )
+  return make_block("evaluate", c, overrides)
+
+
+def pipeline_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """The `pipeline` block: which problems, how many, and the curation settings."""
+  c = dict(
+      families=("arithmetic",),
+      ops=("+",),                # arithmetic operators (k15.data.tasks)
+      difficulties=(2, 3, 4, 5),
+      sft_examples=1000,         # per family: the long-CoT warm-up set
+      sft_cot="long",            # 'long' | 'short': the warm-up ablation (short = answer only)
+      # The demonstrator's habits (k15.data.tasks options; SFT data only, RL prompts and the
+      # held-out set keep their right answers). sft_carry_slip: the chance that a demonstration
+      # forgets a due carry and so ends at a wrong answer; SFT imitates the habit, and the
+      # verifiable reward of RL is what can remove it. sft_recheck: the chance that a column
+      # is restated once more, redundant tokens for long2short (§2.4) to trim.
+      sft_carry_slip=0.0,
+      sft_recheck=0.0,
+      rl_pool=160,               # per family: candidate RL prompts before curation
+      eval_problems=64,          # per family, held out
+      vocab_size=384,            # tokenizer pieces (<= model.vocab_size; 256 are byte pieces)
+      max_cot_tokens=300,
+      # Curation (§2.1): pass-rate difficulty over `label_samples` samples at
+      # `label_temperature`, hackable filter over `hackable_samples` no-CoT answers, balance.
+      curate=True,
+      label_samples=10,
+      label_temperature=1.0,
+      hackable_samples=8,
+      mix=dict(easy=0.3, medium=0.4, hard=0.3),
+      rl_prompts=256,            # cap on the curated set
+  )
+  return make_block("pipeline", c, overrides)
+
+
+def long2short_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """The `long2short` block, with defaults for the tiny CPU model; see `run`."""
+  return make_block("long2short", dict(
+      methods=LONG2SHORT_METHODS,           # which of the methods `run` trains and evaluates
+      prompt_set="rl_pool",      # prompts for rejection sampling and DPO: 'rl_pool' |
+                                 # 'rl_prompts' (the curated RL set) | 'sft' (train split all)
+      num_prompts=256,           # cap on those prompts (0: all)
+      # The short-CoT model that `merge` averages with the long one.
+      short=dict(init="sft",     # 'sft': from DIR/sft (the long model's parent) | 'long'
+                 steps=60, learning_rate=3e-4),
+      merge_weights=(0.5, 0.5),  # (long, short); must sum to 1
+      # Shortest rejection sampling: n samples per prompt, SFT on the shortest correct.
+      rs=dict(samples=8, temperature=1.0,
+              max_new_tokens=0,  # 0: config.rl.max_new_tokens, the long model's budget
+              sft_steps=40, learning_rate=3e-4,
+              rounds=1),         # > 1: each round samples from the previous round's model
+      # DPO on the same samples of the long model as shortest_rs.
+      dpo=dict(beta=0.1, steps=60, batch_size=16,  # pairs per step
+               seq_len=256,      # prompt + response; longer pairs are dropped (counted)
+               learning_rate=1e-4, warmup_steps=5, grad_clip=1.0, seed=0,
+               checkpoint_every=20),
+      # Long2short RL: config.rl with these overrides; the length penalty is on from
+      # iteration 0 (length_warmup_iterations=0). init: the checkpoint it starts from, 'long'
+      # or one of the other methods' models (e.g. 'shortest_rs': RL after rejection sampling).
+      rl=dict(iterations=20, max_new_tokens=128, length_weight=1.0, init="long"),
+  ), overrides)
+
+
 def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds every block the modes read, with defaults, so that all configs share one key set.
 
-  Real-scale configs then override what matters for them; the blocks' owners define the keys
-  (k15.sft, k15.evaluate, k15.pipeline) and are imported here only when a config is built.
+  Real-scale configs then override what matters for them. The defaults live here, not in the
+  stage modules that read them, so that building a config imports no stage (and no orbax,
+  grain or RL stack).
   """
-  from k15 import evaluate, long2short, pipeline, sft  # pylint: disable=g-import-not-at-top
   c.model_path = ""   # a Hugging Face checkpoint directory to start from; "" = random init
   c.accelerator_type = ""  # e.g. 'v5p-64', read by k15.plan
   c.smoke = dict(batch=8, length=128)
   c.optimizer = optimizer_block()
   c.rl = rl_block()
   c.checkpoint = checkpoint_block()
-  c.sft = sft.config_block()
-  c.evaluate = evaluate.config_block()
-  c.pipeline = pipeline.config_block()
-  c.long2short = long2short.config_block()
+  c.sft = sft_block()
+  c.evaluate = evaluate_block()
+  c.pipeline = pipeline_block()
+  c.long2short = long2short_block()
+  # Modes that start from a checkpoint on prompt files (rl, evaluate).
+  c.data = data_block()
+  c.reward = "math"   # the verifier: 'math' | 'code' | 'task' (k15.rewards.verifier)
+  c.reward_options = reward_options_block()
+  c.export = dict(dtype="")  # W/export/final's dtype; "" = config.model.param_dtype
   return c

@@ -22,38 +22,14 @@ import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
-from k15 import config as k15_config
 from k15 import metrics as metrics_lib
 from k15 import tokenizer as tokenizer_lib
 from k15.model import transformer
 from k15.sampling import sampler
 
 GradeFn = Callable[[Any, str], float]  # (problem, response text) -> score in [0, 1]
-
-
-def config_block(**overrides: Any) -> ml_collections.ConfigDict:
-  """The `evaluate` block of a config; see `evaluate` and `run`."""
-  c = dict(
-      num_samples=4,          # k responses per problem; pass@1 is their mean correctness
-      temperature=1.0,        # 0: greedy (one sample per problem)
-      top_p=1.0,
-      max_new_tokens=512,
-      batch_size=32,          # problems per sampler call (each with k rows)
-      seed=0,                 # sampling seed
-      # Mode `evaluate` only (`run`): the held-out problems and what to evaluate.
-      families=("arithmetic", "countdown"),
-      num_problems=100,       # per family, from the 'eval' split of k15.data.tasks
-      difficulties=(1, 2, 3),
-      problem_seed=1234,
-      tokenizer="",           # tokenizer.model; "" = <workdir>/tokenizer.model
-      # Comma-separated name=checkpoint_dir, e.g. "sft=DIR/sft_checkpoints,rl=DIR/checkpoints";
-      # an empty dir ("base=") is the model of config.model_path, or a random one.
-      checkpoints="",
-  )
-  return k15_config.make_block("evaluate", c, overrides)
 
 
 @dataclasses.dataclass(frozen=True)

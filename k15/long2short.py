@@ -75,41 +75,13 @@ from k15.model import transformer
 
 Example = tuple[list[int], list[int]]  # (prompt ids, response ids incl. eos)
 GradeFn = Callable[[Any, str], float]
-METHODS = ("merge", "merge_rs", "shortest_rs", "dpo", "rl")
+METHODS = k15_config.LONG2SHORT_METHODS
 LABELS = {"long": "long (RL)", "short": "short (SFT)", "merge": "merge",
           "merge_rs": "merge + shortest RS", "shortest_rs": "shortest RS", "dpo": "DPO",
           "rl": "long2short RL"}
 PROMPT_SETS = {"rl_pool": "rl_pool.jsonl", "rl_prompts": "rl_prompts.jsonl", "sft": "sft.jsonl"}
 RL_INITS = ("long", "merge", "merge_rs", "shortest_rs", "dpo")  # where long2short RL may start
 DPO_LENGTH_RATIO = 1.5  # §2.4: correct responses longer than 1.5x the positive are negatives
-
-
-def config_block(**overrides: Any) -> ml_collections.ConfigDict:
-  """The `long2short` block, with defaults for the tiny CPU model; see `run`."""
-  return k15_config.make_block("long2short", dict(
-      methods=METHODS,           # which of the methods `run` trains and evaluates
-      prompt_set="rl_pool",      # prompts for rejection sampling and DPO: 'rl_pool' |
-                                 # 'rl_prompts' (the curated RL set) | 'sft' (train split all)
-      num_prompts=256,           # cap on those prompts (0: all)
-      # The short-CoT model that `merge` averages with the long one.
-      short=dict(init="sft",     # 'sft': from DIR/sft (the long model's parent) | 'long'
-                 steps=60, learning_rate=3e-4),
-      merge_weights=(0.5, 0.5),  # (long, short); must sum to 1
-      # Shortest rejection sampling: n samples per prompt, SFT on the shortest correct.
-      rs=dict(samples=8, temperature=1.0,
-              max_new_tokens=0,  # 0: config.rl.max_new_tokens, the long model's budget
-              sft_steps=40, learning_rate=3e-4,
-              rounds=1),         # > 1: each round samples from the previous round's model
-      # DPO on the same samples of the long model as shortest_rs.
-      dpo=dict(beta=0.1, steps=60, batch_size=16,  # pairs per step
-               seq_len=256,      # prompt + response; longer pairs are dropped (counted)
-               learning_rate=1e-4, warmup_steps=5, grad_clip=1.0, seed=0,
-               checkpoint_every=20),
-      # Long2short RL: config.rl with these overrides; the length penalty is on from
-      # iteration 0 (length_warmup_iterations=0). init: the checkpoint it starts from, 'long'
-      # or one of the other methods' models (e.g. 'shortest_rs': RL after rejection sampling).
-      rl=dict(iterations=20, max_new_tokens=128, length_weight=1.0, init="long"),
-  ), overrides)
 
 
 def _log(msg: str) -> None:

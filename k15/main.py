@@ -28,7 +28,14 @@ MODES = {
     "evaluate": "k15.evaluate",    # pass@1, tokens, per difficulty
     "pipeline": "k15.pipeline",    # data -> SFT -> curation -> RL -> evaluation
     "long2short": "k15.long2short",  # merge, shortest RS, DPO, long2short RL (§2.4)
+    "rl": "k15.rl.run",            # RL on a Hugging Face checkpoint and prompt files (§2.3)
 }
+
+
+def _explicit_model_keys() -> dict:
+  """model.<key>=value overrides given on the command line (not the config file's values)."""
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  return {k.partition(".")[2]: v for k, v in overrides.items() if k.startswith("model.")}
 
 
 def main(argv):
@@ -40,6 +47,10 @@ def main(argv):
   config = _CONFIG.value
   if config.mode not in MODES:
     raise app.UsageError(f"config.mode={config.mode!r}; expected one of {sorted(MODES)}")
+  if config.get("model_path"):
+    # The checkpoint fixes the architecture; an override on the command line must agree.
+    from k15 import hf_policy  # pylint: disable=g-import-not-at-top
+    hf_policy.check_architecture(config.model_path, _explicit_model_keys())
   parallel.maybe_initialize_distributed(config)
   logging.info("config:\n%s", config)
   importlib.import_module(MODES[config.mode]).run(config, _WORKDIR.value)

@@ -23,12 +23,10 @@ import time
 from typing import Any, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from k15 import evaluate as evaluate_lib
-from k15 import config as k15_config
 from k15 import metrics as metrics_lib
 from k15 import parallel, sft, smoke
 from k15 import tokenizer as tokenizer_lib
@@ -37,37 +35,6 @@ from k15.data import tasks
 from k15.model import transformer
 from k15.rl import trainer as trainer_lib
 from k15.sampling import sampler
-
-
-def config_block(**overrides: Any) -> ml_collections.ConfigDict:
-  """The `pipeline` block: which problems, how many, and the curation settings."""
-  c = dict(
-      families=("arithmetic",),
-      ops=("+",),                # arithmetic operators (k15.data.tasks)
-      difficulties=(2, 3, 4, 5),
-      sft_examples=1000,         # per family: the long-CoT warm-up set
-      sft_cot="long",            # 'long' | 'short': the warm-up ablation (short = answer only)
-      # The demonstrator's habits (k15.data.tasks options; SFT data only, RL prompts and the
-      # held-out set keep their right answers). sft_carry_slip: the chance that a demonstration
-      # forgets a due carry and so ends at a wrong answer; SFT imitates the habit, and the
-      # verifiable reward of RL is what can remove it. sft_recheck: the chance that a column
-      # is restated once more, redundant tokens for long2short (§2.4) to trim.
-      sft_carry_slip=0.0,
-      sft_recheck=0.0,
-      rl_pool=160,               # per family: candidate RL prompts before curation
-      eval_problems=64,          # per family, held out
-      vocab_size=384,            # tokenizer pieces (<= model.vocab_size; 256 are byte pieces)
-      max_cot_tokens=300,
-      # Curation (§2.1): pass-rate difficulty over `label_samples` samples at
-      # `label_temperature`, hackable filter over `hackable_samples` no-CoT answers, balance.
-      curate=True,
-      label_samples=10,
-      label_temperature=1.0,
-      hackable_samples=8,
-      mix=dict(easy=0.3, medium=0.4, hard=0.3),
-      rl_prompts=256,            # cap on the curated set
-  )
-  return k15_config.make_block("pipeline", c, overrides)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,6 @@ import numpy as np
 from flax import nnx
 
 from k15 import checkpoint as ckpt_lib
-from k15 import config as k15_config
 from k15 import metrics as metrics_lib
 from k15 import parallel, update
 from k15 import tokenizer as tokenizer_lib
@@ -53,33 +52,6 @@ Example = tuple[Sequence[int], Sequence[int]]  # (prompt ids, response ids incl.
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 OVERLONG = ("truncate", "drop")
 CHECKPOINT_SUBDIR = "sft_checkpoints"
-
-
-def config_block(**overrides: Any) -> ml_collections.ConfigDict:
-  """The `sft` block of a config, with defaults for the tiny CPU model; see `train_sft`."""
-  c = dict(
-      seq_len=512,           # T, packed row length
-      batch_size=16,         # B, packed rows per step (global, over all hosts)
-      steps=0,               # optimizer steps; 0: as many as `epochs` epochs give
-      epochs=1,              # used when steps == 0 (§2.2: one epoch)
-      microbatches=1,        # gradient accumulation: B / microbatches rows per pass
-      overlong="truncate",   # examples over seq_len: 'truncate' | 'drop'
-      seed=0,                # shuffle order (per epoch) of the examples
-      # §2.2 decays 2e-5 -> 2e-6 for a 7B-class model; a tiny model wants a larger rate.
-      optimizer=dict(learning_rate=1e-3, warmup_steps=20, decay="cosine", decay_steps=0,
-                     end_learning_rate=1e-4, b1=0.9, b2=0.95, weight_decay=0.0,
-                     grad_clip=1.0),
-      checkpoint_every=100,  # steps between checkpoints (and one at the end)
-      checkpoint_keep=2,
-      # Mode `sft` only (`run`): the data and the tokenizer.
-      data="",               # JSONL of {"prompt", "response"}; "" = synthetic tasks below
-      tokenizer="",          # tokenizer.model; "" = train one on the synthetic tasks
-      vocab_size=512,        # of a tokenizer trained here (<= config.model.vocab_size)
-      families=("arithmetic", "countdown"),
-      num_examples=2000,     # per family
-      difficulties=(1, 2, 3),
-  )
-  return k15_config.make_block("sft", c, overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +330,7 @@ def train_sft(model: transformer.Transformer, examples: Sequence[Example], confi
               ) -> tuple[transformer.Transformer, list[float]]:
   """Fine-tunes `model` on `examples`; returns (the trained model, loss of every step).
 
-  config_sft: the `sft` block (`config_block`): seq_len, batch_size, steps or epochs,
+  config_sft: the `sft` block (`k15.config.sft_block`): seq_len, batch_size, steps or epochs,
   microbatches, overlong, seed, optimizer, checkpoint_every, checkpoint_keep.
 
   The input model is left as it was. With a `workdir`, params, optimizer state, data-iterator

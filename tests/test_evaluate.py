@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from k15 import config as k15_config
 from k15 import evaluate
 from k15.model import transformer
 from k15.sampling import sampler
@@ -200,6 +201,6 @@ def test_bad_arguments():
     evaluate.evaluate(None, _problems(), tokenizer=_CharTokenizer(), grade_fn=_grade,
                       num_samples=0, progress=False)
   with pytest.raises(ValueError, match="unknown evaluate config keys \\['samples'\\]"):
-    evaluate.config_block(samples=3)
+    k15_config.evaluate_block(samples=3)
   with pytest.raises(ValueError, match="item 'sft': expected name=directory"):
     evaluate._parse_checkpoints("sft")

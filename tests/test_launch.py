@@ -570,11 +570,9 @@ def test_scripts_are_executable():
     assert "set -euo pipefail" in (LAUNCH / script).read_text()
 
 
-def test_shellcheck_is_clean():
-  if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck is not installed (Debian/Ubuntu: apt-get install shellcheck)")
+def test_shellcheck_is_clean(shellcheck):
   scripts = sorted(str(p.relative_to(REPO)) for p in LAUNCH.glob("*.sh"))
   assert len(scripts) == 7
-  done = subprocess.run(["shellcheck", "--external-sources", *scripts], cwd=REPO,
+  done = subprocess.run([shellcheck, "--external-sources", *scripts], cwd=REPO,
                         capture_output=True, text=True)
   assert done.returncode == 0, done.stdout + done.stderr

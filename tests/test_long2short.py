@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from k15 import config as k15_config
 from k15 import checkpoint as ckpt_lib
 from k15 import long2short, parallel, pipeline, sampling
 from k15.model import transformer
@@ -242,7 +243,7 @@ def test_train_dpo_lowers_the_loss_on_its_pairs(tmp_path):
     prompt = [2] + list(rng.integers(4, 64, size=3))
     pairs.append(((prompt, list(rng.integers(4, 64, size=4)) + [1]),
                   (prompt, list(rng.integers(4, 64, size=6)) + [1])))
-  config = L2S.config_block(dpo=dict(steps=3, batch_size=8, seq_len=16, learning_rate=3e-3,
+  config = k15_config.long2short_block(dpo=dict(steps=3, batch_size=8, seq_len=16, learning_rate=3e-3,
                                      warmup_steps=0, checkpoint_every=1)).dpo
   with parallel.use_mesh(mesh):
     model = parallel.create_sharded(  # one layer: the test is about the loss, not the model
@@ -297,15 +298,14 @@ def test_batch_indices_cover_each_epoch_once():
 
 def test_config_block_and_long2short_rl_overrides(monkeypatch):
   with pytest.raises(ValueError, match=r"unknown long2short config keys \['dpo_beta'\]"):
-    L2S.config_block(dpo_beta=0.2)
+    k15_config.long2short_block(dpo_beta=0.2)
   with pytest.raises(ValueError, match=r"unknown long2short.dpo keys \['bta'\]"):
-    L2S.config_block(dpo=dict(bta=0.2))
-  c = L2S.config_block(dpo=dict(beta=0.2))
+    k15_config.long2short_block(dpo=dict(bta=0.2))
+  c = k15_config.long2short_block(dpo=dict(beta=0.2))
   assert c.dpo.beta == 0.2 and c.dpo.steps == 60  # the other dpo keys keep their defaults
   with pytest.raises(ValueError, match=r"long2short.rs must be a dict"):
-    L2S.config_block(rs=8)
+    k15_config.long2short_block(rs=8)
 
-  from k15 import config as k15_config
   # Nested blocks of the other config blocks are checked the same way (k15.config.make_block).
   with pytest.raises(ValueError, match=r"unknown rl.sampling keys \['mod'\]"):
     k15_config.rl_block(sampling=dict(mod="uniform"))
@@ -315,7 +315,7 @@ def test_config_block_and_long2short_rl_overrides(monkeypatch):
       seed=0, rl=k15_config.rl_block(max_new_tokens=192, length_weight=0.0,
                                      length_warmup_iterations=30, iterations=60,
                                      segment_budget=160),
-      long2short=L2S.config_block(rl=dict(iterations=5, max_new_tokens=96,
+      long2short=k15_config.long2short_block(rl=dict(iterations=5, max_new_tokens=96,
                                           length_weight=0.5))))
   config.lock()
   seen = {}
@@ -351,7 +351,7 @@ def test_format_table_and_efficiency():
 
 def test_run_refuses_a_missing_pipeline_and_a_changed_config(tmp_path):
   config = ml_collections.ConfigDict(dict(
-      seed=0, evaluate=dict(num_samples=2), long2short=L2S.config_block()))
+      seed=0, evaluate=dict(num_samples=2), long2short=k15_config.long2short_block()))
   with pytest.raises(FileNotFoundError, match=r"needs a finished pipeline.*tokenizer\.model"):
     L2S.run(config, str(tmp_path))
   for rel in ("tokenizer.model", "sft/sft_checkpoints/", "rl/checkpoints/", "data/eval.jsonl",
@@ -419,7 +419,7 @@ def test_run_chains_rejection_sampling_rounds_and_rl_init(tmp_path, monkeypatch,
                                        warmup_steps=0, decay_steps=0)),
       rl=dict(max_new_tokens=64),
       evaluate=dict(num_samples=2, temperature=1.0, top_p=1.0, max_new_tokens=64, batch_size=4),
-      long2short=L2S.config_block(methods=("shortest_rs", "rl"), rs=dict(rounds=rounds),
+      long2short=k15_config.long2short_block(methods=("shortest_rs", "rl"), rs=dict(rounds=rounds),
                                   rl=dict(init="shortest_rs"))))
   results = L2S.run(config, str(tmp_path))
   # Round r samples from round r - 1's model and keeps each prompt's shortest correct

@@ -17,6 +17,9 @@ from k15.rewards import code
 
 TIMEOUT_S = 1.0
 
+# Without bubblewrap every test here skips, naming the package (or fails under K15_REQUIRE_TOOLS=1).
+pytestmark = pytest.mark.usefixtures("sandbox")
+
 
 def _leftovers(marker: str) -> list[str]:
   """Processes that came from a sandbox: its uid range, its program path or the test's marker."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from k15 import config as k15_config
 from k15 import parallel, sft, update
 from k15 import tokenizer as tokenizer_lib
 from k15.data import tasks
@@ -219,7 +220,7 @@ def arithmetic(tmp_path_factory):
 
 
 def _config(**kw):
-  c = sft.config_block(seq_len=128, batch_size=8, steps=60, checkpoint_every=1000)
+  c = k15_config.sft_block(seq_len=128, batch_size=8, steps=60, checkpoint_every=1000)
   c.optimizer.learning_rate = 3e-3
   c.optimizer.end_learning_rate = 3e-4
   c.optimizer.warmup_steps = 5
@@ -284,8 +285,8 @@ def test_sft_checkpoint_resume_matches_uninterrupted(arithmetic, tmp_path):
 
 def test_config_block_rejects_unknown_keys():
   with pytest.raises(ValueError, match="unknown sft config keys \\['stepz'\\]"):
-    sft.config_block(stepz=3)
-  assert isinstance(sft.config_block(steps=3), ml_collections.ConfigDict)
+    k15_config.sft_block(stepz=3)
+  assert isinstance(k15_config.sft_block(steps=3), ml_collections.ConfigDict)
 
 
 def test_load_jsonl_errors_name_file_and_line(tmp_path):

@@ -47,7 +47,7 @@ SampleFn = Callable[[list[str], int, float], list[list[str]]]
 
 REQUIRED_KEYS = ("id", "prompt", "answer", "domain")
 OPTIONAL_KEYS = ("tags", "difficulty", "pass_rate", "meta")
-FORMATS = ("auto", "k15", "gsm8k", "math")
+FORMATS = ("auto", "k15", "gsm8k", "math", "code")
 DEFAULT_MIX = {"easy": 0.3, "medium": 0.4, "hard": 0.3}
 DEFAULT_BUCKET_EDGES = (1 / 3, 2 / 3)
 
@@ -147,10 +147,17 @@ def record_from_json(obj: Any) -> PromptRecord:
       pass_rate=None if pass_rate is None else float(pass_rate), meta=meta)
 
 
+def _require(obj: Any, keys: Sequence[str]) -> None:
+  if not isinstance(obj, dict):
+    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+  missing = [k for k in keys if k not in obj]
+  if missing:
+    raise ValueError(f"missing key(s) {missing}; this format needs {list(keys)}")
+
+
 def _gsm8k_record(obj: Any, default_id: str) -> PromptRecord:
   """GSM8K: {question, answer: "reasoning ... #### 42"}; the answer is what follows ####."""
-  if not isinstance(obj, dict) or "question" not in obj or "answer" not in obj:
-    raise ValueError("expected an object with keys 'question' and 'answer'")
+  _require(obj, ("question", "answer"))
   question, solution = obj["question"], obj["answer"]
   if not isinstance(question, str) or not question.strip():
     raise ValueError(f"key 'question' must be a non-empty string, got {question!r}")
@@ -181,8 +188,7 @@ def _math_record(obj: Any, default_id: str) -> PromptRecord:
   solution. 'Level k' (k = 1..5) becomes the tag 'level:k' and difficulty (k - 1) / 4, so MATH's
   own levels land on the same [0, 1] scale as pass-rate difficulty until relabelled.
   """
-  if not isinstance(obj, dict) or "problem" not in obj or "solution" not in obj:
-    raise ValueError("expected an object with keys 'problem' and 'solution'")
+  _require(obj, ("problem", "solution"))
   problem, solution = obj["problem"], obj["solution"]
   if not isinstance(problem, str) or not problem.strip():
     raise ValueError(f"key 'problem' must be a non-empty string, got {problem!r}")
@@ -208,9 +214,41 @@ def _math_record(obj: Any, default_id: str) -> PromptRecord:
                       tags=tuple(tags), difficulty=difficulty, meta={"solution": solution})
 
 
+def _code_record(obj: Any, default_id: str) -> PromptRecord:
+  """Code: {prompt, tests, id?, tags?}; tests are [{input, output}, ...] stdin/stdout pairs or
+  a string of Python asserts on a function the program defines (k15.rewards.code)."""
+  _require(obj, ("prompt", "tests"))
+  prompt, tests = obj["prompt"], obj["tests"]
+  if not isinstance(prompt, str) or not prompt.strip():
+    raise ValueError(f"key 'prompt' must be a non-empty string, got {prompt!r}")
+  if isinstance(tests, str):
+    if not tests.strip():
+      raise ValueError("key 'tests' is an empty string of asserts")
+    meta: dict[str, Any] = {"asserts": tests}
+  elif isinstance(tests, list) and tests:
+    pairs = []
+    for i, t in enumerate(tests):
+      if (not isinstance(t, dict) or not isinstance(t.get("input"), str)
+          or not isinstance(t.get("output"), str)):
+        raise ValueError(f"key 'tests' item {i} must be an object with string 'input' and "
+                         f"'output', got {t!r:.200}")
+      pairs.append([t["input"], t["output"]])
+    meta = {"tests": pairs}
+  else:
+    raise ValueError("key 'tests' must be a non-empty list of {input, output} objects or a "
+                     f"string of asserts, got {tests!r:.200}")
+  tags = obj.get("tags", [])
+  if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+    raise ValueError(f"key 'tags' must be a list of strings, got {tags!r}")
+  return PromptRecord(id=str(obj.get("id", default_id)), prompt=prompt.strip(), answer="",
+                      domain="code", tags=("code", *tags), meta=meta)
+
+
 def _detect_format(obj: Any, path: str, line_no: int) -> str:
   # One distinctive key each, so that a line missing some other key still gets its own error.
   keys = set(obj) if isinstance(obj, dict) else set()
+  if "tests" in keys:
+    return "code"
   if "prompt" in keys:
     return "k15"
   if "problem" in keys:
@@ -219,18 +257,20 @@ def _detect_format(obj: Any, path: str, line_no: int) -> str:
     return "gsm8k"
   raise PromptFormatError(
       f"{path}:{line_no}: cannot detect the format from keys {sorted(keys)}; expected k15 "
-      "(id, prompt, answer, domain, ...), gsm8k (question, answer) or math (problem, solution)")
+      "(id, prompt, answer, domain, ...), gsm8k (question, answer), math (problem, solution) or "
+      "code (prompt, tests)")
 
 
 def load_prompts(path: str | os.PathLike[str],
                  format: str = "auto",  # pylint: disable=redefined-builtin
                  *, on_error: str = "raise") -> tuple[list[PromptRecord], int]:
-  """Reads a JSONL prompt file in the k15, GSM8K or MATH format.
+  """Reads a JSONL prompt file in the k15, GSM8K, MATH or code format.
 
   Args:
     path: the JSONL file.
-    format: 'k15', 'gsm8k', 'math', or 'auto': decided by the first line that parses as JSON,
-      from its key 'prompt' (k15), 'problem' (math) or 'question' (gsm8k).
+    format: 'k15', 'gsm8k', 'math', 'code', or 'auto': decided by the first line that parses
+      as JSON, from its key 'tests' (code), 'prompt' (k15), 'problem' (math) or 'question'
+      (gsm8k).
     on_error: 'raise' (a PromptFormatError naming file and line) or 'skip' (skip malformed
       lines, count them and log a warning with the first few reasons).
 
@@ -263,6 +303,8 @@ def load_prompts(path: str | os.PathLike[str],
           record = record_from_json(obj)
         elif format == "gsm8k":
           record = _gsm8k_record(obj, f"{stem}-{line_no}")
+        elif format == "code":
+          record = _code_record(obj, f"{stem}-{line_no}")
         else:
           record = _math_record(obj, f"{stem}-{line_no}")
         if record.id in first_line_of_id:
@@ -331,6 +373,8 @@ def unevaluable_reason(record: PromptRecord) -> str | None:
   Multiple-choice and true/false questions are excluded because a guess is right too often for
   the reward to mean anything; proofs because no final answer captures them.
   """
+  if record.domain == "code":
+    return None if record.meta.get("tests") or record.meta.get("asserts") else "no tests"
   if not record.answer.strip():
     return "no answer"
   if any(p.search(record.prompt) for p in _MULTIPLE_CHOICE):

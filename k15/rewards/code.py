@@ -38,6 +38,8 @@ SandboxUnavailableError saying what failed; programs never run unsandboxed.
 
 import dataclasses
 import os
+import re
+import secrets
 import selectors
 import shutil
 import signal
@@ -486,3 +488,63 @@ def run_tests(program: str, tests: Sequence[tuple[str, str]], *, timeout_s: floa
     shutil.rmtree(prog_dir, ignore_errors=True)
   return TestResult(passed=sum(r.status == "ok" for r in results), total=len(results),
                     tests=results)
+
+
+# ------------------------------------------------------------------------------------------------
+# From a model's response to a reward.
+# ------------------------------------------------------------------------------------------------
+
+_FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
+
+
+def last_code_block(text: str) -> str | None:
+  """The body of the last complete fenced code block (```python ... ```), or None.
+
+  The last one, as math grades the last \\boxed{}: a response that drafts and then corrects
+  its program is graded on the correction. An unclosed fence (a response cut off mid-program)
+  is no program.
+  """
+  blocks = _FENCE.findall(text)
+  return blocks[-1] if blocks else None
+
+
+def assert_program(solution: str, asserts: str, marker: str) -> str:
+  """A program that runs `solution`, then `asserts`, then prints `marker` (and only that).
+
+  The solution's own output is swallowed, so the test is the asserts: the program prints the
+  marker only when the solution and every assert ran to the end, which an early `sys.exit(0)`
+  never does. Callers draw the marker at random per call, so a response cannot print it itself.
+  """
+  return ("import contextlib as _k15_c, io as _k15_io, sys as _k15_sys\n"
+          "_k15_stdout = _k15_sys.stdout\n"
+          "with _k15_c.redirect_stdout(_k15_io.StringIO()):\n"
+          f"  exec(compile({solution!r}, 'solution.py', 'exec'), globals())\n"
+          f"  exec(compile({asserts!r}, 'tests.py', 'exec'), globals())\n"
+          f"_k15_stdout.write({marker!r} + '\\n')\n")
+
+
+def grade_response(response: str, tests: Sequence[tuple[str, str]] | None = None,
+                   asserts: str | None = None, *, fraction: bool = False,
+                   **run_kwargs) -> float:
+  """The code reward: 1.0 when the last code block passes every test, else 0.0.
+
+  `tests` are (stdin, expected stdout) pairs; `asserts` is Python code that checks a function
+  the program defines (exactly one of the two). fraction=True rewards the share of passed
+  stdin/stdout tests instead (a set of asserts is one test). No code block scores 0.
+  """
+  if (tests is None) == (asserts is None):
+    raise ValueError("grade_response takes exactly one of tests and asserts")
+  program = last_code_block(response)
+  if program is None or not program.strip():
+    return 0.0
+  if asserts is not None:
+    marker = "k15-asserts-passed-" + secrets.token_hex(16)
+    result = run_tests(assert_program(program, asserts, marker), [("", marker + "\n")],
+                       **run_kwargs)
+  else:
+    if not tests:
+      raise ValueError("grade_response: no tests to run")
+    result = run_tests(program, [tuple(t) for t in tests], **run_kwargs)
+  if result.all_passed:
+    return 1.0
+  return result.passed / result.total if fraction else 0.0

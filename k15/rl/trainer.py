@@ -313,8 +313,13 @@ class RLTrainer:
     self.iteration += 1
     return metrics
 
-  def train(self, num_iterations: int | None = None, progress: bool | None = None):
-    """Runs until rl.iterations (or num_iterations more); saves, and stops on preemption."""
+  def train(self, num_iterations: int | None = None, progress: bool | None = None,
+            after_iteration: Callable[["RLTrainer"], dict[str, float] | None] | None = None):
+    """Runs until rl.iterations (or num_iterations more); saves, and stops on preemption.
+
+    after_iteration(trainer), if given, runs after each iteration (e.g. an evaluation of the
+    current policy); the metrics it returns are written with the iteration's own.
+    """
     self.maybe_restore()
     end = self.rl.iterations if num_iterations is None else self.iteration + num_iterations
     history = []
@@ -323,6 +328,8 @@ class RLTrainer:
     try:
       while self.iteration < end:
         m = self.step()
+        if after_iteration is not None:
+          m.update(after_iteration(self) or {})
         history.append(m)
         self.writer.write_scalars(self.iteration, m)
         bar.update(1)

@@ -1,0 +1,157 @@
+"""What the modes that start from a Hugging Face checkpoint share: its architecture, tokenizer,
+prompt files, evaluation on them, and the export of the result as a checkpoint again.
+
+`config.model_path` is a checkpoint directory (config.json, *.safetensors, tokenizer files).
+The architecture comes from its config.json; `config.model` contributes the dtypes, attention
+and remat settings (k15.smoke.build_model). A config file's own architecture keys describe the
+model it was sized for (k15.plan reads them), so they give way to the checkpoint's; a key set
+on the command line that contradicts config.json is an error (`check_architecture`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from typing import Any, Sequence
+
+import jax
+
+from k15 import config as k15_config
+from k15 import evaluate as evaluate_lib
+from k15 import hf_tokenizer
+from k15.data import prompts as prompts_lib
+from k15.model import hf, transformer
+from k15.rewards import verifier
+
+# ModelConfig fields that a checkpoint fixes; the others (dtypes, attention, remat) are ours.
+ARCHITECTURE_KEYS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "mlp_dim", "rope_theta", "norm_eps", "tie_embeddings",
+                     "qkv_bias")
+# One of these makes a directory a tokenizer for transformers.AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def read_checkpoint_config(model_path: str) -> tuple[transformer.ModelConfig, str]:
+  """(architecture, family 'llama' | 'qwen2') from `model_path`/config.json."""
+  file = os.path.join(model_path, "config.json")
+  if not os.path.isdir(model_path):
+    raise FileNotFoundError(f"config.model_path={model_path}: not a directory")
+  if not os.path.isfile(file):
+    raise hf.CheckpointError(f"config.model_path={model_path}: no config.json (is this a "
+                             "Hugging Face checkpoint directory?)")
+  with open(file, encoding="utf-8") as f:
+    try:
+      raw = json.load(f)
+    except ValueError as e:
+      raise hf.CheckpointError(f"{file}: not valid JSON: {e}") from None
+  cfg = hf.config_from_hf(raw, file)
+  archs = raw.get("architectures") or []
+  family = next((hf.ARCHITECTURES[a] for a in archs if a in hf.ARCHITECTURES),
+                raw.get("model_type"))
+  return cfg, family
+
+
+def check_architecture(model_path: str, explicit: dict[str, Any]) -> None:
+  """Raises when an architecture key given explicitly (model.<key>=value) contradicts config.json."""
+  cfg, _ = read_checkpoint_config(model_path)
+  for key, value in sorted(explicit.items()):
+    if key in ARCHITECTURE_KEYS and value != getattr(cfg, key):
+      raise ValueError(
+          f"config.model.{key}={value!r} contradicts {os.path.join(model_path, 'config.json')}, "
+          f"which gives {key}={getattr(cfg, key)!r}; with config.model_path set the "
+          "architecture comes from the checkpoint (drop the override)")
+
+
+def with_checkpoint_architecture(config: Any) -> Any:
+  """A copy of `config` whose model block holds the checkpoint's architecture."""
+  cfg, _ = read_checkpoint_config(config.model_path)
+  config = copy.deepcopy(config)
+  config.model.update({k: getattr(cfg, k) for k in ARCHITECTURE_KEYS})
+  return config
+
+
+def load_tokenizer(model_path: str, instruction: str) -> hf_tokenizer.HFTokenizer:
+  """The checkpoint's own tokenizer and chat template; stop ids from it and generation_config."""
+  if not any(os.path.isfile(os.path.join(model_path, f)) for f in TOKENIZER_FILES):
+    raise FileNotFoundError(
+        f"config.model_path={model_path} has no tokenizer files (one of {list(TOKENIZER_FILES)}"
+        " with tokenizer_config.json): k15 takes the tokenizer and chat template from the "
+        "checkpoint directory; copy them there (tokenizer.save_pretrained(path))")
+  return hf_tokenizer.HFTokenizer.load(model_path, instruction=instruction)
+
+
+def instruction(config: Any) -> str:
+  return config.data.instruction or verifier.INSTRUCTIONS[config.reward]
+
+
+def check_data_config(config: Any, *, need: Sequence[str]) -> None:
+  """Clear errors for the `data` and `reward` keys before anything slow starts."""
+  verifier.check_name(config.reward)
+  if config.data.format not in k15_config.DATA_FORMATS:
+    raise ValueError(f"unknown config.data.format={config.data.format!r}; known formats: "
+                     f"{list(k15_config.DATA_FORMATS)}")
+  for key in need:
+    if not config.data[key]:
+      raise ValueError(f"mode {config.mode!r} needs --config.data.{key}=FILE.jsonl")
+  if not config.model_path:
+    raise ValueError(f"mode {config.mode!r} needs --config.model_path=CHECKPOINT_DIR (a Hugging "
+                     "Face checkpoint directory)")
+
+
+def load_problems(config: Any, which: str) -> list[prompts_lib.PromptRecord]:
+  """The records of config.data.<which> ('train' | 'eval') in config.data.format."""
+  path = config.data[which]
+  records, skipped = prompts_lib.load_prompts(path, config.data.format,
+                                              on_error=config.data.on_error)
+  if skipped and jax.process_index() == 0:
+    print(f"[k15] {path}: skipped {skipped} malformed line(s)", flush=True)
+  if which == "eval" and config.data.eval_limit:
+    records = records[:config.data.eval_limit]
+  if not records:
+    raise ValueError(f"config.data.{which}={path}: no records")
+  return records
+
+
+def evaluate(model: transformer.Transformer, problems: Sequence[prompts_lib.PromptRecord],
+             tok: hf_tokenizer.HFTokenizer, config: Any) -> dict[str, Any]:
+  """pass@1 over config.evaluate.num_samples samples, and the greedy accuracy, on `problems`."""
+  grade = verifier.make_grader(config.reward, config.reward_options)
+  grade_one = lambda problem, text: float(grade([problem], [text])[0])
+  ev = config.evaluate
+  kwargs = dict(tokenizer=tok, grade_fn=grade_one, max_new_tokens=ev.max_new_tokens,
+                seed=ev.seed, batch_size=ev.batch_size, top_p=ev.top_p)
+  out = {"sampled": evaluate_lib.evaluate(model, problems, num_samples=ev.num_samples,
+                                          temperature=ev.temperature, **kwargs)}
+  if ev.greedy and ev.temperature != 0:
+    out["greedy"] = evaluate_lib.evaluate(model, problems, num_samples=1, temperature=0.0,
+                                          **kwargs)
+  return out
+
+
+def eval_metrics(results: dict[str, Any]) -> dict[str, float]:
+  """The scalars of `evaluate` for metrics.jsonl."""
+  s = results["sampled"]
+  out = {"eval/pass_at_1": s["accuracy"], "eval/mean_tokens": s["mean_tokens"],
+         "eval/truncated": s["truncated"]}
+  if "greedy" in results:
+    out["eval/greedy_accuracy"] = results["greedy"]["accuracy"]
+  elif s["temperature"] == 0:
+    out["eval/greedy_accuracy"] = s["accuracy"]
+  return out
+
+
+def export(model: transformer.Transformer, tok: hf_tokenizer.HFTokenizer, config: Any,
+           directory: str) -> str:
+  """Writes `model` as a Hugging Face checkpoint: config.json, safetensors, tokenizer files and
+  the source checkpoint's generation_config.json (its stop ids)."""
+  _, family = read_checkpoint_config(config.model_path)
+  hf.save(model, directory, family=family,
+          dtype=config.export.dtype or config.model.param_dtype)
+  if jax.process_index() == 0:
+    tok.save(directory)
+    gen = os.path.join(config.model_path, "generation_config.json")
+    if os.path.isfile(gen):
+      shutil.copy(gen, directory)
+  return directory

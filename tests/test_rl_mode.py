@@ -1,0 +1,220 @@
+"""Mode `rl` from the command line: a tiny Hugging Face checkpoint, GSM8K-format files, the math
+verifier, evaluation, export; and the errors for bad input."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+from k15 import hf_policy, hf_tokenizer  # pylint: disable=g-import-not-at-top
+from k15.data import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+from k15.rl import run as rl_run  # pylint: disable=g-import-not-at-top
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/qwen25_1p5b_v5e.py:runlocal=True"
+
+
+def _word_problem(rng: random.Random, i: int) -> dict:
+  a, b = rng.randint(2, 30), rng.randint(2, 30)
+  if i % 2:
+    return {"question": f"Ana has {a} apples and buys {b} more. How many apples now?",
+            "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+  return {"question": f"A box holds {a} pens. How many pens are in {b} boxes?",
+          "answer": f"{a} * {b} = {a * b}\n#### {a * b}"}
+
+
+def _write_jsonl(path, rows) -> str:
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  d = tmp_path_factory.mktemp("gsm8k")
+  rng = random.Random(0)
+  rows = [_word_problem(rng, i) for i in range(16)]
+  return {"rows": rows, "train": _write_jsonl(d / "train.jsonl", rows[:12]),
+          "eval": _write_jsonl(d / "test.jsonl", rows[12:])}
+
+
+def _checkpoint(directory, family: str, rows) -> str:
+  """A random tiny checkpoint written by transformers, with a byte-level BPE tokenizer and
+  ChatML template trained offline; its vocabulary padded beyond the tokenizer's, as Qwen2.5's."""
+  texts = [r["question"] + "\n" + r["answer"] for r in rows]
+  tok = hf_tokenizer.train_bpe(texts, directory, vocab_size=300)
+  common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rms_norm_eps=1e-6)
+  torch.manual_seed(0)
+  if family == "qwen2":
+    cfg = transformers.Qwen2Config(rope_theta=1e6, tie_word_embeddings=True, **common)
+    model = transformers.Qwen2ForCausalLM(cfg)
+  else:
+    cfg = transformers.LlamaConfig(rope_theta=1e4, tie_word_embeddings=False, head_dim=16,
+                                   **common)
+    model = transformers.LlamaForCausalLM(cfg)
+  model.generation_config.eos_token_id = [tok.eos_id, tok.pad_id]
+  model.save_pretrained(directory)
+  return str(directory)
+
+
+@pytest.fixture(scope="module")
+def qwen_ckpt(tmp_path_factory, data):
+  return _checkpoint(tmp_path_factory.mktemp("qwen2_tiny"), "qwen2", data["rows"])
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, "-m", "k15.main", *args], cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                        timeout=900)
+
+
+def _contract_args(workdir, ckpt, data, iterations=2):
+  return [f"--config={CONFIG}", f"--workdir={workdir}", "--config.mode=rl",
+          f"--config.model_path={ckpt}", f"--config.data.train={data['train']}",
+          f"--config.data.eval={data['eval']}", "--config.data.format=gsm8k",
+          "--config.reward=math", f"--config.rl.iterations={iterations}"]
+
+
+def _logits_k15(model, tokens):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return np.asarray(model(jnp.asarray(tokens)))
+
+
+def _check_run(workdir, ckpt, iterations):
+  from k15 import sft  # pylint: disable=g-import-not-at-top
+  from k15.model import hf  # pylint: disable=g-import-not-at-top
+  # Each iteration's reward, and the evaluation at the start, after each iteration and at the end.
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "rl", "metrics.jsonl"))]
+  rewards = {r["step"]: r["rl/reward"] for r in rows if "rl/reward" in r}
+  assert sorted(rewards) == list(range(1, iterations + 1))
+  assert all(np.isfinite(v) for v in rewards.values())  # the verifier's, less length penalties
+  assert all(0.0 <= r["rl/task_reward"] <= 1.0 for r in rows if "rl/reward" in r)
+  evals = sorted(r["step"] for r in rows if "eval/pass_at_1" in r)
+  assert evals == list(range(0, iterations + 1))
+  assert all("eval/greedy_accuracy" in r for r in rows if "eval/pass_at_1" in r)
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert results["iterations"] == iterations and results["eval_problems"] == 4
+
+  # W/export/final loads in transformers with the logits of k15's final parameters (the
+  # trainer's last checkpoint), which differ from the starting checkpoint's.
+  export = os.path.join(workdir, "export", "final")
+  assert {"config.json", "model.safetensors", "tokenizer.json",
+          "generation_config.json"} <= set(os.listdir(export))
+  tok = transformers.AutoTokenizer.from_pretrained(export)
+  src_tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+  text = "<|im_start|>user\nAna has 3 apples.<|im_end|>\n<|im_start|>assistant\n"
+  assert tok.encode(text) == src_tok.encode(text)
+  assert tok.chat_template == src_tok.chat_template
+  tokens = np.asarray([src_tok.encode(text)], np.int64)
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = theirs(torch.tensor(tokens)).logits.numpy()
+  start = hf.load(ckpt, config_overrides={"attention_impl": "reference"})
+  final = sft.restore_params(start, os.path.join(workdir, "rl", "checkpoints"))
+  ours = _logits_k15(final, tokens)
+  assert np.abs(ours - theirs).max() <= 1e-4
+  assert np.abs(_logits_k15(start, tokens) - ours).max() > 1e-3  # RL moved the weights
+
+
+# About a minute each on a 2-core machine, most of it compiling the sampler and train step.
+@pytest.mark.slow
+def test_rl_mode_end_to_end_qwen2(tmp_path, qwen_ckpt, data):
+  r = _main(*_contract_args(tmp_path, qwen_ckpt, data))
+  assert r.returncode == 0, r.stderr[-4000:]
+  _check_run(str(tmp_path), qwen_ckpt, 2)
+  assert json.load(open(tmp_path / "export" / "final" / "config.json"))["architectures"] == [
+      "Qwen2ForCausalLM"]
+
+
+@pytest.mark.slow
+def test_rl_mode_end_to_end_llama_and_resume(tmp_path, tmp_path_factory, data):
+  ckpt = _checkpoint(tmp_path_factory.mktemp("llama_tiny"), "llama", data["rows"])
+  r = _main(*_contract_args(tmp_path, ckpt, data))
+  assert r.returncode == 0, r.stderr[-4000:]
+  _check_run(str(tmp_path), ckpt, 2)
+  assert json.load(open(tmp_path / "export" / "final" / "config.json"))["architectures"] == [
+      "LlamaForCausalLM"]
+  # A rerun with more iterations resumes from the trainer's checkpoint: one more, not three.
+  r = _main(*_contract_args(tmp_path, ckpt, data, iterations=3))
+  assert r.returncode == 0, r.stderr[-4000:]
+  rows = [json.loads(l) for l in open(tmp_path / "rl" / "metrics.jsonl")]
+  assert sorted(r["step"] for r in rows if "rl/reward" in r) == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Clear errors, before anything slow starts.
+# ---------------------------------------------------------------------------------------------
+
+def _config(ckpt, train, **updates):
+  from configs import qwen25_1p5b_v5e  # pylint: disable=g-import-not-at-top
+  c = qwen25_1p5b_v5e.get_config("runlocal=True")
+  c.model_path, c.data.train, c.data.format, c.reward = ckpt, train, "gsm8k", "math"
+  for key, value in updates.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def test_malformed_line_names_file_line_and_field(tmp_path, qwen_ckpt, data):
+  rows = data["rows"]
+  bad = _write_jsonl(tmp_path / "bad.jsonl",
+                     [rows[0], rows[1], {"question": "How many?", "answer": 7}])
+  with pytest.raises(prompts_lib.PromptFormatError, match=r"bad\.jsonl:3: key 'answer'"):
+    rl_run.run(_config(qwen_ckpt, bad), str(tmp_path / "w"))
+  broken = _write_jsonl(tmp_path / "broken.jsonl", [rows[0], '{"question": "x", "answer'])
+  with pytest.raises(prompts_lib.PromptFormatError, match=r"broken\.jsonl:2: invalid JSON"):
+    rl_run.run(_config(qwen_ckpt, broken), str(tmp_path / "w"))
+  # ... or skipped and counted.
+  records = hf_policy.load_problems(_config(qwen_ckpt, bad, **{"data.on_error": "skip"}), "train")
+  assert len(records) == 2
+
+
+def test_missing_field_is_named(tmp_path, qwen_ckpt, data):
+  path = _write_jsonl(tmp_path / "missing.jsonl", [data["rows"][0], {"question": "How many?"}])
+  with pytest.raises(prompts_lib.PromptFormatError,
+                     match=r"missing\.jsonl:2: missing key\(s\) \['answer'\]"):
+    rl_run.run(_config(qwen_ckpt, path), str(tmp_path / "w"))
+
+
+def test_unknown_format_and_reward_list_the_known_ones(tmp_path, qwen_ckpt, data):
+  with pytest.raises(ValueError, match=r"data.format='gsm9k'.*'gsm8k', 'math', 'k15', 'code'"):
+    rl_run.run(_config(qwen_ckpt, data["train"], **{"data.format": "gsm9k"}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"unknown reward 'maths'.*'math', 'code', 'task'"):
+    rl_run.run(_config(qwen_ckpt, data["train"], reward="maths"), str(tmp_path))
+
+
+def test_checkpoint_without_tokenizer_files(tmp_path, qwen_ckpt, data):
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  for f in ("config.json", "model.safetensors"):
+    (bare / f).write_bytes(open(os.path.join(qwen_ckpt, f), "rb").read())
+  with pytest.raises(FileNotFoundError, match=r"bare has no tokenizer files"):
+    rl_run.run(_config(str(bare), data["train"]), str(tmp_path / "w"))
+
+
+def test_architecture_key_contradicting_config_json(tmp_path, qwen_ckpt, data):
+  # The config file's own architecture keys give way to the checkpoint's ...
+  from configs import qwen25_1p5b_v5e  # pylint: disable=g-import-not-at-top
+  config = hf_policy.with_checkpoint_architecture(_config(qwen_ckpt, data["train"]))
+  assert config.model.vocab_size == 320 and config.model.embed_dim == 64
+  assert qwen25_1p5b_v5e.get_config("runlocal=True").model.vocab_size == 512
+  hf_policy.check_architecture(qwen_ckpt, {"num_layers": 2, "dtype": "bfloat16"})
+  # ... but one given on the command line must agree with config.json.
+  with pytest.raises(ValueError, match=r"config.model.num_layers=3 contradicts .*config.json, "
+                                       r"which gives num_layers=2"):
+    hf_policy.check_architecture(qwen_ckpt, {"num_layers": 3})
+  r = _main(*_contract_args(tmp_path, qwen_ckpt, data), "--config.model.qkv_bias=False")
+  assert r.returncode != 0
+  assert "config.model.qkv_bias=False contradicts" in r.stderr and "qkv_bias=True" in r.stderr
