@@ -120,7 +120,7 @@ def rl_block(**overrides: Any) -> ml_collections.ConfigDict:
                                    # 0 = off (the whole budget in one iteration)
       temperature=1.0, top_p=1.0, top_k=0,
       repeat_ngram=0,              # repeat detection: n-gram size, 0 = off
-      loss="pmd",                  # 'pmd' | 'pmd_token' | 'grpo' | 'reinforce'
+      loss="pmd",                  # 'pmd' | 'pmd_token' | 'grpo' | 'reinforce' | 'rest'
       tau=0.1,                     # PMD regulariser strength
       clip_eps=0.2,                # GRPO
       num_passes=1,                # passes over an iteration's groups
@@ -134,7 +134,10 @@ def rl_block(**overrides: Any) -> ml_collections.ConfigDict:
       length_weight=0.0,           # length penalty (§2.3.3), its weight ...
       length_warmup_iterations=0,  # ... and the iteration it switches on
       repeat_penalty=0.0,          # subtracted from the reward of a looping response
-      sampling=dict(mode="prioritized", curriculum="", epsilon=0.0),
+      # curriculum: e.g. '0:all,20:hard' (difficulty: higher is harder; easy/medium/hard are
+      # curation's buckets); success_prior_samples: n > 0 starts each prompt's success rate
+      # from its curation pass rate, weighted as n samples (0 = off: every prompt starts at 0).
+      sampling=dict(mode="prioritized", curriculum="", epsilon=0.0, success_prior_samples=0),
       eval_every=0,                # mode rl: evaluate on data.eval every N iterations (and at
                                    # the end); 0 = at the end only
   ), overrides)

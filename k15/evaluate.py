@@ -27,6 +27,7 @@ import numpy as np
 from k15 import metrics as metrics_lib
 from k15 import tokenizer as tokenizer_lib
 from k15.model import transformer
+from k15.rewards import finish as finish_lib
 from k15.sampling import sampler
 
 GradeFn = Callable[[Any, str], float]  # (problem, response text) -> score in [0, 1]
@@ -97,7 +98,8 @@ def evaluate(model: transformer.Transformer, problems: Sequence[Any], *,
     grade_fn: (problem, response text) -> score; a score > 0.5 counts as correct.
     num_samples: k; ignored (1) when temperature == 0.
     temperature, top_p, top_k: sampling parameters.
-    max_new_tokens: response budget; a response cut off there is graded as it is.
+    max_new_tokens: response budget; a response cut off there (or stopped as a repeat) has no
+      final answer and counts as wrong (k15.rewards.finish).
     seed: sampling seed. Sample j of problem i draws from row seed i * k + j, so the results
       do not depend on batch_size.
     batch_size: problems per sampler call.
@@ -127,7 +129,8 @@ def evaluate(model: transformer.Transformer, problems: Sequence[Any], *,
       max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p,
       top_k=top_k):
     for j, resp in enumerate(responses):
-      correct[i, j] = float(grade_fn(problems[i], resp.text)) > 0.5
+      correct[i, j] = (finish_lib.has_final_answer(resp.finish_reason)
+                       and float(grade_fn(problems[i], resp.text)) > 0.5)
       lengths[i, j] = len(resp.ids)
       truncated[i, j] = resp.finish_reason == int(sampler.FinishReason.LENGTH)
     bar.set_postfix(acc=f"{correct[:i + 1].mean():.3f}")

@@ -32,8 +32,9 @@ Every stage reuses its output on a rerun; a rerun with a different `long2short` 
 block is refused (delete DIR/long2short* to start over).
 
 Decisions this file makes (the paper leaves them open):
-- A response counts as correct when the grader accepts it *and* it ended with eos: a response
-  cut at the token budget would teach a model not to stop.
+- A response counts as correct when the grader accepts it *and* it ended with a stop token, the
+  rule RL and evaluation use too (k15.rewards.finish): a response cut at the token budget would
+  teach a model not to stop.
 - The short model is SFT on the answer-only demonstrations (`meta['short_cot']`), starting by
   default from the pipeline's long-CoT SFT checkpoint (`short.init='sft'`): the long model is
   that checkpoint plus RL, so the merge averages two fine-tunes of one parent, as the paper's
@@ -72,6 +73,7 @@ from k15 import tokenizer as tokenizer_lib
 from k15.data import prompts as prompts_lib
 from k15.data import tasks
 from k15.model import transformer
+from k15.rewards import finish as finish_lib
 
 Example = tuple[list[int], list[int]]  # (prompt ids, response ids incl. eos)
 GradeFn = Callable[[Any, str], float]
@@ -242,17 +244,18 @@ def sample_groups(model: transformer.Transformer, problems: Sequence[Any], *,
                   batch_size: int = 32) -> list[Group]:
   """n responses per problem (`problem.prompt` is the question), graded; one Group per problem.
 
-  A response is correct when grade_fn(problem, text) > 0.5 and it ended with eos. Sample j of
+  A response is correct when it ended with a stop token and grade_fn(problem, text) > 0.5 (the
+  rule of k15.rewards.finish, as in RL and evaluation). Sample j of
   problem i draws from row seed i * n + j, so the groups do not depend on batch_size.
   """
-  groups, eos = [], int(sampling.FinishReason.EOS)
+  groups = []
   for i, prompt, responses in evaluate_lib.sample_responses(
       model, problems, tokenizer=tokenizer, num_samples=n, batch_size=batch_size,
       max_new_tokens=max_new_tokens, seed=seed, temperature=temperature):
     groups.append(Group(
         prompt=[int(t) for t in prompt], responses=[[int(t) for t in r.ids] for r in responses],
-        correct=[r.finish_reason == eos and float(grade_fn(problems[i], r.text)) > 0.5
-                 for r in responses],
+        correct=[finish_lib.has_final_answer(r.finish_reason)
+                 and float(grade_fn(problems[i], r.text)) > 0.5 for r in responses],
         problem_id=str(getattr(problems[i], "id", i))))
   return groups
 

@@ -148,8 +148,8 @@ def curate(pool: list[prompts_lib.PromptRecord], policy: Policy, c: Any, seed: i
 def rl_stage(config: Any, model: transformer.Transformer, records, tok, mesh,
              workdir: str) -> transformer.Transformer:
   """RL from `model` on the curated records; returns the final policy."""
-  prompts = [trainer_lib.Prompt(tokens=tok.render_prompt(r.prompt), difficulty=r.difficulty)
-             for r in records]
+  prompts = [trainer_lib.Prompt(tokens=tok.render_prompt(r.prompt), difficulty=r.difficulty,
+                                pass_rate=r.pass_rate) for r in records]
 
   def reward_fn(ids, responses):
     return np.array([tasks.grade(records[i], tok.decode(np.asarray(r)[np.asarray(r) <

@@ -128,7 +128,7 @@ def test_greedy_uses_one_sample(monkeypatch):
   assert res["num_samples"] == 1
 
 
-def test_truncated_responses_are_counted_and_still_graded(monkeypatch):
+def test_truncated_responses_are_counted_and_score_zero(monkeypatch):
   monkeypatch.setattr(sampler, "generate", _fake_generate([]))
   problems, k, limit = _problems(), 4, 5
   res = evaluate.evaluate(None, problems, tokenizer=_CharTokenizer(), grade_fn=_grade,
@@ -138,8 +138,11 @@ def test_truncated_responses_are_counted_and_still_graded(monkeypatch):
   assert res["truncated"] == pytest.approx((lengths > limit).mean())
   assert 0 < res["truncated"] < 1
   assert res["mean_tokens"] == pytest.approx(np.minimum(lengths, limit).mean())
-  # A cut response is graded as it is ("ok" survives the cut here).
-  assert res["accuracy"] == pytest.approx(np.mean([p.solved for p in problems]) / k)
+  # A cut response has no final answer (k15.rewards.finish), though "ok" survives the cut here
+  # and the grader alone would accept it.
+  right = np.array([[j < p.solved for j in range(k)] for p in problems])
+  assert np.any(right & (lengths > limit))
+  assert res["accuracy"] == pytest.approx((right & (lengths <= limit)).mean())
   with pytest.raises(ValueError, match="no problems"):
     evaluate.evaluate(None, [], tokenizer=_CharTokenizer(), grade_fn=_grade, progress=False)
 
@@ -185,11 +188,12 @@ def test_with_the_real_sampler():
                             max_new_tokens=6, eos_id=1, temperature=1.0, seed=3, num_samples=2,
                             row_seeds=np.arange(6))
   assert res["mean_tokens"] == pytest.approx(direct.lengths.mean())
-  want = [len(_CharTokenizer().decode(direct.tokens[r, :direct.lengths[r]])) % 2 == 0
+  ended = [r == "EOS" for r in direct.reasons()]
+  want = [ended[r] and len(_CharTokenizer().decode(direct.tokens[r, :direct.lengths[r]])) % 2 == 0
           for r in range(6)]
   assert res["accuracy"] == pytest.approx(np.mean(want))
   assert res["truncated"] == pytest.approx(np.mean([r == "LENGTH" for r in direct.reasons()]))
-  assert len(texts) == 6
+  assert len(texts) == sum(ended)  # a response that did not end is not graded
   one = evaluate.evaluate(model, problems, batch_size=1, **kw)
   assert one["accuracy"] == res["accuracy"] and one["mean_tokens"] == res["mean_tokens"]
 

@@ -168,7 +168,9 @@ def test_sample_weight_drops_samples(name):
   logp, ref_logp, mask, rewards = _batch(seed=7)
 
   def run(lp, rl, mk, rw, sw=None):
-    return loss_lib.compute_loss(name, lp, rl, mk, rw, tau=0.3, sample_weight=sw)
+    # Rewards here are N(0, 1): ReST's threshold 0 makes about half of them correct.
+    return loss_lib.compute_loss(name, lp, rl, mk, rw, tau=0.3, rest_threshold=0.0,
+                                 sample_weight=sw)
 
   w = np.ones((P, K))
   w[0, 3] = 0.0  # truncated samples
@@ -242,3 +244,61 @@ def test_float32_under_jit():
       (value, metrics), g = jax.value_and_grad(fn, has_aux=True)(logp, ref_logp, mask, rewards)
       assert value.dtype == jnp.float32 and g.dtype == jnp.float32, name
       assert np.isfinite(value) and np.all(np.isfinite(g)), name
+
+
+def test_rest_gradient_is_the_likelihood_of_correct_samples():
+  logp, ref_logp, mask, _ = _batch(seed=12)
+  # Verifier rewards with a length penalty on top: correct ones above 0.5, wrong ones <= 0.
+  rewards = jnp.array([[1.2, 0.9, -0.1, 0.0], [0.0, -0.3, 0.0, 0.0], [1.0, 1.0, 0.8, 1.1]])
+  correct = np.asarray(rewards) > 0.5
+  g = np.asarray(_grad(loss_lib.rest_loss, logp, mask, rewards))
+  m = np.asarray(mask)
+  np.testing.assert_allclose(g, -m * correct[..., None] / (P * K), rtol=0, atol=TOL)
+  assert np.all(g[~correct] == 0)  # no negative gradient: wrong samples are not pushed down
+  # No baseline: a group with no correct sample gives nothing, an all-correct group everything
+  # (REINFORCE and PMD give an all-correct group zero advantage).
+  assert np.all(g[1] == 0) and np.all(g[2][m[2] > 0] < 0)
+  # A wrong sample's reward does not move the correct samples' gradient.
+  g2 = np.asarray(_grad(loss_lib.rest_loss, logp, mask, rewards.at[0, 2].set(-5.0)))
+  np.testing.assert_allclose(g2, g, rtol=0, atol=TOL)
+  # The threshold decides what is correct; compute_loss passes it and the reference log-probs
+  # only feed the metrics.
+  g_hi = np.asarray(jax.grad(lambda lp: loss_lib.compute_loss(
+      "rest", lp, ref_logp, mask, rewards, rest_threshold=1.05)[0])(logp))
+  hi = np.asarray(rewards) > 1.05
+  np.testing.assert_allclose(g_hi, -m * hi[..., None] / (P * K), rtol=0, atol=TOL)
+  value, metrics = loss_lib.compute_loss("rest", logp, ref_logp, mask, rewards)
+  np.testing.assert_allclose(value, -(correct * (m * np.asarray(logp)).sum(-1)).sum() / (P * K),
+                             rtol=1e-13)
+  np.testing.assert_allclose(metrics["correct_frac"], correct.mean())
+  assert metrics["kl"] > 0
+
+
+def test_check_config():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = lambda **kw: ml_collections.ConfigDict(dict(dict(loss="pmd", tau=0.1, clip_eps=0.2), **kw))
+  for name in loss_lib.LOSS_NAMES:
+    loss_lib.check_config(cfg(loss=name))
+  with pytest.raises(ValueError, match=r"unknown loss 'rset' \(config.rl.loss\).*rest"):
+    loss_lib.check_config(cfg(loss="rset"))
+  with pytest.raises(ValueError, match=r"config.rl.tau"):
+    loss_lib.check_config(cfg(loss="pmd_token", tau=0.0))
+  loss_lib.check_config(cfg(loss="rest", tau=0.0))  # tau is not ReST's
+  with pytest.raises(ValueError, match=r"config.rl.clip_eps"):
+    loss_lib.check_config(cfg(loss="grpo", clip_eps=0.0))
+
+
+def test_frac_groups_all_equal_ignores_padding_groups():
+  logp, ref_logp, mask, _ = _batch(seed=13)
+  rewards = jnp.array([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+  # Group 2 is padding, as the trainer builds it: no response tokens, weight 0, rewards 0.
+  mask = mask.at[2].set(0.0)
+  w = jnp.ones((P, K)).at[2].set(0.0)
+  for name in loss_lib.LOSS_NAMES:
+    _, m = loss_lib.compute_loss(name, logp, ref_logp, mask, rewards, tau=0.1, sample_weight=w)
+    np.testing.assert_allclose(m["frac_groups_all_equal"], 1 / 2, err_msg=name)  # not 2 / 3
+  # A real group dropped by dynamic sampling (weight 0, tokens present) still counts.
+  _, m = loss_lib.pmd_loss(logp, ref_logp, mask, rewards, 0.1, sample_weight=w.at[1].set(0.0))
+  np.testing.assert_allclose(m["frac_groups_all_equal"], 1 / 2)
+  _, m = loss_lib.pmd_loss(logp, ref_logp, jnp.zeros_like(mask), rewards, 0.1)
+  assert m["frac_groups_all_equal"] == 0  # no real group: 0, not NaN

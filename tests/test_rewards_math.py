@@ -165,3 +165,20 @@ def test_bad_input_is_a_clear_error():
     math_reward.grade_batch(["a", "b"], ["1"])
   with pytest.raises(TypeError, match="item 0"):
     math_reward.grade_batch([None], ["1"])
+
+
+def test_one_rule_for_responses_that_did_not_end():
+  from k15.rewards import finish  # pylint: disable=g-import-not-at-top
+  from k15.sampling import sampler  # pylint: disable=g-import-not-at-top
+  r = sampler.FinishReason
+  reasons = np.array([r.EOS, r.LENGTH, r.REPEAT, r.BUDGET])
+  np.testing.assert_array_equal(finish.has_final_answer(reasons), [True, False, False, False])
+  np.testing.assert_array_equal(finish.final_score(np.ones(4), reasons), [1, 0, 0, 0])
+  # Without stop ids a response can only end at its limit, so that counts as its end.
+  np.testing.assert_array_equal(finish.has_final_answer(reasons, stops=False),
+                                [True, True, False, False])
+  assert finish.has_final_answer(int(r.EOS)) is True
+  # A truncated response with a closed box: the grader alone accepts it, the rule does not.
+  truncated = r"... so \boxed{4} and then I kept writ"
+  assert math_reward.grade(truncated, "4") == 1.0
+  assert finish.final_score(math_reward.grade(truncated, "4"), r.LENGTH) == 0.0

@@ -139,3 +139,60 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
   assert len(a.files) == len(b.files)
   for name in a.files:
     np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_readme_curriculum_on_a_pool_smaller_than_the_batch(tmp_path):
+  # Curated prompts carry difficulty = 1 - pass rate (higher is harder). The README's
+  # '0:all,20:hard' must run on them, and from iteration 20 draw only the hard bucket
+  # (difficulty >= 2/3: prompts 2, 3, 4). Its 3 prompts (and the 6 of the whole pool) are fewer
+  # than the 8 prompts an iteration draws, so prompts repeat within an iteration.
+  pass_rate = [0.9, 0.8, 0.1, 0.2, 0.05, 0.7]
+  config = _config("rest")
+  config.rl.samples_per_prompt = 4
+  config.rl.sampling.curriculum = "0:all,20:hard"
+  config.rl.sampling.success_prior_samples = 10
+  mesh = parallel.make_mesh({"data": -1})
+  with parallel.use_mesh(mesh):
+    cfg = transformer.ModelConfig.from_config(config.model)
+    model = parallel.create_sharded(
+        lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    prompts = [trainer_lib.Prompt(tokens=[1 + i, 2, 3], difficulty=1 - p, pass_rate=p)
+               for i, p in enumerate(pass_rate)]
+    trainer = trainer_lib.RLTrainer(config, model, prompts, _reward, mesh=mesh,
+                                    workdir=str(tmp_path), eos_id=None)
+    np.testing.assert_allclose(trainer.success.rates, pass_rate)  # the curation's, as a prior
+    drawn = {}
+    sample = trainer.sampler.sample
+    trainer.sampler.sample = lambda it, n: drawn.setdefault(it, sample(it, n))
+    for it in (0, 20):
+      trainer.iteration = it
+      m = trainer.step()
+      assert m["rl/groups_trained"] == 8, (it, m)  # every draw, repeats included, trained
+      assert np.isfinite(m["train/loss"]) and m["train/skipped_steps"] == 0
+  assert len(set(drawn[0].tolist())) == 6 and len(drawn[0]) == 8
+  assert set(drawn[20].tolist()) == {2, 3, 4}
+  # Every sample entered the success table once: 10 prior samples + 4 per draw.
+  np.testing.assert_array_equal(
+      trainer.success.counts, 10 + 4 * np.bincount(np.concatenate([drawn[0], drawn[20]]),
+                                                  minlength=6))
+
+
+def test_learning_rate_schedule_survives_the_optimizer_reset():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from k15 import update  # pylint: disable=g-import-not-at-top
+  opt = update.make_optimizer(k15_config.optimizer_block(learning_rate=1.0, warmup_steps=10))
+  params = {"w": jnp.ones(3)}
+  state = opt.init(params)
+  for _ in range(4):
+    _, state = opt.update({"w": jnp.ones(3)}, state, params)
+  reset = trainer_lib.carry_schedule_step(opt.init(params), state)
+  kind = lambda s, t: [x for x in jax.tree.leaves(s, is_leaf=lambda y: isinstance(y, t))
+                       if isinstance(x, t)]
+  assert [int(x.count) for x in kind(reset, optax.ScaleByScheduleState)] == [4]
+  adam = kind(reset, optax.ScaleByAdamState)
+  assert int(adam[0].count) == 0 and float(jnp.abs(adam[0].mu["w"]).max()) == 0  # reset
+  # The next step's learning rate is warm-up step 4's (0.4), not step 0's (0).
+  updates, _ = opt.update({"w": jnp.ones(3)}, reset, params)
+  assert float(jnp.abs(updates["w"]).max()) == pytest.approx(0.4, rel=1e-3)

@@ -174,18 +174,64 @@ def test_curriculum_easy_to_hard_levels(schedule):
   assert levels[np.concatenate([sampler.sample(i, 6) for i in range(20, 30)])].max() == 5
 
 
-def test_curriculum_with_priorities():
-  pass_rate = np.array([0.9, 0.8, 0.1, 0.2, 0.05, 0.7])  # the paper's difficulty label
+@pytest.mark.parametrize("hard", [{"min": 0.7}, "hard", "0.7.."])
+def test_curriculum_with_priorities(hard):
+  pass_rate = np.array([0.9, 0.8, 0.1, 0.2, 0.05, 0.7])
+  difficulty = 1 - pass_rate  # k15.data.prompts' label: higher is harder
   sr = samplers.SuccessRates(6)
   sr.update(np.arange(6), [[0, 0], [0, 0], [1, 1], [0, 1], [0, 0], [1, 1]])
   sampler = samplers.make_sampler(
-      {"mode": "prioritized", "curriculum": [(0, "all"), (24, {"max": 0.3})]}, pass_rate,
+      {"mode": "prioritized", "curriculum": [(0, "all"), (24, hard)]}, difficulty,
       success_rates=sr)
   np.testing.assert_allclose(sampler.probabilities(0), [1, 1, 0, 0.5, 1, 0] / np.float64(3.5))
   # From iteration 24: only hard prompts (2, 3, 4), weighted by 1 - s_i within them.
   np.testing.assert_allclose(sampler.probabilities(24), [0, 0, 0, 0.5 / 1.5, 1 / 1.5, 0])
   for it in range(24, 40):
     assert set(sampler.sample(it, 2).tolist()) == {3, 4}
+
+
+def test_bucket_names_on_pass_rate_difficulties():
+  """'hard' means the prompts curation put in its hard bucket: difficulty 1 - pass rate >= 2/3."""
+  from k15.data import prompts  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  pass_rate = rng.integers(0, 11, 60) / 10  # 10 samples each, as label_difficulty measures
+  difficulty = 1 - pass_rate
+  bucket = np.array([prompts.bucket_of(d, samplers.BUCKETS, prompts.DEFAULT_BUCKET_EDGES)
+                     for d in difficulty])
+  assert set(bucket) == {"easy", "medium", "hard"}
+  sampler = samplers.make_sampler({"mode": "uniform", "curriculum": "0:all,20:hard"}, difficulty)
+  early = np.concatenate([sampler.sample(it, 8) for it in range(20)])
+  assert set(bucket[early]) == {"easy", "medium", "hard"}
+  late = np.concatenate([sampler.sample(it, 8) for it in range(20, 60)])
+  assert set(bucket[late]) == {"hard"}
+  assert difficulty[late].min() >= 2 / 3 and pass_rate[late].max() <= 0.3  # the least solved
+  assert set(late) == set(np.flatnonzero(bucket == "hard"))  # and all of them in time
+  easy_then = samplers.make_sampler({"curriculum": "0:easy|medium,5:all"}, difficulty)
+  assert difficulty[easy_then.sample(0, 20)].max() < 2 / 3
+  # Bucket names and exact numbers mix; a numeric label still matches exactly.
+  mixed = samplers.make_sampler({"curriculum": "0:easy|0.5"}, difficulty)
+  assert set(np.round(difficulty[mixed.candidates(0)], 6)) <= set(
+      np.round(difficulty[bucket == "easy"], 6)) | {0.5}
+
+
+def test_success_rates_start_from_pass_rates():
+  pass_rates = [0.9, None, 0.0, 0.5]
+  sampler = samplers.make_sampler({"mode": "prioritized", "success_prior_samples": 10},
+                                  num_prompts=4, pass_rates=pass_rates)
+  sr = sampler.success_rates
+  np.testing.assert_allclose(sr.rates, [0.9, 0.0, 0.0, 0.5])
+  np.testing.assert_array_equal(sr.counts, [10, 0, 10, 10])
+  np.testing.assert_allclose(sampler.probabilities(0), np.array([0.1, 1, 1, 0.5]) / 2.6)
+  # The prior weighs as 10 samples in the running mean.
+  sr.update([0, 1], [[0, 0], [1, 1]])
+  np.testing.assert_allclose(sr.rates[:2], [9 / 12, 1.0])
+  # Default: off, every prompt starts at 0 whatever its pass rate.
+  off = samplers.make_sampler({"mode": "prioritized"}, num_prompts=4, pass_rates=pass_rates)
+  np.testing.assert_array_equal(off.success_rates.rates, 0.0)
+  with pytest.raises(ValueError, match="no prompt has one"):
+    samplers.make_sampler({"success_prior_samples": 10}, num_prompts=2, pass_rates=[None, None])
+  with pytest.raises(ValueError, match=r"pass rates must be in \[0, 1\]"):
+    samplers.make_sampler({"success_prior_samples": 10}, num_prompts=1, pass_rates=[1.5])
 
 
 def test_schedule_errors():
@@ -202,7 +248,9 @@ def test_schedule_errors():
     samplers.CurriculumSampler(levels, [(0, {"maximum": 2})])
   with pytest.raises(ValueError, match="not an integer"):
     samplers.CurriculumSampler(levels, "x:all")
-  with pytest.raises(ValueError, match="labels .* are not numbers"):
+  with pytest.raises(ValueError, match="labels .* are neither numbers nor bucket names"):
+    samplers.CurriculumSampler(levels, "0:hardest")
+  with pytest.raises(ValueError, match=r"bucket names \['hard'\] need difficulties in \[0, 1\]"):
     samplers.CurriculumSampler(levels, "0:hard")
   with pytest.raises(ValueError, match="needs numeric difficulties"):
     samplers.CurriculumSampler(np.array(["a", "b"]), "0:..2")

@@ -5,10 +5,12 @@ Which prompts an RL iteration trains on:
 * Prioritized sampling: each prompt i has a tracked success rate s_i (`SuccessRates`, updated
   from every iteration's per-sample correctness) and is drawn with probability proportional to
   1 - s_i, so prompts the model already solves are rarely sampled again.
-* Curriculum sampling: each prompt has a difficulty label (k1.5 §2.1: the pass rate of the SFT
-  model over 10 high-temperature answers, or any label such as 'easy' / 'hard' or a level).
-  A schedule says which labels are allowed from which iteration on (the paper's ablation: the
-  whole set as warm-up, then only hard problems from iteration 24).
+* Curriculum sampling: each prompt has a difficulty label. Numeric difficulties follow the one
+  convention of k15, HIGHER IS HARDER: `k15.data.prompts` labels a prompt 1 - pass rate of the
+  SFT model over 10 high-temperature answers (k1.5 §2.1), in [0, 1]; a level (1..5) works too.
+  String labels ('easy', 'hard', ...) are matched as they are. A schedule says which
+  difficulties are allowed from which iteration on (the paper's ablation: the whole set as
+  warm-up, then only hard problems from iteration 24).
 
 The two combine: the curriculum restricts the candidate pool, prioritized weights choose within
 it ('uniform' weighting draws uniformly from the pool). `make_sampler(config, difficulties)`
@@ -26,8 +28,12 @@ start, the first starting at 0; a stage holds until the next one starts. `allowe
   None or 'all'          every prompt
   'hard' or 5            one label
   ('medium', 'hard')     a set of labels (list, tuple or set)
-  {'min': a, 'max': b}   numeric difficulty in [a, b], either bound optional (for the paper's
-                         pass-rate labels, where lower is harder, 'hard' is {'max': 0.3})
+  {'min': a, 'max': b}   numeric difficulty in [a, b], either bound optional
+
+The bucket names 'easy', 'medium' and 'hard' also select numeric difficulties in [0, 1], by the
+buckets curation balances (`k15.data.prompts.bucket_of`: easy < 1/3 <= medium < 2/3 <= hard),
+so '0:all,20:hard' trains on the prompts the SFT model solved least often. Bucket names on
+difficulties outside [0, 1] (levels) are an error: use a range ('3..') there.
 
 or the same as one string, handy on the command line (--config.data.sampler.curriculum=...):
 
@@ -43,7 +49,10 @@ from typing import Any
 import grain
 import numpy as np
 
+from k15.data import prompts
+
 SAMPLER_MODES = ("uniform", "prioritized")
+BUCKETS = tuple(prompts.DEFAULT_MIX)  # ('easy', 'medium', 'hard'), easiest first
 
 # ---------------------------------------------------------------------------------------------
 # Success rates.
@@ -111,6 +120,26 @@ class SuccessRates:
       self.rates[seen] = self.decay * self.rates[seen] + (1 - self.decay) * batch_rate
     self.counts += n
 
+  def start_from(self, pass_rates: Sequence[float | None], samples: int) -> None:
+    """Starts each prompt's rate at a measured pass rate, counted as `samples` observed samples.
+
+    For the curation pass rates (k1.5 §2.1: 10 samples of the SFT model), so prioritized
+    sampling does not begin by treating every prompt as never solved. With the running mean the
+    prior weighs as `samples` samples and RL's own results take over as they accumulate; with a
+    decay it is the starting value. Prompts whose pass rate is None keep `initial`.
+    """
+    if len(pass_rates) != self.num_prompts:
+      raise ValueError(f"{len(pass_rates)} pass rates for {self.num_prompts} prompts")
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+      raise ValueError(f"prior samples must be an int >= 1, got {samples!r}")
+    known = np.array([r is not None for r in pass_rates])
+    rates = np.array([np.nan if r is None else float(r) for r in pass_rates], np.float64)
+    if not np.all((rates[known] >= 0) & (rates[known] <= 1)):
+      raise ValueError(f"pass rates must be in [0, 1], got {rates[known].min():g}.."
+                       f"{rates[known].max():g}")
+    self.rates[known] = rates[known]
+    self.counts[known] = samples
+
   def state_dict(self) -> dict[str, np.ndarray]:
     return {"rates": self.rates.copy(), "counts": self.counts.copy()}
 
@@ -146,12 +175,7 @@ class Stage:
     numeric = difficulties.dtype.kind in "biuf"
     if self.labels is not None:
       if numeric:
-        try:
-          labels = [float(x) for x in self.labels]
-        except ValueError:
-          raise ValueError(f"curriculum stage at iteration {self.start}: labels {self.labels} "
-                           "are not numbers but the difficulties are numeric") from None
-        ok &= np.isin(difficulties.astype(np.float64), labels)
+        ok &= self._allows_numeric(difficulties.astype(np.float64))
       else:
         ok &= np.isin(difficulties.astype(str), [str(x) for x in self.labels])
     if self.low is not None or self.high is not None:
@@ -163,6 +187,26 @@ class Stage:
         ok &= d >= self.low
       if self.high is not None:
         ok &= d <= self.high
+    return ok
+
+  def _allows_numeric(self, d: np.ndarray) -> np.ndarray:
+    """Labels on numeric difficulties: numbers match exactly, bucket names by bucket."""
+    buckets = [str(x) for x in self.labels if str(x) in BUCKETS]
+    try:
+      numbers = [float(x) for x in self.labels if str(x) not in BUCKETS]
+    except ValueError:
+      raise ValueError(f"curriculum stage at iteration {self.start}: labels {self.labels} are "
+                       f"neither numbers nor bucket names {BUCKETS}, but the difficulties are "
+                       "numeric") from None
+    ok = np.isin(d, numbers)
+    if buckets:
+      if d.size and not (d.min() >= 0.0 and d.max() <= 1.0):
+        raise ValueError(
+            f"curriculum stage at iteration {self.start}: bucket names {buckets} need "
+            f"difficulties in [0, 1] (1 - pass rate), these span {d.min():g}..{d.max():g}; "
+            "use a numeric range such as '3..' instead")
+      names = np.array([prompts.bucket_of(x, BUCKETS, prompts.DEFAULT_BUCKET_EDGES) for x in d])
+      ok |= np.isin(names, buckets)
     return ok
 
 
@@ -377,7 +421,8 @@ class CurriculumSampler(PromptSampler):
     super().__init__(len(difficulties), difficulties=difficulties, schedule=schedule, seed=seed)
 
 
-_CONFIG_KEYS = ("mode", "curriculum", "seed", "epsilon", "success_decay", "success_initial")
+_CONFIG_KEYS = ("mode", "curriculum", "seed", "epsilon", "success_decay", "success_initial",
+                "success_prior_samples")
 
 
 def make_sampler(
@@ -386,6 +431,7 @@ def make_sampler(
     *,
     num_prompts: int | None = None,
     success_rates: SuccessRates | None = None,
+    pass_rates: Sequence[float | None] | None = None,
     **overrides: Any,
 ) -> PromptSampler:
   """Builds a PromptSampler from config (a dict or ml_collections.ConfigDict) and/or kwargs.
@@ -397,12 +443,16 @@ def make_sampler(
     epsilon: floor on prioritized weights (default 0.0).
     success_decay: SuccessRates decay (default None: running mean).
     success_initial: success rate of never-seen prompts (default 0.0).
+    success_prior_samples: 0 (default) or n >= 1: start each prompt's success rate from its
+      curation pass rate (`pass_rates`), counted as n observed samples (`SuccessRates.start_from`).
 
   Args:
     config: the sampler's config section.
     difficulties: [N] difficulty label per prompt; sets N.
     num_prompts: N when no difficulties are given.
     success_rates: an existing table to share (otherwise one is made from config).
+    pass_rates: [N] curation pass rate per prompt (None where unknown), for
+      success_prior_samples.
     **overrides: config keys, taking precedence over `config`.
   """
   if config is None:
@@ -426,6 +476,12 @@ def make_sampler(
   if success_rates is None:
     success_rates = SuccessRates(num_prompts, decay=cfg.get("success_decay"),
                                  initial=cfg.get("success_initial", 0.0))
+  prior = cfg.get("success_prior_samples", 0)
+  if prior:
+    if pass_rates is None or all(r is None for r in pass_rates):
+      raise ValueError(f"sampling.success_prior_samples={prior} starts success rates from the "
+                       "prompts' curation pass rates, but no prompt has one (curation skipped?)")
+    success_rates.start_from(pass_rates, prior)
   return PromptSampler(
       num_prompts,
       mode=cfg.get("mode", "uniform"),

@@ -7,6 +7,21 @@ tuples, intervals, units and percent signs). By default only the LAST \\boxed{..
 is graded, so a model cannot collect reward by mentioning many candidate numbers; a response
 without a complete \\boxed{} scores 0.
 
+References are graded as the public sets store them. Before math-verify sees them, the reference
+and the prediction get the same three rewrites (`normalize`), each for a notation that
+math-verify would otherwise misread:
+- `\\$` (an escaped dollar, MATH's currency sign, `\\$18.90`) is dropped. Left in, a reference
+  without `$...$` delimiters reads as having none and every response scored 0.
+- Upright constants (`\\mathrm{e}`, `{\\rm e}`, `\\operatorname{i}`, `\\text{e}`) become `e` and
+  `i`. math-verify's normaliser turns `\\mathrm{..}` into `\\text{..}`, which it strips like a
+  unit, so `2\\mathrm{e}` became `2` and accepted `\\boxed{2}`.
+- A thin space between digit groups (`1\\,000`, `1\\;000`, `1~000`, `1\\ 000`) is dropped, as a
+  thousands separator: math-verify reads `1\\,000` as the product 1*000 = 0.
+Only notation is rewritten; no comparison is loosened, so a wrong answer stays wrong.
+
+Whether a response that was cut off counts at all is decided by `k15.rewards.finish`, the one
+rule that RL rewards, evaluation and long2short share.
+
 Why a process pool: sympy can run for ever on inputs such as `9^{9^{9^9}}`, and math-verify's own
 time limit uses `signal.alarm`, which only works in the main thread (RL stacks that grade from
 worker threads then silently score every answer 0). Here math-verify runs with its timeouts
@@ -20,6 +35,7 @@ import concurrent.futures
 import json
 import os
 import queue
+import re
 import select
 import signal
 import subprocess
@@ -89,6 +105,31 @@ def extract_boxed(text: str) -> str | None:
       return None
     last = text[j + 1:end]
     pos = end + 1
+
+
+_ESCAPED_DOLLAR = re.compile(r"\\\$")
+# \mathrm{e}, \mathit{e}, \operatorname{e}, \text{e}, \textrm{e}, {\rm e} (and i): the letter alone.
+_UPRIGHT_CONSTANT = re.compile(
+    r"\\(?:mathrm|mathit|operatorname|textrm|text)\s*\{\s*([ei])\s*\}|\{\s*\\rm\s+([ei])\s*\}")
+# A thin or explicit space between a digit and a group of exactly three digits.
+_DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\[,;:]|\\ |~|\\thinspace\s*)(?=\d{3}(?!\d))")
+
+
+def normalize(text: str) -> str:
+  """The notation rewrites applied to reference and prediction alike (see the module docstring).
+
+  `\\$18.90` -> `18.90`, `2\\mathrm{e}` -> `2e`, `1\\,000` -> `1000`.
+  """
+  text = _ESCAPED_DOLLAR.sub("", text)
+  text = _UPRIGHT_CONSTANT.sub(_constant_letter, text)
+  return _DIGIT_GROUP_SPACE.sub("", text)
+
+
+def _constant_letter(m: re.Match) -> str:
+  letter = m.group(1) or m.group(2)
+  # After a command name (`\cdot\mathrm{e}`) the letter needs a space, or it would extend it.
+  before = m.string[m.start() - 1] if m.start() else ""
+  return " " + letter if before.isalpha() else letter
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,10 +445,10 @@ def grade_batch(responses: Sequence[str], answers: Sequence[str], *, timeout_s: 
       if boxed.strip() == answer.strip():
         out[i] = 1.0  # identical text needs no sympy
         continue
-      pred = "\\boxed{" + boxed + "}"
+      pred = "\\boxed{" + normalize(boxed) + "}"
     else:
-      pred = response
-    requests.append((i, pred, _gold_text(answer.strip())))
+      pred = normalize(response)
+    requests.append((i, pred, _gold_text(normalize(answer.strip()))))
   for i, score in _run(requests, timeout_s, num_workers).items():
     out[i] = score
   return out

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 Array = jax.Array
 Metrics = dict[str, Array]
 
-LOSS_NAMES = ("pmd", "pmd_token", "grpo", "reinforce")
+LOSS_NAMES = ("pmd", "pmd_token", "grpo", "reinforce", "rest")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def _check_tau(tau) -> None:
   # A traced tau can't be checked; a Python number can, and tau <= 0 would divide by zero in
   # the squared form (tau = 0 is plain REINFORCE: use loss 'reinforce').
   if isinstance(tau, (int, float)) and not tau > 0:
-    raise ValueError(f"tau must be > 0 for the PMD losses, got tau={tau}")
+    raise ValueError(f"tau must be > 0 for the PMD losses (config.rl.tau), got tau={tau}")
 
 
 def _prepare(logp, ref_logp, mask, rewards, sample_weight):
@@ -106,9 +106,11 @@ def _common_metrics(logp, ref_logp, mask, rewards, w, n, adv) -> Metrics:
   m["advantage_mean"] = _weighted_mean(adv, w, n)
   m["advantage_abs_mean"] = _weighted_mean(jnp.abs(adv), w, n)
   # Groups whose rewards are all equal give no learning signal (zero advantage); counted over
-  # all groups, before any dynamic-sampling drop, so the metric shows how many were dropped.
-  m["frac_groups_all_equal"] = jnp.mean(
-      (jnp.max(rewards, axis=1) == jnp.min(rewards, axis=1)).astype(logp.dtype))
+  # all real groups, before any dynamic-sampling drop, so the metric shows how many were
+  # dropped. A group without a response token is padding (fixed batch shapes) and not counted.
+  real = (jnp.sum(mask, axis=(1, 2)) > 0).astype(logp.dtype)  # [P]
+  equal = (jnp.max(rewards, axis=1) == jnp.min(rewards, axis=1)).astype(logp.dtype)  # [P]
+  m["frac_groups_all_equal"] = jnp.sum(real * equal) / jnp.maximum(jnp.sum(real), 1)
   m["kept_frac"] = jnp.sum(w) / w.size
   m["response_tokens_mean"] = _weighted_mean(jnp.sum(mask, axis=-1), w, n)
   if ref_logp is not None:
@@ -292,6 +294,45 @@ def reinforce_loss(
   return loss, metrics
 
 
+def rest_loss(
+    logp: Array,
+    mask: Array,
+    rewards: Array,
+    *,
+    threshold: float = 0.5,
+    ref_logp: Array | None = None,
+    sample_weight: Array | None = None,
+) -> tuple[Array, Metrics]:
+  """ReST: maximum likelihood on the correct samples only (reward-filtered fine-tuning).
+
+  The "no negative gradients" baseline of the paper's ablation (PMD vs ReST): a sample
+  is correct when its reward is above `threshold`, c_pj = 1[r_pj > threshold]; correct samples
+  are trained on with the log-likelihood, wrong ones contribute nothing (no push down):
+
+    loss = -sum_{p,j} w c_pj S_pj / N,     d loss / d logp[p, j, t] = -mask * w c_pj / N,
+
+  with S = sum_t mask * logp, N the number of kept samples. The default threshold 0.5 splits
+  the verifier's 0/1 reward (k15's RL trainer counts a task reward above 0.5 as correct too);
+  the length penalty of §2.3.3 with a weight below 1 keeps correct samples above 0.5 and wrong
+  ones at or below 0, so the split survives it. Normalising by N (not by the number of correct
+  samples) keeps the step on the scale of the policy-gradient losses, whose gradients are also
+  sums over samples divided by N. ref_logp, if given, only feeds the KL metrics.
+
+  Returns:
+    (loss, metrics); the common metrics' `advantage_*` are those of c (the per-sample weight of
+    the log-likelihood), and `correct_frac` is the share of kept samples that are correct.
+  """
+  _check_shapes(logp, ref_logp, mask, rewards, sample_weight)
+  mask, rewards, ref_logp, w, n = _prepare(logp, ref_logp, mask, rewards, sample_weight)
+  correct = (rewards > threshold).astype(logp.dtype)  # [P, K]
+  seq_logp = jnp.sum(mask * logp, axis=-1)  # [P, K] = S
+  loss = -jnp.sum(w * correct * seq_logp) / n
+  metrics = _common_metrics(logp, ref_logp, mask, rewards, w, n, correct)
+  metrics["correct_frac"] = _weighted_mean(correct, w, n)
+  metrics["loss"] = jax.lax.stop_gradient(loss)
+  return loss, metrics
+
+
 # ---------------------------------------------------------------------------------------------
 # Selection by config string (config.rl.loss).
 # ---------------------------------------------------------------------------------------------
@@ -307,12 +348,15 @@ def compute_loss(
     tau: float | Array | None = None,
     clip_eps: float = 0.2,
     eps: float = 1e-6,
+    rest_threshold: float = 0.5,
     sample_weight: Array | None = None,
 ) -> tuple[Array, Metrics]:
   """Dispatches to the loss named by `name` (one of LOSS_NAMES), passing what it uses.
 
-  `tau` is required by 'pmd' and 'pmd_token'; `clip_eps` and `eps` are used by 'grpo' only.
+  `tau` is required by 'pmd' and 'pmd_token'; `clip_eps` and `eps` are used by 'grpo' only,
+  `rest_threshold` by 'rest' only.
   """
+  check_name(name)
   if name in ("pmd", "pmd_token"):
     if tau is None:
       raise ValueError(f"loss {name!r} needs tau (config.rl.tau)")
@@ -323,4 +367,20 @@ def compute_loss(
                      sample_weight=sample_weight)
   if name == "reinforce":
     return reinforce_loss(logp, mask, rewards, ref_logp=ref_logp, sample_weight=sample_weight)
-  raise ValueError(f"unknown loss {name!r} (config.rl.loss); valid: {', '.join(LOSS_NAMES)}")
+  return rest_loss(logp, mask, rewards, threshold=rest_threshold, ref_logp=ref_logp,
+                   sample_weight=sample_weight)
+
+
+def check_name(name: str) -> None:
+  """Raises ValueError naming config.rl.loss unless `name` is one of LOSS_NAMES."""
+  if name not in LOSS_NAMES:
+    raise ValueError(f"unknown loss {name!r} (config.rl.loss); valid: {', '.join(LOSS_NAMES)}")
+
+
+def check_config(rl_cfg: Any) -> None:
+  """Validates the loss keys of the `rl` block before a run spends time sampling."""
+  check_name(rl_cfg.loss)
+  if rl_cfg.loss in ("pmd", "pmd_token"):
+    _check_tau(rl_cfg.tau)
+  if rl_cfg.loss == "grpo" and not rl_cfg.clip_eps > 0:
+    raise ValueError(f"config.rl.clip_eps must be > 0 for loss 'grpo', got {rl_cfg.clip_eps}")

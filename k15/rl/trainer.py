@@ -7,7 +7,8 @@ One iteration:
   -> ref_logp = the sampler's log-probs under pi_i
   -> several jitted minibatch steps of the chosen loss (k15.rl.loss) on the same params
   -> pi_{i+1} is the next reference; the optimizer state is reset at the start of each
-     iteration, as the paper does (config rl.reset_optimizer)
+     iteration, as the paper does (config rl.reset_optimizer), the learning-rate schedule's
+     step excepted (it counts the run's optimizer steps, `carry_schedule_step`)
   -> metrics, checkpoint.
 
 Groups and partial rollouts: a prompt's k samples form its group, and the PMD baseline is
@@ -27,6 +28,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from k15 import checkpoint as ckpt_lib
@@ -34,6 +36,7 @@ from k15 import metrics as metrics_lib
 from k15 import parallel, update
 from k15.data import samplers
 from k15.model import logprobs, transformer
+from k15.rewards import finish as finish_lib
 from k15.rewards import length as length_lib
 from k15.rl import loss as loss_lib
 from k15 import sampling
@@ -92,6 +95,21 @@ def build_batch(groups: list[list[sampling.Trajectory]], rewards: np.ndarray, *,
           "ref_logp": ref_logp, "rewards": r, "sample_weight": weight}
 
 
+def carry_schedule_step(fresh: Any, old: Any) -> Any:
+  """`fresh` optimizer state with the learning-rate schedule's step count taken from `old`.
+
+  The paper resets the optimizer at the start of each iteration (§2.3.2): Adam's moments and
+  its bias-correction count start over. The learning-rate schedule (warm-up, decay over
+  optimizer.decay_steps) is the run's, not the iteration's: without this its count would
+  restart too, and a warm-up would rerun every iteration. Its step is the number of optimizer
+  steps taken in the whole run.
+  """
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  counts = iter([x for x in jax.tree.leaves(old, is_leaf=is_schedule) if is_schedule(x)])
+  return jax.tree.map(lambda x: next(counts) if is_schedule(x) else x, fresh,
+                      is_leaf=is_schedule)
+
+
 def make_loss_fn(rl_cfg: Any, k: int):
   """loss(model, batch) for the configured objective, on [G*k, T] rows viewed as [G, k, T]."""
   name = rl_cfg.loss
@@ -117,9 +135,14 @@ def make_loss_fn(rl_cfg: Any, k: int):
 
 @dataclasses.dataclass
 class Prompt:
-  """A prompt as the trainer sees it: its token ids and a difficulty label (may be None)."""
+  """A prompt as the trainer sees it: token ids, difficulty label and curation pass rate.
+
+  difficulty: higher is harder (k15.data.samplers); pass_rate: the curation's (§2.1), which
+  rl.sampling.success_prior_samples can start the success-rate table from. Either may be None.
+  """
   tokens: list[int]
   difficulty: Any = None
+  pass_rate: float | None = None
 
 
 class RLTrainer:
@@ -133,6 +156,7 @@ class RLTrainer:
                reward_fn: RewardFn, *, mesh, workdir: str, eos_id: int | Sequence[int] | None,
                pad_id: int = 0):
     self.config, self.rl = config, config.rl
+    loss_lib.check_config(self.rl)
     self.mesh, self.workdir = mesh, workdir
     self.prompts, self.reward_fn = list(prompts), reward_fn
     self.eos_id, self.pad_id = eos_id, pad_id
@@ -149,10 +173,11 @@ class RLTrainer:
     self._steps: dict[int, Any] = {}
 
     difficulties = [p.difficulty for p in self.prompts]
-    self.success = samplers.SuccessRates(len(self.prompts))
     self.sampler = samplers.make_sampler(
         self.rl.sampling, difficulties if self.rl.sampling.get("curriculum") else None,
-        num_prompts=len(self.prompts), success_rates=self.success, seed=config.seed)
+        num_prompts=len(self.prompts), pass_rates=[p.pass_rate for p in self.prompts],
+        seed=config.seed)
+    self.success = self.sampler.success_rates
     self.buffer = sampling.ReplayBuffer()
     self.pending: dict[str, list[dict]] = {}   # group id -> finished samples (as dicts)
     self.iteration = 0
@@ -224,9 +249,16 @@ class RLTrainer:
       self.pending.setdefault(gid, []).append(traj.to_dict())
     ready = []
     for gid in sorted(self.pending):
-      if len(self.pending[gid]) >= self.k:
-        group = sorted(self.pending.pop(gid), key=lambda d: d["sample_index"])
+      # A prompt drawn twice in one iteration (a pool smaller than the batch) has 2k samples
+      # under one id. Each trajectory has its own seed, so any k of them are k independent
+      # samples of pi_i for that prompt: a group. Take them k at a time, in arrival order.
+      samples = self.pending.pop(gid)
+      while len(samples) >= self.k:
+        group = sorted(samples[:self.k], key=lambda d: d["sample_index"])
         ready.append([sampling.Trajectory.from_dict(d) for d in group])
+        samples = samples[self.k:]
+      if samples:
+        self.pending[gid] = samples
     return ready
 
   def step(self) -> dict[str, float]:
@@ -245,6 +277,10 @@ class RLTrainer:
       task = np.asarray(self.reward_fn([t.prompt_id for t in flat], [t.tokens for t in flat]),
                         np.float32)
       task = task.reshape(len(groups), self.k)
+      # A response that did not end by itself has no final answer (k15.rewards.finish).
+      task = finish_lib.final_score(
+          task, np.array([[t.finish_reason for t in g] for g in groups]),
+          stops=self.eos_id is not None)
       lengths = np.array([[t.length for t in g] for g in groups], np.float32)
       repeated = np.array([[t.finish_reason == sampling.FinishReason.REPEAT for t in g]
                            for g in groups])
@@ -264,8 +300,8 @@ class RLTrainer:
                           drop_equal_reward_groups=rl.dynamic_sampling)
       t1 = time.perf_counter()
       if rl.reset_optimizer:
-        self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(
-            self.params)
+        fresh = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.params)
+        self.opt_state = carry_schedule_step(fresh, self.opt_state)
       rows = rl.minibatch_groups * self.k
       step_fn = self._train_step(rows)
       step_metrics = []
