@@ -1,0 +1,86 @@
+r"""Mixture-of-experts dispatch on this machine: the dense one-hot form vs sorted rows through
+`jax.lax.ragged_dot` (`ModelConfig.moe_dispatch`), side by side.
+
+One MoE layer (k15.model.transformer.MoE, float32) at a few shapes, each a (tokens, experts,
+top-k) case: a decode step (B rows x 1 token), and prefill / training chunks. For each dispatch the
+jitted forward and forward+backward (gradients w.r.t. the layer's parameters and input) are
+compiled; time is the best of --repeats runs after one warm-up (best, not mean, because dev
+machines are shared). The ratio column is dense time / ragged time (> 1: ragged is faster).
+
+Run by hand from the repository root (not part of the tests):
+
+  python -m benchmarks.moe_dispatch
+  python -m benchmarks.moe_dispatch --embed=512 --moe_mlp=256 --repeats=10
+
+The dense form runs every expert on every token (E / k times the useful FLOPs) as plain einsums;
+the ragged form runs only the chosen experts' rows, at the cost of a sort, a gather and a
+scatter. Which wins depends on E / k and on how the backend lowers ragged_dot.
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from k15.model import transformer
+
+# (name, batch rows, tokens per row, experts, top-k)
+CASES = (
+    ("decode 32x1, E8 k2", 32, 1, 8, 2),
+    ("decode 32x1, E64 k8", 32, 1, 64, 8),
+    ("prefill 4x128, E8 k2", 4, 128, 8, 2),
+    ("prefill 4x128, E64 k8", 4, 128, 64, 8),
+)
+
+
+def _programs(layer):
+  graphdef, state = nnx.split(layer)
+
+  def out_sum(s, x):
+    y, _, _ = nnx.merge(graphdef, s)(x)
+    return jnp.sum(y)
+
+  fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
+  fwd_bwd = jax.jit(jax.grad(out_sum, argnums=(0, 1)))
+  return state, fwd, fwd_bwd
+
+
+def _best_time(fn, args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # Warm-up (and compile).
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--embed", type=int, default=256)
+  parser.add_argument("--moe_mlp", type=int, default=128)
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+  print(f"{jax.devices()[0].platform}, D={args.embed}, expert F={args.moe_mlp}, float32; "
+        "best of %d, ms" % args.repeats)
+  header = (f"{'case':24s} {'fwd dense':>10s} {'fwd ragged':>11s} {'ratio':>6s}   "
+            f"{'f+b dense':>10s} {'f+b ragged':>11s} {'ratio':>6s}")
+  print(header)
+  for name, B, T, E, k in CASES:
+    x = jax.random.normal(jax.random.key(1), (B, T, args.embed), jnp.float32)
+    times = {}
+    for dispatch in ("dense", "ragged"):
+      cfg = transformer.ModelConfig(embed_dim=args.embed, num_experts=E, experts_per_token=k,
+                                    moe_mlp_dim=args.moe_mlp, moe_dispatch=dispatch)
+      state, fwd, fwd_bwd = _programs(transformer.MoE(cfg, rngs=nnx.Rngs(0)))
+      times[dispatch] = [1e3 * _best_time(f, (state, x), args.repeats) for f in (fwd, fwd_bwd)]
+    (fd, bd), (fr, br) = times["dense"], times["ragged"]
+    print(f"{name:24s} {fd:10.2f} {fr:11.2f} {fd / fr:6.2f}   {bd:10.2f} {br:11.2f} "
+          f"{bd / br:6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
