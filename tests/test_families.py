@@ -213,15 +213,16 @@ def test_moe_sharded_over_expert_axis_equals_unsharded(dispatch):
 
 def test_moe_prefill_and_decode_with_cache_match_full_forward():
   cfg = _moe_cfg(moe_dispatch="ragged")
-  model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
+  run = jax.jit(lambda s, t, p, c, i: nnx.merge(graphdef, s)(t, positions=p, cache=c,
+                                                             cache_index=i))
   tokens = jnp.asarray(_tokens(T=12) % 64)
-  full = np.asarray(model(tokens))
+  full = np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens))
   cache = transformer.init_cache(cfg, batch=2, length=16)
-  logits, cache = model(tokens[:, :7], cache=cache, cache_index=0)
+  logits, cache = run(state, tokens[:, :7], jnp.broadcast_to(jnp.arange(7), (2, 7)), cache, 0)
   steps = [np.asarray(logits)]
   for t in range(7, 12):
-    logits, cache = model(tokens[:, t:t + 1], positions=jnp.full((2, 1), t, jnp.int32),
-                          cache=cache, cache_index=t)
+    logits, cache = run(state, tokens[:, t:t + 1], jnp.full((2, 1), t, jnp.int32), cache, t)
     steps.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
 
@@ -248,6 +249,21 @@ def test_greedy_sampling_matches_transformers_generate(case, dispatch, tmp_path)
                               do_sample=False, max_new_tokens=n, pad_token_id=0)[0, len(p):]
       assert len(set(expected.tolist())) > 5, "degenerate reference continuation"
       np.testing.assert_array_equal(res.tokens[i], expected.numpy(), err_msg=f"prompt {i}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dispatch", ["dense", "ragged"])
+def test_moe_sampling_on_an_expert_parallel_mesh_equals_one_device(dispatch):
+  cfg = _moe_cfg(moe_dispatch=dispatch)
+  single = transformer.Transformer(cfg, rngs=nnx.Rngs(5))
+  prompts = [[5, 9, 2, 40, 11], [7, 3, 33], [1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 1]]
+  gen = dict(max_new_tokens=12, eos_id=None, temperature=0.0)
+  expected = sampling.generate(single, prompts, **gen)
+  with parallel.use_mesh(parallel.make_mesh({"expert": 4, "data": 2})):
+    sharded = parallel.create_sharded(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(5)))
+    got = sampling.generate(sharded, prompts, **gen)
+  np.testing.assert_array_equal(got.tokens, expected.tokens)
+  np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
 
 
 def test_routing_replay_routes_by_the_given_experts():
