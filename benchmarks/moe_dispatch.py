@@ -18,13 +18,13 @@ scatter. Which wins depends on E / k and on how the backend lowers ragged_dot.
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.attention import _best_time  # best of n runs after a warm-up
 from k15.model import transformer
 
 # (name, batch rows, tokens per row, experts, top-k)
@@ -46,16 +46,6 @@ def _programs(layer):
   fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
   fwd_bwd = jax.jit(jax.grad(out_sum, argnums=(0, 1)))
   return state, fwd, fwd_bwd
-
-
-def _best_time(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # Warm-up (and compile).
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best
 
 
 def main():

@@ -167,14 +167,17 @@ def test_dense_and_ragged_dispatch_agree_with_gradients():
     return (jnp.mean(jax.nn.log_softmax(logits)[..., 0])
             + 0.01 * transformer.load_balancing_loss(routing["router_logits"], 2))
 
+  # Rematerialised blocks (training) compute the same.
+  remat = transformer.Transformer(_moe_cfg(num_layers=1, moe_dispatch="ragged", remat="full"),
+                                  rngs=nnx.Rngs(0))
   values = {}
-  for name, m in (("dense", dense), ("ragged", ragged)):
+  for name, m in (("dense", dense), ("ragged", ragged), ("remat", remat)):
     graphdef, state = nnx.split(m)
     values[name] = jax.jit(jax.value_and_grad(lambda s: loss(nnx.merge(graphdef, s))))(state)
-  np.testing.assert_allclose(values["dense"][0], values["ragged"][0], atol=1e-6)
-  gd, gr = (jax.tree.leaves(values[k][1]) for k in ("dense", "ragged"))
-  for a, b in zip(gd, gr):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  for other in ("ragged", "remat"):
+    np.testing.assert_allclose(values["dense"][0], values[other][0], atol=1e-6)
+    for a, b in zip(jax.tree.leaves(values["dense"][1]), jax.tree.leaves(values[other][1])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   # The router gets a gradient (through the gate weights and the aux loss).
   assert np.abs(np.asarray(values["ragged"][1]["layers"][0]["mlp"]["router"].value)).max() > 0
 
