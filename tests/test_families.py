@@ -156,9 +156,10 @@ def _moe_cfg(**kw):
 
 
 def test_dense_and_ragged_dispatch_agree_with_gradients():
-  cfg = _moe_cfg()
+  cfg = _moe_cfg(num_layers=1)
   dense = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
-  ragged = transformer.Transformer(_moe_cfg(moe_dispatch="ragged"), rngs=nnx.Rngs(0))
+  ragged = transformer.Transformer(_moe_cfg(num_layers=1, moe_dispatch="ragged"),
+                                   rngs=nnx.Rngs(0))
   tokens = jnp.asarray(_tokens(T=16, B=3) % 64)
 
   def loss(model):
@@ -166,14 +167,17 @@ def test_dense_and_ragged_dispatch_agree_with_gradients():
     return (jnp.mean(jax.nn.log_softmax(logits)[..., 0])
             + 0.01 * transformer.load_balancing_loss(routing["router_logits"], 2))
 
+  # Rematerialised blocks (training) compute the same.
+  remat = transformer.Transformer(_moe_cfg(num_layers=1, moe_dispatch="ragged", remat="full"),
+                                  rngs=nnx.Rngs(0))
   values = {}
-  for name, m in (("dense", dense), ("ragged", ragged)):
+  for name, m in (("dense", dense), ("ragged", ragged), ("remat", remat)):
     graphdef, state = nnx.split(m)
     values[name] = jax.jit(jax.value_and_grad(lambda s: loss(nnx.merge(graphdef, s))))(state)
-  np.testing.assert_allclose(values["dense"][0], values["ragged"][0], atol=1e-6)
-  gd, gr = (jax.tree.leaves(values[k][1]) for k in ("dense", "ragged"))
-  for a, b in zip(gd, gr):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  for other in ("ragged", "remat"):
+    np.testing.assert_allclose(values["dense"][0], values[other][0], atol=1e-6)
+    for a, b in zip(jax.tree.leaves(values["dense"][1]), jax.tree.leaves(values[other][1])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   # The router gets a gradient (through the gate weights and the aux loss).
   assert np.abs(np.asarray(values["ragged"][1]["layers"][0]["mlp"]["router"].value)).max() > 0
 
@@ -181,10 +185,18 @@ def test_dense_and_ragged_dispatch_agree_with_gradients():
 @pytest.mark.parametrize("dispatch", ["dense", "ragged"])
 def test_moe_sharded_over_expert_axis_equals_unsharded(dispatch):
   assert jax.device_count() == 8
-  cfg = _moe_cfg(moe_dispatch=dispatch)
-  single = transformer.Transformer(cfg, rngs=nnx.Rngs(3))
+  cfg = _moe_cfg(num_layers=1, moe_dispatch=dispatch)
   tokens = jnp.asarray(_tokens(T=16, B=4) % 64)
-  expected = np.asarray(single(tokens))
+
+  def program(graphdef):
+    def loss(s, t):
+      logits, routing = nnx.merge(graphdef, s)(t, return_routing=True)
+      aux = transformer.load_balancing_loss(routing["router_logits"], cfg.experts_per_token)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + 0.01 * aux, logits
+    return jax.value_and_grad(loss, has_aux=True)
+
+  graphdef, state = nnx.split(transformer.Transformer(cfg, rngs=nnx.Rngs(3)))
+  (_, expected), expected_grad = jax.jit(program(graphdef))(state, tokens)
 
   mesh = parallel.make_mesh({"expert": 4, "data": 2})
   with parallel.use_mesh(mesh):
@@ -194,36 +206,43 @@ def test_moe_sharded_over_expert_axis_equals_unsharded(dispatch):
     assert gate.addressable_shards[0].data.shape == (2, 32, 16)
     graphdef, state = nnx.split(sharded)
     batch_sharding = parallel.sharding(("batch", "length"), tokens.shape)
-    fwd = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t),
-                  in_shardings=(parallel.state_shardings(state), batch_sharding))
-    out = fwd(state, jax.device_put(tokens, batch_sharding))
-  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, rtol=0)
+    step = jax.jit(program(graphdef),
+                   in_shardings=(parallel.state_shardings(state), batch_sharding))
+    (_, out), grad = step(state, jax.device_put(tokens, batch_sharding))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5, rtol=0)
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(expected_grad)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
 
 def test_moe_prefill_and_decode_with_cache_match_full_forward():
   cfg = _moe_cfg(moe_dispatch="ragged")
-  model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
+  run = jax.jit(lambda s, t, p, c, i: nnx.merge(graphdef, s)(t, positions=p, cache=c,
+                                                             cache_index=i))
   tokens = jnp.asarray(_tokens(T=12) % 64)
-  full = np.asarray(model(tokens))
+  full = np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens))
   cache = transformer.init_cache(cfg, batch=2, length=16)
-  logits, cache = model(tokens[:, :7], cache=cache, cache_index=0)
+  logits, cache = run(state, tokens[:, :7], jnp.broadcast_to(jnp.arange(7), (2, 7)), cache, 0)
   steps = [np.asarray(logits)]
   for t in range(7, 12):
-    logits, cache = model(tokens[:, t:t + 1], positions=jnp.full((2, 1), t, jnp.int32),
-                          cache=cache, cache_index=t)
+    logits, cache = run(state, tokens[:, t:t + 1], jnp.full((2, 1), t, jnp.int32), cache, t)
     steps.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("dispatch", ["dense", "ragged"])
-def test_moe_greedy_sampling_matches_transformers_generate(dispatch, tmp_path):
-  ref = _random_hf("Qwen3Moe", seed=2, **dict(MOE, norm_topk_prob=True,
-                                                 max_position_embeddings=128))
+@pytest.mark.parametrize("case,dispatch", [("qwen3-moe", "dense"), ("qwen3-moe", "ragged"),
+                                           ("llama-llama3", None), ("qwen2-yarn", None)])
+def test_greedy_sampling_matches_transformers_generate(case, dispatch, tmp_path):
+  # The sampler computes a generation's rotary angles itself: with the model's scaling, which
+  # matters here since generation runs past the original context of 16 positions.
+  arch, kw = CASES[case]
+  ref = _random_hf(arch, seed=2, **kw)
   with torch.no_grad():  # larger weights: greedy continuations wander instead of settling
     for p in ref.parameters():
       p.mul_(2.0)
   ref.save_pretrained(tmp_path, safe_serialization=True)
-  model = hf.load(str(tmp_path), jnp.float32, config_overrides={"moe_dispatch": dispatch})
+  model = hf.load(str(tmp_path), jnp.float32,
+                  config_overrides={"moe_dispatch": dispatch} if dispatch else None)
   prompts = [[5, 9, 2, 40, 11], [7, 3, 33], [1, 2, 3, 4, 5, 6, 7, 8]]
   n = 24
   res = sampling.generate(model, prompts, max_new_tokens=n, temperature=0.0, eos_id=None)
@@ -233,6 +252,21 @@ def test_moe_greedy_sampling_matches_transformers_generate(dispatch, tmp_path):
                               do_sample=False, max_new_tokens=n, pad_token_id=0)[0, len(p):]
       assert len(set(expected.tolist())) > 5, "degenerate reference continuation"
       np.testing.assert_array_equal(res.tokens[i], expected.numpy(), err_msg=f"prompt {i}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dispatch", ["dense", "ragged"])
+def test_moe_sampling_on_an_expert_parallel_mesh_equals_one_device(dispatch):
+  cfg = _moe_cfg(moe_dispatch=dispatch)
+  single = transformer.Transformer(cfg, rngs=nnx.Rngs(5))
+  prompts = [[5, 9, 2, 40, 11], [7, 3, 33], [1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 1]]
+  gen = dict(max_new_tokens=12, eos_id=None, temperature=0.0)
+  expected = sampling.generate(single, prompts, **gen)
+  with parallel.use_mesh(parallel.make_mesh({"expert": 4, "data": 2})):
+    sharded = parallel.create_sharded(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(5)))
+    got = sampling.generate(sharded, prompts, **gen)
+  np.testing.assert_array_equal(got.tokens, expected.tokens)
+  np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
 
 
 def test_routing_replay_routes_by_the_given_experts():

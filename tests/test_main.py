@@ -25,7 +25,8 @@ def test_smoke_run_on_a_mesh_with_overrides(tmp_path):
             "--config.mesh.tensor=-1")
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads((tmp_path / "smoke.json").read_text())
-  assert report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4, "sequence": 1}
+  assert report["mesh"] == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 4,
+                            "sequence": 1}
   assert report["logits_shape"] == [8, 32, 384]
   assert report["finite"]
   # A freshly initialized model predicts close to uniformly.

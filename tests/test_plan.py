@@ -155,7 +155,8 @@ def test_qwen7b_fits_its_v5p_slice_and_not_one_v5e_chip():
   from configs import qwen25_7b_v5p  # pylint: disable=g-import-not-at-top
   config = qwen25_7b_v5p.get_config()
   on_v5p = plan.plan(config, chip="v5p", num_chips=32)
-  assert on_v5p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 4, "sequence": 1}
+  assert on_v5p["mesh"] == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 4,
+                            "sequence": 1}
   assert on_v5p["fits"], plan.format_plan(on_v5p)
   # 7.6B float32 parameters are ~28 GiB on their own.
   config.mesh = k15_config.mesh_block(data=1)

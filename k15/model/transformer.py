@@ -386,7 +386,7 @@ class MoE(nnx.Module):
     logits = jnp.einsum("BTD,DE->BTE", x, self.router[...].astype(x.dtype))
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     if expert_ids is None:
-      weights, expert_ids = jax.lax.top_k(probs, cfg.experts_per_token)
+      weights, expert_ids = _top_k(probs, cfg.experts_per_token)
     else:
       expert_ids = expert_ids.astype(jnp.int32)
       weights = jnp.take_along_axis(probs, expert_ids, axis=-1)
@@ -412,22 +412,65 @@ class MoE(nnx.Module):
     return y, logits, expert_ids
 
 
+def _top_k(probs: Array, k: int) -> tuple[Array, Array]:
+  """`jax.lax.top_k` over the last axis as k rounds of argmax: elementwise ops and reductions
+  along E, which stay local to each device's tokens, where XLA:CPU's TopK all-gathers a
+  batch-sharded input. Ties go to the lower expert id."""
+  values, ids = [], []
+  for _ in range(k):
+    i = jnp.argmax(probs, axis=-1)
+    values.append(jnp.take_along_axis(probs, i[..., None], axis=-1)[..., 0])
+    ids.append(i)
+    probs = jnp.where(jax.nn.one_hot(i, probs.shape[-1], dtype=jnp.bool_), -jnp.inf, probs)
+  return jnp.stack(values, axis=-1), jnp.stack(ids, axis=-1).astype(jnp.int32)
+
+
 def _ragged_experts(x, expert_ids, weights, gate, up, down):
   """Sorted dispatch: the R = B*T*k (token, expert) rows grouped by expert through
-  `jax.lax.ragged_dot`, then scattered back and summed over each token's k experts."""
+  `jax.lax.ragged_dot`, then put back in token order and summed over each token's k experts.
+
+  Under a mesh this runs per device (`jax.shard_map`): each device sorts only its own tokens
+  (a global sort would gather the batch) and runs only its own experts, the ones its slice of
+  the 'expert' axis holds; a psum over that axis adds the experts' contributions.
+  """
+  mesh = parallel.active_mesh()
+  if mesh is None:
+    return _ragged_local(x, expert_ids, weights, gate, up, down, expert_axes=None)
+  E = gate.shape[0]
+  ep = parallel.logical_to_spec(("expert",), (E,), mesh)[0]
+  rows = parallel.logical_to_spec(("batch", "length", None), x.shape, mesh)
+  ids_spec = parallel.logical_to_spec(("batch", "length", None), expert_ids.shape, mesh)
+  w_spec = jax.sharding.PartitionSpec(ep, None, None)
+
+  def local(*args):
+    with parallel.without_mesh():
+      return _ragged_local(*args, expert_axes=ep)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows, ids_spec, ids_spec) + (w_spec,) * 3,
+                       out_specs=rows, check_vma=False)(x, expert_ids, weights, gate, up, down)
+
+
+def _ragged_local(x, expert_ids, weights, gate, up, down, *, expert_axes):
   B, T, D = x.shape
   k = expert_ids.shape[-1]
-  E = gate.shape[0]
+  E = gate.shape[0]                                                      # experts held here
   flat_ids = expert_ids.reshape(-1)                                      # [R]
+  if expert_axes is not None:
+    # This device holds experts [first, first + E); rows routed elsewhere sort last (group E)
+    # and get no matmul.
+    flat_ids = flat_ids - jax.lax.axis_index(expert_axes) * E
+    flat_ids = jnp.where((flat_ids >= 0) & (flat_ids < E), flat_ids, E)
   order = jnp.argsort(flat_ids, stable=True)                             # rows sorted by expert
-  sizes = jnp.bincount(flat_ids, length=E).astype(jnp.int32)             # [E]
+  sizes = jnp.bincount(flat_ids, length=E + 1)[:E].astype(jnp.int32)     # [E]
   xs = jnp.take(x.reshape(B * T, D), order // k, axis=0)                 # [R, D]
   g = jax.lax.ragged_dot(xs, gate, sizes)                                # [R, F]
   u = jax.lax.ragged_dot(xs, up, sizes)
   out = jax.lax.ragged_dot(jax.nn.silu(g) * u, down, sizes)              # [R, D]
-  out = out * jnp.take(weights.reshape(-1), order)[:, None]
+  w = jnp.take(weights.reshape(-1), order)
+  out = jnp.where((jnp.take(flat_ids, order) < E)[:, None], out * w[:, None], 0)
   out = jnp.take(out, jnp.argsort(order), axis=0)                        # back to token order
-  return out.reshape(B, T, k, D).sum(axis=2)
+  y = out.reshape(B, T, k, D).sum(axis=2)
+  return y if expert_axes is None else jax.lax.psum(y, expert_axes)
 
 
 def load_balancing_loss(router_logits, top_k: int, mask: Array | None = None) -> Array:
@@ -444,7 +487,7 @@ def load_balancing_loss(router_logits, top_k: int, mask: Array | None = None) ->
   w = None if mask is None else mask.reshape(-1).astype(jnp.float32)
   for logits in router_logits:
     probs = jax.nn.softmax(logits.reshape(-1, E).astype(jnp.float32), axis=-1)     # [N, E]
-    picked = jax.nn.one_hot(jax.lax.top_k(probs, top_k)[1], E, dtype=jnp.float32)  # [N, k, E]
+    picked = jax.nn.one_hot(_top_k(probs, top_k)[1], E, dtype=jnp.float32)  # [N, k, E]
     if w is None:
       counts = counts + picked.sum(axis=(0, 1))
       prob_sum = prob_sum + probs.sum(axis=0)

@@ -296,7 +296,7 @@ def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
   # sin and cos inside each layer's query and key fusions.
   cfg = model.cfg
   step_angles = transformer.rope_angles(start_pos[:, None] + jnp.arange(N) - 1, cfg.head_dim,
-                                        cfg.rope_theta)                # 2 x [B, N, 1, H/2]
+                                        cfg.rope_theta, cfg.rope_scaling)  # 2 x [B, N, 1, H/2]
 
   def body(c):
     t, carry, cache = c
