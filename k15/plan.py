@@ -368,7 +368,7 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
     peak_tflops: peak per chip; defaults to the chip table (none for cpu: no step time).
     prompt_len: prompt tokens (default config.rl.max_prompt_length if set, else 1024).
     logits_chunk: what-if: compute the head and log-probs in chunks of this many tokens
-      (0 = the whole row at once, as k15.update.token_logprobs does).
+      (0 = the config's model.logits_chunk, as k15.update.token_logprobs does).
     prefill_logits: 'last': the sampler's prefill computes logits for the last prompt position
       only (as k15.sampling does); 'all': what-if it computed them at every position.
   """
@@ -407,7 +407,7 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
   grads = params  # parameter-shaped, in the param dtype, laid out like the params
   if microbatches > 1:
     grads *= 2  # the scan's accumulator next to one microbatch's gradients
-  act = _activations(cfg, sh, Bm, T, layer_copy, logits_chunk)
+  act = _activations(cfg, sh, Bm, T, layer_copy, logits_chunk or cfg.logits_chunk)
   batch_bytes = sh.per_chip(("batch", None), (rows, T), 20)  # tokens, positions, ids, mask, logp
   activations = act["saved"] + act["recompute"]
   backward = grads + activations + act["logits"]
@@ -550,7 +550,7 @@ def main(argv=None) -> int:
   peak = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per chip (default: chip "
                             "table; cpu: measured float32 matmul).")
   chunk = flags.DEFINE_integer("logits_chunk", 0, "What-if: head and log-probs in chunks of "
-                               "this many tokens (0 = whole rows, as the code does today).")
+                               "this many tokens (0 = the config's model.logits_chunk).")
   prefill = flags.DEFINE_enum("prefill_logits", "last", ["all", "last"], "'last' (k15.sampling) "
                               "= the sampler's prefill computes the last position's logits "
                               "only; 'all' shows the cost of logits at every position.")

@@ -139,3 +139,14 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
   assert len(a.files) == len(b.files)
   for name in a.files:
     np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_microbatches_that_would_split_a_group_are_refused(tmp_path):
+  # One group per step in 4 microbatches would split its [1, k] rewards: a config error naming
+  # both keys, before anything is compiled.
+  config = _config("pmd", microbatches=4)
+  config.rl.minibatch_groups = 1
+  mesh = parallel.make_mesh({"data": -1})
+  with parallel.use_mesh(mesh):
+    with pytest.raises(ValueError, match=r"rl\.microbatches=4.*rl\.minibatch_groups=1"):
+      _trainer(config, str(tmp_path), mesh)
