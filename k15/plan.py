@@ -414,6 +414,12 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
   update_phase = 2.25 * params
   train_peak = params + opt + batch_bytes + max(backward, update_phase)
 
+  # The reference pass (forward only): params, the batch, one layer's intermediates next to
+  # the residual stream, and one tile's logits with their exp (2 of the 5 copies above).
+  one_layer = _activations(dataclasses.replace(cfg, remat="full"), sh, Bm, T, layer_copy,
+                           logits_chunk or cfg.logits_chunk)
+  ref_logprobs = params + batch_bytes + one_layer["recompute"] + one_layer["logits"] * 2 / 5
+
   out: dict[str, Any] = {
       "chip": chip, "chip_name": CHIPS[chip].name, "num_chips": num_chips,
       "hbm_bytes": CHIPS[chip].hbm_gib * GiB, "mesh": mesh_sizes,
@@ -424,6 +430,7 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
                 "activations": activations, "activations_saved": act["saved"],
                 "activations_recompute": act["recompute"], "logits": act["logits"],
                 "update_phase": update_phase, "peak": train_peak},
+      "ref_logprobs": ref_logprobs,
   }
   if "rl" in config:
     smp = _sampling(cfg, sh, config.rl, prompt_len, prefill_logits)

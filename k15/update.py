@@ -134,9 +134,15 @@ def init_optimizer_state(optimizer: optax.GradientTransformation, params: Any,
   Built with explicit out_shardings: `zeros_like` alone does not carry a parameter's sharding
   through jit, and a replicated Adam state would cost a full model copy per device.
   """
+  shardings = optimizer_shardings(optimizer, params, param_shardings, mesh)
+  return jax.jit(optimizer.init, out_shardings=shardings)(params), shardings
+
+
+def optimizer_shardings(optimizer: optax.GradientTransformation, params: Any,
+                        param_shardings: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Shardings of `optimizer.init(params)` (params may be abstract): moments like their params."""
   abstract = jax.eval_shape(optimizer.init, params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  shardings = optax.tree_map_params(
+  return optax.tree_map_params(
       optimizer, lambda _, sh: sh, abstract, param_shardings,
       transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return jax.jit(optimizer.init, out_shardings=shardings)(params), shardings
