@@ -131,8 +131,11 @@ def _struct(shape, dtype, axes, mesh) -> jax.ShapeDtypeStruct:
 
 def compile_programs(config: Any, topology: str | None = None, *,
                      programs: tuple[str, ...] = ("train", "ref_logprobs", "prefill", "decode"),
-                     progress: bool = False) -> dict[str, Any]:
+                     progress: bool = False, report=None) -> dict[str, Any]:
   """Compiles `programs` of `config` for `topology` (default: config.accelerator_type).
+
+  `report(program)`, if given, is called as each program is compiled (a long compile's
+  results are then not lost with a later one).
 
   Returns {"accelerator", "topology", "hbm_bytes", "mesh", "programs": [Program], "plan"}.
   """
@@ -230,6 +233,8 @@ def compile_programs(config: Any, topology: str | None = None, *,
         raise ValueError(f"unknown program {name!r}; known: train, ref_logprobs, prefill, "
                          f"decode")
       out_programs.append(prog)
+      if report is not None:
+        report(prog)
       if bar is not None:
         bar.update(1)
   if bar is not None:
@@ -285,8 +290,11 @@ def main(argv=None) -> int:
   def run(args):
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments: {args[1:]}")
+    report = lambda pr: print(f"compiled {pr.name} ({pr.shapes}) in {pr.compile_s:.1f} s: "
+                              f"{pr.total / GiB:.2f} GiB per chip, plan {pr.plan_bytes / GiB:.2f}",
+                              flush=True)
     result = compile_programs(cfg_flag.value, topo.value, programs=tuple(only.value),
-                              progress=True)
+                              progress=True, report=report)
     print(format_table(result))
     if json_path.value:
       with open(json_path.value, "w") as f:
