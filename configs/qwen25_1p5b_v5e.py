@@ -50,7 +50,8 @@ def get_config(arg=None):
       # matmuls; splash attention keeps memory linear in the 9k-token rows; 'full' remat keeps
       # one bfloat16 [T, D] input per layer instead of ~70 KiB per token per layer.
       param_dtype="float32", dtype="bfloat16", attention_impl="splash",
-      attention_block_size=512, remat="full")
+      attention_block_size=512, remat="full",
+      logits_chunk=1024)  # log-probs with the head in 1024-token tiles (k15.model.logprobs)
   c.model_path = ""  # a Hugging Face checkpoint directory; empty = random init
   # 2-way FSDP x 4-way tensor. Tensor parallelism is what makes a long row fit: the head's
   # float32 [T, V=151936] logits (and their log-softmax and gradients, 5 copies) dominate the
@@ -81,7 +82,8 @@ def get_config(arg=None):
       loss="pmd", tau=0.1,
       num_passes=1,
       minibatch_groups=1,          # one group (8 rows of up to 9216 tokens) per gradient step,
-      microbatches=4,              # 2 rows per microbatch: one row per FSDP shard
+      microbatches=1,              # a microbatch holds whole groups (their mean reward is the
+                                   # baseline), so 1 group per step means 1 microbatch
       length_bucket=1024,
       reset_optimizer=True,
       length_weight=1.0,           # length penalty (§2.3.3) after a warm-up without it

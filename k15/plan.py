@@ -368,7 +368,7 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
     peak_tflops: peak per chip; defaults to the chip table (none for cpu: no step time).
     prompt_len: prompt tokens (default config.rl.max_prompt_length if set, else 1024).
     logits_chunk: what-if: compute the head and log-probs in chunks of this many tokens
-      (0 = the whole row at once, as k15.update.token_logprobs does).
+      (0 = the config's model.logits_chunk, as k15.update.token_logprobs does).
     prefill_logits: 'last': the sampler's prefill computes logits for the last prompt position
       only (as k15.sampling does); 'all': what-if it computed them at every position.
   """
@@ -407,12 +407,18 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
   grads = params  # parameter-shaped, in the param dtype, laid out like the params
   if microbatches > 1:
     grads *= 2  # the scan's accumulator next to one microbatch's gradients
-  act = _activations(cfg, sh, Bm, T, layer_copy, logits_chunk)
+  act = _activations(cfg, sh, Bm, T, layer_copy, logits_chunk or cfg.logits_chunk)
   batch_bytes = sh.per_chip(("batch", None), (rows, T), 20)  # tokens, positions, ids, mask, logp
   activations = act["saved"] + act["recompute"]
   backward = grads + activations + act["logits"]
   update_phase = 2.25 * params
   train_peak = params + opt + batch_bytes + max(backward, update_phase)
+
+  # The reference pass (forward only): params, the batch, one layer's intermediates next to
+  # the residual stream, and one tile's logits with their exp (2 of the 5 copies above).
+  one_layer = _activations(dataclasses.replace(cfg, remat="full"), sh, Bm, T, layer_copy,
+                           logits_chunk or cfg.logits_chunk)
+  ref_logprobs = params + batch_bytes + one_layer["recompute"] + one_layer["logits"] * 2 / 5
 
   out: dict[str, Any] = {
       "chip": chip, "chip_name": CHIPS[chip].name, "num_chips": num_chips,
@@ -424,6 +430,7 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
                 "activations": activations, "activations_saved": act["saved"],
                 "activations_recompute": act["recompute"], "logits": act["logits"],
                 "update_phase": update_phase, "peak": train_peak},
+      "ref_logprobs": ref_logprobs,
   }
   if "rl" in config:
     smp = _sampling(cfg, sh, config.rl, prompt_len, prefill_logits)
@@ -550,7 +557,7 @@ def main(argv=None) -> int:
   peak = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per chip (default: chip "
                             "table; cpu: measured float32 matmul).")
   chunk = flags.DEFINE_integer("logits_chunk", 0, "What-if: head and log-probs in chunks of "
-                               "this many tokens (0 = whole rows, as the code does today).")
+                               "this many tokens (0 = the config's model.logits_chunk).")
   prefill = flags.DEFINE_enum("prefill_logits", "last", ["all", "last"], "'last' (k15.sampling) "
                               "= the sampler's prefill computes the last position's logits "
                               "only; 'all' shows the cost of logits at every position.")

@@ -64,11 +64,18 @@ def token_logprobs(model: transformer.Transformer, tokens: jax.Array,
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
-  def split(x):
-    if x.shape[0] % n:
-      raise ValueError(f"batch dimension {x.shape[0]} is not divisible by microbatches={n}")
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
-  return jax.tree.map(split, batch)
+  """Each entry split along its leading axis into n parts: rows with rows, groups with groups.
+
+  An entry per group ([G, k] rewards) splits with the rows of those groups ([G * k, T]) only
+  when n divides G; anything else would pair rows with another group's rewards, so it is an
+  error that names the entries.
+  """
+  bad = {key: tuple(x.shape) for key, x in batch.items() if x.shape[0] % n}
+  if bad:
+    raise ValueError(f"microbatches={n} does not divide the leading dimension of batch entries "
+                     f"{bad}: a microbatch holds whole groups, so the number of microbatches "
+                     f"must divide the groups (and rows) of a step")
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
@@ -127,9 +134,15 @@ def init_optimizer_state(optimizer: optax.GradientTransformation, params: Any,
   Built with explicit out_shardings: `zeros_like` alone does not carry a parameter's sharding
   through jit, and a replicated Adam state would cost a full model copy per device.
   """
+  shardings = optimizer_shardings(optimizer, params, param_shardings, mesh)
+  return jax.jit(optimizer.init, out_shardings=shardings)(params), shardings
+
+
+def optimizer_shardings(optimizer: optax.GradientTransformation, params: Any,
+                        param_shardings: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Shardings of `optimizer.init(params)` (params may be abstract): moments like their params."""
   abstract = jax.eval_shape(optimizer.init, params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  shardings = optax.tree_map_params(
+  return optax.tree_map_params(
       optimizer, lambda _, sh: sh, abstract, param_shardings,
       transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return jax.jit(optimizer.init, out_shardings=shardings)(params), shardings

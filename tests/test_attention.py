@@ -1,5 +1,7 @@
 """Tests for k15.model.attention: reference by hand, flash == reference, linear memory, splash."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,31 +220,6 @@ def test_splash_off_tpu_raises():
                      kv_positions=ids, impl="splash")
 
 
-def test_splash_wrapper_in_pallas_interpreter():
-  # The kernel itself needs a TPU; its interpreter checks the wrapper (layout, GQA, scale, padding,
-  # segment ids) against the reference. Positions increase by 1 within segments, as splash needs.
-  rng = np.random.default_rng(3)
-  seg, pos = _packed(2, 150)  # Pads to 256 internally.
-  q, k, v = _random_qkv(rng, 2, 150, 150, 4, 2, 128)
-  scale = 0.1
-
-  def loss(fn):
-    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
-
-  def splash(q, k, v):
-    return attention._splash(q, k, v, seg, seg, scale=scale, block_size=128, interpret=True)
-
-  def reference(q, k, v):
-    return attention.attend(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos,
-                            kv_positions=pos, scale=scale)
-
-  _assert_close(splash(q, k, v), reference(q, k, v), "splash forward")
-  grads = jax.grad(loss(splash), argnums=(0, 1, 2))(q, k, v)
-  ref_grads = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
-  for grad, ref_grad, what in zip(grads, ref_grads, "qkv"):
-    _assert_close(grad, ref_grad, f"splash d{what}")
-
-
 def test_bad_arguments_raise_clear_errors():
   x = jnp.zeros((1, 8, 4, 4))
   ids = jnp.ones((1, 8), jnp.int32)
@@ -267,18 +244,18 @@ def test_bad_arguments_raise_clear_errors():
     attention.attend(x, kv, kv, kv_layout="BKSH", **{**kw, "kv_segment_ids": ids[:, :4]})
 
 
-@pytest.mark.parametrize("mesh_shape", [dict(data=2, tensor=4), dict(fsdp=4, tensor=2)])
-def test_splash_under_shard_map_in_pallas_interpreter(mesh_shape):
+@pytest.mark.parametrize("mesh_shape", [None, dict(data=2, tensor=4), dict(fsdp=4, tensor=2)])
+def test_splash_wrapper_in_pallas_interpreter(mesh_shape):
+  # The kernel itself needs a TPU; its interpreter checks the wrapper (layout, GQA, scale, padding,
+  # segment ids) against the reference. Positions increase by 1 within segments, as splash needs.
   # On a mesh the kernel runs per device under shard_map, built for the local heads: 4-way
   # tensor splits the 4 query heads but not the 2 kv heads (they are repeated to 4 so each
   # shard has its own), 2-way splits both. Batch rows split over data / fsdp.
   from k15 import parallel  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(4)
-  b, t = 4, 150
-  seg, pos = (np.concatenate([x, x]) for x in _packed(2, t))
-  q, k, v = _random_qkv(rng, b, t, t, 4, 2, 128)
+  rng = np.random.default_rng(3)
+  seg, pos = (np.concatenate([x, x]) for x in _packed(2, 150))  # Pads to 256 internally.
+  q, k, v = _random_qkv(rng, 4, 150, 150, 4, 2, 128)
   scale = 0.1
-  mesh = parallel.make_mesh(mesh_shape)
 
   def loss(fn):
     return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
@@ -290,13 +267,14 @@ def test_splash_under_shard_map_in_pallas_interpreter(mesh_shape):
     return attention.attend(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos,
                             kv_positions=pos, scale=scale)
 
-  with parallel.use_mesh(mesh):
+  with (parallel.use_mesh(parallel.make_mesh(mesh_shape)) if mesh_shape
+        else contextlib.nullcontext()):
     out = jax.jit(splash)(q, k, v)
     grads = jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)
-  _assert_close(out, reference(q, k, v), "sharded splash forward")
+  _assert_close(out, reference(q, k, v), "splash forward")
   ref_grads = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
   for grad, ref_grad, what in zip(grads, ref_grads, "qkv"):
-    _assert_close(grad, ref_grad, f"sharded splash d{what}")
+    _assert_close(grad, ref_grad, f"splash d{what}")
 
 
 def test_splash_choice_follows_the_mesh_devices():

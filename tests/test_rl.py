@@ -196,3 +196,13 @@ def test_learning_rate_schedule_survives_the_optimizer_reset():
   # The next step's learning rate is warm-up step 4's (0.4), not step 0's (0).
   updates, _ = opt.update({"w": jnp.ones(3)}, reset, params)
   assert float(jnp.abs(updates["w"]).max()) == pytest.approx(0.4, rel=1e-3)
+
+def test_microbatches_that_would_split_a_group_are_refused(tmp_path):
+  # One group per step in 4 microbatches would split its [1, k] rewards: a config error naming
+  # both keys, before anything is compiled.
+  config = _config("pmd", microbatches=4)
+  config.rl.minibatch_groups = 1
+  mesh = parallel.make_mesh({"data": -1})
+  with parallel.use_mesh(mesh):
+    with pytest.raises(ValueError, match=r"rl\.microbatches=4.*rl\.minibatch_groups=1"):
+      _trainer(config, str(tmp_path), mesh)

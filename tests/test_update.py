@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 from flax import nnx
 
 from k15 import parallel, update
@@ -71,3 +72,37 @@ def test_non_finite_loss_skips_the_update_and_training_goes_on():
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params3))
     assert any(not np.array_equal(a, np.asarray(b))
                for a, b in zip(before, jax.tree.leaves(params3)))
+
+
+def _group_loss(model, batch):
+  # A per-group loss like PMD's: each row's advantage is its reward minus its group's mean.
+  logp = update.token_logprobs(model, batch["tokens"])[:, 1:].sum(-1)        # [G * k]
+  r = batch["rewards"]                                                         # [G, k]
+  adv = (r - r.mean(axis=1, keepdims=True)).reshape(-1)
+  return -jnp.mean(adv * logp), {}
+
+
+def _group_batch():
+  rng = np.random.RandomState(1)
+  return {"tokens": jnp.asarray(rng.randint(0, 32, (8, 12)).astype(np.int32)),
+          "rewards": jnp.asarray(rng.rand(4, 2).astype(np.float32))}     # G = 4 groups of k = 2
+
+
+def test_microbatches_split_group_arrays_with_their_rows_or_refuse():
+  mesh = parallel.make_mesh({"data": -1})
+  with parallel.use_mesh(mesh):
+    graphdef, params, ps, opt, opt_state, osh = _setup(mesh)
+    out = {}
+    for mb in (1, 2, 4):
+      step = update.make_train_step(graphdef, _group_loss, opt, microbatches=mb,
+                                    param_shardings=ps, opt_shardings=osh, donate=False)
+      out[mb] = step(params, opt_state, _group_batch())
+    for mb in (2, 4):
+      assert abs(float(out[mb][2]["loss"]) - float(out[1][2]["loss"])) < 1e-6
+      for a, b in zip(jax.tree.leaves(out[mb][0]), jax.tree.leaves(out[1][0])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # 8 microbatches of 4 groups would split groups: refused, naming the group-level entry.
+    step = update.make_train_step(graphdef, _group_loss, opt, microbatches=8,
+                                  param_shardings=ps, opt_shardings=osh, donate=False)
+    with pytest.raises(ValueError, match=r"microbatches=8.*'rewards': \(4, 2\)"):
+      step(params, opt_state, _group_batch())

@@ -169,6 +169,14 @@ class RLTrainer:
     self.opt_state, self.opt_shardings = update.init_optimizer_state(
         self.optimizer, self.params, self.param_shardings, mesh)
     self.k = self.rl.samples_per_prompt
+    if self.rl.minibatch_groups % self.rl.microbatches:
+      # A group's rewards give its baseline (the PMD mean reward, §2.3.2), so a microbatch holds
+      # whole groups: splitting [G, k] rewards 4 ways with G = 1 cannot work.
+      raise ValueError(
+          f"config.rl.microbatches={self.rl.microbatches} does not divide "
+          f"config.rl.minibatch_groups={self.rl.minibatch_groups}: a microbatch holds whole "
+          f"groups (the group's mean reward is its baseline); set rl.microbatches to a divisor "
+          f"of rl.minibatch_groups")
     self.peak_flops = metrics_lib.peak_flops(mesh.devices.flat)
     self._steps: dict[int, Any] = {}
 

@@ -1,0 +1,313 @@
+r"""Compiles a config's RL programs for its TPU slice on any machine, and reports memory per chip.
+
+    python -m k15.aot --config=configs/qwen25_1p5b_v5e.py [--topology=v5e-8] [--json=PATH]
+        [--config.rl.max_new_tokens=16384 ...]
+
+libtpu's compile-only devices (`jax.experimental.topologies`) stand for the chips of the slice,
+so no TPU is needed: `pip install -e .[tpu]` brings libtpu. Every program an RL iteration runs
+is compiled at the config's real shapes, with parameters, optimizer state, batches and KV
+caches as `jax.ShapeDtypeStruct`s (nothing is allocated, a 7B model included):
+
+  train         the RL train step: the longest length bucket (prompt + rl.max_new_tokens),
+                rl.minibatch_groups x k rows in rl.microbatches microbatches, PMD loss with
+                the chunked log-probs, Adam update, donated params and optimizer state
+  ref_logprobs  the trainer's forward log-prob pass over the same rows (the reference pass)
+  prefill       the sampler's prefill: the sequences of one rollout call (continued rows
+                included) at the longest prompt bucket, filling their KV cache
+  decode        one decode step of all sample rows against the full-length cache (donated)
+
+Shapes are `k15.plan`'s worst case for one rollout and one gradient step, and its per-chip
+prediction for each program is printed beside XLA's. Training and sampling use the same
+parameter layout (k15.parallel's rules), so there is no re-layout program between them.
+
+For each program: memory per chip from `compiled.memory_analysis()` (arguments + outputs +
+temporaries + generated code - aliased, i.e. donated, buffers) against the chip's HBM, XLA's
+FLOPs and bytes accessed (`cost_analysis()`; Pallas kernels such as splash attention count as
+zero), and the compile time on this host. Exit status 1 if a program does not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+# Compile-only use of libtpu touches no chip, so another process holding libtpu's lock (a test
+# run, a second compile) must not stop it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from k15 import parallel, plan as plan_lib, update  # pylint: disable=wrong-import-position
+from k15.model import transformer  # pylint: disable=wrong-import-position
+from k15.rl import trainer  # pylint: disable=wrong-import-position
+from k15.sampling import sampler  # pylint: disable=wrong-import-position
+
+GiB = 2**30
+
+# Chips -> the slice's physical topology (x, y[, z]), per TPU generation.
+_TOPOLOGIES = {
+    "v5e": {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+            256: "16x16"},
+    "v6e": {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+            256: "16x16"},
+    "v5p": {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+            256: "4x8x8", 512: "8x8x8"},
+    "v4": {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+           256: "4x8x8", 512: "8x8x8"},
+}
+
+
+def topology_name(topology: str) -> tuple[str, int, str]:
+  """'v5e-8' or 'v5litepod-8' or 'v5e:2x4' -> ('v5e', 8, 'v5e:2x4'); v4/v5p names count cores."""
+  m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+)+)", topology.strip())
+  if m:
+    return m.group(1), math.prod(int(d) for d in m.group(2).split("x")), topology.strip()
+  chip, n = plan_lib.accelerator_chips(topology)
+  if n not in _TOPOLOGIES[chip]:
+    raise ValueError(f"no known topology for {topology!r} ({n} {chip} chips); known chip "
+                     f"counts: {sorted(_TOPOLOGIES[chip])}; or pass e.g. --topology={chip}:2x4")
+  return chip, n, f"{chip}:{_TOPOLOGIES[chip][n]}"
+
+
+def topology_devices(topology: str) -> tuple[str, list[Any]]:
+  """(chip, compile-only TPU devices of the slice), from libtpu (no TPU needed)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  chip, n, name = topology_name(topology)
+  dims = len(name.split(":")[1].split("x"))
+  per_host = (2, 2, 1) if n >= 4 else (1, 1, 1)
+  desc = topologies.get_topology_desc(
+      platform="tpu", topology_name=name, chip_config_name="default",
+      chips_per_host_bounds=per_host, num_slices=1, wrap=(False,) * 3)
+  devices = list(desc.devices)
+  if len(devices) != n:
+    raise ValueError(f"topology {name} has {len(devices)} devices, expected {n} "
+                     f"({dims}-d {chip})")
+  return chip, devices
+
+
+@dataclasses.dataclass
+class Program:
+  name: str
+  shapes: str
+  memory: dict[str, int]   # bytes per chip: arguments, outputs, temporaries, aliased, code
+  flops: float
+  bytes: float
+  compile_s: float
+  plan_bytes: float
+
+  @property
+  def total(self) -> int:
+    m = self.memory
+    return m["arguments"] + m["outputs"] + m["temporaries"] + m["code"] - m["aliased"]
+
+
+def _compile(name, shapes, fn, args, plan_bytes) -> Program:
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  ma = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  memory = {"arguments": ma.argument_size_in_bytes, "outputs": ma.output_size_in_bytes,
+            "temporaries": ma.temp_size_in_bytes, "aliased": ma.alias_size_in_bytes,
+            "code": ma.generated_code_size_in_bytes}
+  return Program(name, shapes, memory, float(cost.get("flops", 0.0)),
+                 float(cost.get("bytes accessed", 0.0)), compile_s, float(plan_bytes))
+
+
+def _struct(shape, dtype, axes, mesh) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.sharding(axes, shape, mesh))
+
+
+def compile_programs(config: Any, topology: str | None = None, *,
+                     programs: tuple[str, ...] = ("train", "ref_logprobs", "prefill", "decode"),
+                     progress: bool = False, report=None) -> dict[str, Any]:
+  """Compiles `programs` of `config` for `topology` (default: config.accelerator_type).
+
+  `report(program)`, if given, is called as each program is compiled (a long compile's
+  results are then not lost with a later one).
+
+  Returns {"accelerator", "topology", "hbm_bytes", "mesh", "programs": [Program], "plan"}.
+  """
+  topology = topology or config.get("accelerator_type", "")
+  if not topology:
+    raise ValueError("no TPU to compile for: set config.accelerator_type (e.g. 'v5litepod-8') "
+                     "or pass --topology=v5e-8")
+  if "rl" not in config:
+    raise ValueError("k15.aot compiles an RL iteration's programs; the config has no `rl` block")
+  chip, devices = topology_devices(topology)
+  mesh = parallel.make_mesh(config.mesh, devices)
+  p = plan_lib.plan(config, chip=chip, num_chips=len(devices))
+  cfg = transformer.ModelConfig.from_config(config.model)
+  rl = config.rl
+  k = rl.samples_per_prompt
+  out_programs = []
+  bar = None
+  if progress:
+    from k15 import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    bar = metrics_lib.progress(len(programs), desc="aot compile", enabled=True)
+
+  # Abstract parameters and optimizer state, laid out as the trainer lays them out. Computed
+  # before the mesh is set: with compile-only devices as the mesh, jax can make no array,
+  # which optax's tree_map_params does.
+  rules = parallel.rules_from_config(config.get("sharding_rules"))
+  abstract = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  param_sh = parallel.state_shardings(state, mesh, rules)
+  as_struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  params = jax.tree.map(as_struct, state, param_sh)
+  optimizer = update.make_optimizer(config.optimizer)
+  opt_sh = update.optimizer_shardings(optimizer, params, param_sh, mesh)
+  opt = jax.tree.map(as_struct, jax.eval_shape(optimizer.init, params), opt_sh)
+
+  with parallel.use_mesh(mesh, rules):
+    t = p["train"]
+    R, T = t["rows"], t["seq_len"]
+    G = R // k
+    tok = lambda shape: _struct(shape, jnp.int32, ("batch", None), mesh)
+    f32 = lambda shape: _struct(shape, jnp.float32, ("batch", None), mesh)
+    plan_params = t["params"]
+
+    for name in programs:
+      if name == "train":
+        batch = {"tokens": tok((R, T)), "positions": tok((R, T)), "segment_ids": tok((R, T)),
+                 "mask": f32((R, T)), "ref_logp": f32((R, T)), "rewards": f32((G, k)),
+                 "sample_weight": f32((G, k))}
+        step = update.make_train_step(graphdef, trainer.make_loss_fn(rl, k), optimizer,
+                                      microbatches=t["microbatches"], param_shardings=param_sh,
+                                      opt_shardings=opt_sh)
+        prog = _compile("train", f"{R} rows x {T} tokens, {t['microbatches']} microbatch(es)",
+                        step, (params, opt, batch), t["peak"])
+      elif name == "ref_logprobs":
+        fn = jax.jit(lambda s, a, b, c: update.token_logprobs(nnx.merge(graphdef, s), a, b, c))
+        prog = _compile("ref_logprobs", f"{R} rows x {T} tokens", fn,
+                        (params, tok((R, T)), tok((R, T)), tok((R, T))), p["ref_logprobs"])
+      elif name == "prefill":
+        s = p["sampling"]
+        U, P = s["sequences"], s["prompt_bucket"]
+
+        def prefill(state, tokens, positions, segment_ids, P=P, U=U):
+          # As the sampler does: all but the last prompt token fill the cache (their logits
+          # are dropped), then the last token alone gives the first new token's logits.
+          model = nnx.merge(graphdef, state)
+          cache = sampler._constrain_cache(transformer.init_cache(cfg, U, P))  # pylint: disable=protected-access
+          _, cache = model(tokens[:, :-1], positions=positions[:, :-1],
+                           segment_ids=segment_ids[:, :-1], cache=cache, cache_index=0)
+          logits, cache = model(tokens[:, -1:], positions=positions[:, -1:],
+                                segment_ids=segment_ids[:, -1:], cache=cache,
+                                cache_index=P - 1)
+          return logits, cache
+
+        seq = lambda: _struct((U, P), jnp.int32, ("batch", "length"), mesh)
+        prog = _compile("prefill", f"{U} sequences x {P} tokens", jax.jit(prefill),
+                        (params, seq(), seq(), seq()), plan_params + s["prefill"])
+      elif name == "decode":
+        s = p["sampling"]
+        Rs, S = s["rows"], s["cache_length"]
+        cache = jax.eval_shape(lambda: transformer.init_cache(cfg, Rs, S))
+        cache = sampler._map_cache(  # pylint: disable=protected-access
+            lambda a, axes: _struct(a.shape, a.dtype, axes, mesh), cache)
+
+        def decode(state, cache, tokens, positions, index):
+          model = nnx.merge(graphdef, state)
+          logits, cache = model(tokens, positions=positions,
+                                segment_ids=jnp.ones_like(tokens), cache=cache,
+                                cache_index=index)
+          return logits[:, 0], sampler._constrain_cache(cache)  # pylint: disable=protected-access
+
+        row = lambda: _struct((Rs, 1), jnp.int32, ("batch", None), mesh)
+        prog = _compile("decode", f"{Rs} rows, cache {S}", jax.jit(decode, donate_argnums=1),
+                        (params, cache, row(), row(), jax.ShapeDtypeStruct((), jnp.int32)),
+                        plan_params + s["kv_cache"] + s["decode"])
+      else:
+        raise ValueError(f"unknown program {name!r}; known: train, ref_logprobs, prefill, "
+                         f"decode")
+      out_programs.append(prog)
+      if report is not None:
+        report(prog)
+      if bar is not None:
+        bar.update(1)
+  if bar is not None:
+    bar.close()
+  return {"accelerator": topology, "topology": topology_name(topology)[2],
+          "chip": plan_lib.CHIPS[chip].name, "hbm_bytes": plan_lib.CHIPS[chip].hbm_gib * GiB,
+          "mesh": p["mesh"], "programs": out_programs, "plan": p}
+
+
+def to_json(result: dict[str, Any]) -> dict[str, Any]:
+  hbm = result["hbm_bytes"]
+  return {
+      "accelerator": result["accelerator"], "topology": result["topology"],
+      "hbm_gib": hbm / GiB, "mesh": result["mesh"],
+      "programs": [{"name": pr.name, "shapes": pr.shapes, "memory_gib": pr.total / GiB,
+                    "fits": pr.total <= hbm, "flops": pr.flops, "bytes": pr.bytes,
+                    "compile_s": pr.compile_s, "plan_gib": pr.plan_bytes / GiB,
+                    **{f"{key}_gib": v / GiB for key, v in pr.memory.items()}}
+                   for pr in result["programs"]],
+  }
+
+
+def format_table(result: dict[str, Any]) -> str:
+  hbm = result["hbm_bytes"]
+  g = lambda b: f"{b / GiB:7.3f}"
+  lines = [f"{result['chip']} x {math.prod(result['mesh'].values())} ({result['topology']})  mesh {result['mesh']}  HBM {hbm / GiB:.2f} GiB per chip",
+           "memory per chip in GiB: args + out + temp + code - aliased = total (plan)",
+           f"{'program':13s} {'args':>7s} {'out':>7s} {'temp':>7s} {'code':>7s} {'alias':>7s} "
+           f"{'total':>7s} {'plan':>7s}  {'fits':4s} {'TFLOP':>9s} {'GB':>8s} {'compile':>8s}"
+           "  shapes"]
+  for pr in result["programs"]:
+    m = pr.memory
+    lines.append(
+        f"{pr.name:13s} {g(m['arguments'])} {g(m['outputs'])} {g(m['temporaries'])} "
+        f"{g(m['code'])} {g(m['aliased'])} {g(pr.total)} {g(pr.plan_bytes)}  "
+        f"{'yes' if pr.total <= hbm else 'NO':4s} {pr.flops / 1e12:9.2f} {pr.bytes / 1e9:8.2f} "
+        f"{pr.compile_s:7.1f}s  {pr.shapes}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  cfg_flag = config_flags.DEFINE_config_file("config", None, "ml-collections config file[:args]",
+                                             lock_config=True)
+  topo = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-8, v5p-64 or v5e:2x4; "
+                             "default config.accelerator_type.")
+  json_path = flags.DEFINE_string("json", None, "Also write the results here as JSON.")
+  only = flags.DEFINE_list("programs", "train,ref_logprobs,prefill,decode", "Programs to compile.")
+  flags.mark_flag_as_required("config")
+
+  def run(args):
+    if len(args) > 1:
+      raise app.UsageError(f"unexpected arguments: {args[1:]}")
+    report = lambda pr: print(f"compiled {pr.name} ({pr.shapes}) in {pr.compile_s:.1f} s: "
+                              f"{pr.total / GiB:.2f} GiB per chip, plan {pr.plan_bytes / GiB:.2f}",
+                              flush=True)
+    result = compile_programs(cfg_flag.value, topo.value, programs=tuple(only.value),
+                              progress=True, report=report)
+    print(format_table(result))
+    if json_path.value:
+      with open(json_path.value, "w") as f:
+        json.dump(to_json(result), f, indent=1)
+    misfits = [pr.name for pr in result["programs"] if pr.total > result["hbm_bytes"]]
+    if misfits:
+      print(f"DOES NOT FIT: {', '.join(misfits)} exceed(s) {result['hbm_bytes'] / GiB:.2f} GiB "
+            f"per chip")
+      sys.exit(1)
+
+  app.run(run, argv=argv)
+  return 0
+
+
+if __name__ == "__main__":
+  main()
