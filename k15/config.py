@@ -150,10 +150,29 @@ def data_block(**overrides: Any) -> ml_collections.ConfigDict:
       train="",             # RL prompts
       eval="",              # held-out problems: pass@1 every rl.eval_every iterations and at the end
       format="gsm8k",       # one of DATA_FORMATS
+      eval_format="",       # data.eval's format; "" = data.format
       on_error="raise",     # a malformed line: 'raise' (names file, line and key) | 'skip' (counted)
       eval_limit=0,         # evaluate the first N problems of data.eval; 0 = all
       instruction="",       # the user turn, "{question}" replaced; "" = the reward's own
                             # (k15.rewards.verifier.INSTRUCTIONS)
+  ), overrides)
+
+
+def curate_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """Mode `curate` on a checkpoint (§2.1): difficulty by the model's pass rate, the hackable
+  filter, difficulty balancing; data.train in, W/curated.jsonl (data.format=k15) out."""
+  return make_block("curate", dict(
+      samples=10,            # samples per prompt for the pass rate (§2.1: 10)
+      temperature=1.0,       # "a relatively high sampling temperature"
+      max_new_tokens=0,      # their budget; 0 = rl.max_new_tokens
+      hackable_samples=8,    # answers without a chain of thought; any correct drops the prompt
+                             # (math and task rewards; 0 = no filter)
+      hackable_tokens=16,    # budget of such an answer, after a forced "\boxed{"
+      # Shares of the easy, medium and hard buckets (difficulty 1 - pass rate below 1/3,
+      # below 2/3, above) after balancing; a tuple, as a ConfigDict sorts a dict's keys.
+      mix=(0.3, 0.4, 0.3),
+      max_prompts=0,         # cap on the curated set; 0 = all that balancing keeps
+      batch_size=64,         # prompts per sampler call
   ), overrides)
 
 
@@ -300,6 +319,7 @@ def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.long2short = long2short_block()
   # Modes that start from a checkpoint on prompt files (rl, evaluate).
   c.data = data_block()
+  c.curate = curate_block()
   c.reward = "math"   # the verifier: 'math' | 'code' | 'task' (k15.rewards.verifier)
   c.reward_options = reward_options_block()
   c.export = dict(dtype="")  # W/export/final's dtype; "" = config.model.param_dtype
