@@ -37,6 +37,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 def read_checkpoint_config(model_path: str) -> tuple[transformer.ModelConfig, str]:
   """(architecture, family 'llama' | 'qwen2') from `model_path`/config.json."""
   file = os.path.join(model_path, "config.json")
+  if "://" in model_path:
+    raise ValueError(f"config.model_path={model_path}: k15 reads checkpoints from local disk; "
+                     f"copy it to each host first (gcloud storage cp -r {model_path} /data/)")
   if not os.path.isdir(model_path):
     raise FileNotFoundError(f"config.model_path={model_path}: not a directory")
   if not os.path.isfile(file):

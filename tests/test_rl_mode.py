@@ -204,6 +204,15 @@ def test_checkpoint_without_tokenizer_files(tmp_path, qwen_ckpt, data):
     rl_run.run(_config(str(bare), data["train"]), str(tmp_path / "w"))
 
 
+def test_checkpoint_path_errors(tmp_path, data):
+  with pytest.raises(ValueError, match=r"model_path=gs://b/ckpt: k15 reads checkpoints from local"):
+    rl_run.run(_config("gs://b/ckpt", data["train"]), str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r"model_path=.*nowhere: not a directory"):
+    rl_run.run(_config(str(tmp_path / "nowhere"), data["train"]), str(tmp_path))
+  with pytest.raises(ValueError, match=r"needs --config.model_path"):
+    rl_run.run(_config("", data["train"]), str(tmp_path))
+
+
 def test_architecture_key_contradicting_config_json(tmp_path, qwen_ckpt, data):
   # The config file's own architecture keys give way to the checkpoint's ...
   from configs import qwen25_1p5b_v5e  # pylint: disable=g-import-not-at-top
