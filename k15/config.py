@@ -153,6 +153,7 @@ def data_block(**overrides: Any) -> ml_collections.ConfigDict:
       eval_format="",       # data.eval's format; "" = data.format
       on_error="raise",     # a malformed line: 'raise' (names file, line and key) | 'skip' (counted)
       eval_limit=0,         # evaluate the first N problems of data.eval; 0 = all
+      seed=-1,              # the RL prompt order (k15.rl.trainer.data_seed); -1 = config.seed
       instruction="",       # the user turn, "{question}" replaced; "" = the reward's own
                             # (k15.rewards.verifier.INSTRUCTIONS)
   ), overrides)

@@ -398,3 +398,22 @@ def test_two_processes_hold_the_batches_of_one(tmp_path, qwen_ckpt, data):
   assert hashes(tmp_path / "multi") == hashes(tmp_path / "single")
   # Both hosts exported the same final policy together.
   assert os.path.isfile(tmp_path / "multi" / "export" / "final" / "model.safetensors")
+
+
+def test_data_seed_fixes_the_prompt_order_apart_from_the_sampling_seed(tmp_path):
+  """Ablation arms with different config.seed draw the same prompts when data.seed is set."""
+  import test_rl  # pylint: disable=g-import-not-at-top
+  from k15 import config as k15_config, parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh({"data": -1})
+
+  def draws(seed, data_seed):
+    c = test_rl._config("pmd")
+    c.seed = seed
+    c.rl.sampling.mode = "prioritized"
+    c.data = k15_config.data_block(seed=data_seed)
+    with parallel.use_mesh(mesh):
+      t = test_rl._trainer(c, str(tmp_path / f"{seed}-{data_seed}"), mesh)
+    return [t.sampler.sample(i, 8).tolist() for i in range(3)]
+
+  assert draws(1, 7) == draws(2, 7)
+  assert draws(1, -1) != draws(2, -1)  # -1: the prompt order follows config.seed

@@ -118,6 +118,17 @@ def make_loss_fn(rl_cfg: Any, k: int):
   return loss_fn
 
 
+def data_seed(config: Any) -> int:
+  """The seed of the prompt order: config.data.seed, or config.seed when that is -1.
+
+  Separate from config.seed (the sampling and minibatch seed), so that ablation arms can draw
+  the same prompts and differ only in what they study.
+  """
+  data = config.get("data")
+  seed = data.get("seed", -1) if data is not None else -1
+  return config.seed if seed < 0 else seed
+
+
 @dataclasses.dataclass
 class Prompt:
   """A prompt as the trainer sees it: its token ids and a difficulty label (may be None)."""
@@ -155,7 +166,7 @@ class RLTrainer:
     self.success = samplers.SuccessRates(len(self.prompts))
     self.sampler = samplers.make_sampler(
         self.rl.sampling, difficulties if self.rl.sampling.get("curriculum") else None,
-        num_prompts=len(self.prompts), success_rates=self.success, seed=config.seed)
+        num_prompts=len(self.prompts), success_rates=self.success, seed=data_seed(config))
     self.buffer = sampling.ReplayBuffer()
     self.pending: dict[str, list[dict]] = {}   # group id -> finished samples (as dicts)
     self.iteration = 0
