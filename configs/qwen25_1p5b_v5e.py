@@ -99,19 +99,5 @@ def get_config(arg=None):
   c.export.dtype = "bfloat16"
   if arg.runlocal:
     c.accelerator_type = ""
-    c.model.update(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                   head_dim=16, mlp_dim=128, dtype="float32", attention_impl="reference",
-                   remat="none")
-    c.mesh = k15_config.mesh_block(data=-1)
-    c.smoke = dict(batch=8, length=32)
-    # No partial rollouts: a random model writes to the budget, and with segments its first
-    # iteration would finish no group to train on (k15.rl.trainer).
-    c.rl.update(iterations=2, prompts_per_iteration=4, samples_per_prompt=4,
-                max_new_tokens=32, segment_budget=0, minibatch_groups=2, microbatches=1,
-                length_bucket=16, repeat_ngram=0, length_warmup_iterations=0, eval_every=1)
-    # A random tiny model needs a rate that moves it within two iterations.
-    c.optimizer.learning_rate = 1e-3
-    c.checkpoint = k15_config.checkpoint_block(every=1, keep=2)
-    c.evaluate.update(num_samples=2, max_new_tokens=16, batch_size=4)
-    c.export.dtype = ""
+    k15_config.shrink_real_scale(c)
   return c

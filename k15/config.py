@@ -153,10 +153,30 @@ def data_block(**overrides: Any) -> ml_collections.ConfigDict:
       train="",             # RL prompts
       eval="",              # held-out problems: pass@1 every rl.eval_every iterations and at the end
       format="gsm8k",       # one of DATA_FORMATS
+      eval_format="",       # data.eval's format; "" = data.format
       on_error="raise",     # a malformed line: 'raise' (names file, line and key) | 'skip' (counted)
       eval_limit=0,         # evaluate the first N problems of data.eval; 0 = all
+      seed=-1,              # the RL prompt order (k15.rl.trainer.data_seed); -1 = config.seed
       instruction="",       # the user turn, "{question}" replaced; "" = the reward's own
                             # (k15.rewards.verifier.INSTRUCTIONS)
+  ), overrides)
+
+
+def curate_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """Mode `curate` on a checkpoint (§2.1): difficulty by the model's pass rate, the hackable
+  filter, difficulty balancing; data.train in, W/curated.jsonl (data.format=k15) out."""
+  return make_block("curate", dict(
+      samples=10,            # samples per prompt for the pass rate (§2.1: 10)
+      temperature=1.0,       # "a relatively high sampling temperature"
+      max_new_tokens=0,      # their budget; 0 = rl.max_new_tokens
+      hackable_samples=8,    # answers without a chain of thought; any correct drops the prompt
+                             # (math and task rewards; 0 = no filter)
+      hackable_tokens=16,    # budget of such an answer, after a forced "\boxed{"
+      # Shares of the easy, medium and hard buckets (difficulty 1 - pass rate below 1/3,
+      # below 2/3, above) after balancing; a tuple, as a ConfigDict sorts a dict's keys.
+      mix=(0.3, 0.4, 0.3),
+      max_prompts=0,         # cap on the curated set; 0 = all that balancing keeps
+      batch_size=64,         # prompts per sampler call
   ), overrides)
 
 
@@ -284,6 +304,26 @@ def long2short_block(**overrides: Any) -> ml_collections.ConfigDict:
   ), overrides)
 
 
+def shrink_real_scale(c: ml_collections.ConfigDict) -> None:
+  """`:runlocal=True` of the real-scale configs: a CPU-sized model of the same structure, and
+  RL, evaluation and checkpoints of seconds (what tests/test_rl_mode.py runs)."""
+  c.model.update(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16, mlp_dim=128, dtype="float32", attention_impl="reference",
+                 remat="none")
+  c.mesh = mesh_block(data=-1)
+  c.smoke = dict(batch=8, length=32)
+  # No partial rollouts: a random model writes to the budget, and with segments its first
+  # iteration would finish no group to train on (k15.rl.trainer).
+  c.rl.update(iterations=2, prompts_per_iteration=4, samples_per_prompt=4, max_new_tokens=32,
+              segment_budget=0, minibatch_groups=2, microbatches=1, length_bucket=16,
+              repeat_ngram=0, length_warmup_iterations=0, eval_every=1)
+  # A random tiny model needs a rate that moves it within two iterations.
+  c.optimizer.learning_rate = 1e-3
+  c.checkpoint = checkpoint_block(every=1, keep=2)
+  c.evaluate.update(num_samples=2, max_new_tokens=16, batch_size=4)
+  c.export.dtype = ""
+
+
 def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds every block the modes read, with defaults, so that all configs share one key set.
 
@@ -303,6 +343,7 @@ def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.long2short = long2short_block()
   # Modes that start from a checkpoint on prompt files (rl, evaluate).
   c.data = data_block()
+  c.curate = curate_block()
   c.reward = "math"   # the verifier: 'math' | 'code' | 'task' (k15.rewards.verifier)
   c.reward_options = reward_options_block()
   c.export = dict(dtype="")  # W/export/final's dtype; "" = config.model.param_dtype

@@ -17,6 +17,7 @@ import shutil
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 
 from k15 import config as k15_config
 from k15 import evaluate as evaluate_lib
@@ -36,6 +37,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 def read_checkpoint_config(model_path: str) -> tuple[transformer.ModelConfig, str]:
   """(architecture, family 'llama' | 'qwen2') from `model_path`/config.json."""
   file = os.path.join(model_path, "config.json")
+  if "://" in model_path:
+    raise ValueError(f"config.model_path={model_path}: k15 reads checkpoints from local disk; "
+                     f"copy it to each host first (gcloud storage cp -r {model_path} /data/)")
   if not os.path.isdir(model_path):
     raise FileNotFoundError(f"config.model_path={model_path}: not a directory")
   if not os.path.isfile(file):
@@ -89,9 +93,11 @@ def instruction(config: Any) -> str:
 def check_data_config(config: Any, *, need: Sequence[str]) -> None:
   """Clear errors for the `data` and `reward` keys before anything slow starts."""
   verifier.check_name(config.reward)
-  if config.data.format not in k15_config.DATA_FORMATS:
-    raise ValueError(f"unknown config.data.format={config.data.format!r}; known formats: "
-                     f"{list(k15_config.DATA_FORMATS)}")
+  for key in ("format", "eval_format"):
+    value = config.data[key]
+    if (value or key == "format") and value not in k15_config.DATA_FORMATS:
+      raise ValueError(f"unknown config.data.{key}={value!r}; known formats: "
+                       f"{list(k15_config.DATA_FORMATS)}")
   for key in need:
     if not config.data[key]:
       raise ValueError(f"mode {config.mode!r} needs --config.data.{key}=FILE.jsonl")
@@ -103,8 +109,8 @@ def check_data_config(config: Any, *, need: Sequence[str]) -> None:
 def load_problems(config: Any, which: str) -> list[prompts_lib.PromptRecord]:
   """The records of config.data.<which> ('train' | 'eval') in config.data.format."""
   path = config.data[which]
-  records, skipped = prompts_lib.load_prompts(path, config.data.format,
-                                              on_error=config.data.on_error)
+  fmt = (which == "eval" and config.data.eval_format) or config.data.format
+  records, skipped = prompts_lib.load_prompts(path, fmt, on_error=config.data.on_error)
   if skipped and jax.process_index() == 0:
     print(f"[k15] {path}: skipped {skipped} malformed line(s)", flush=True)
   if which == "eval" and config.data.eval_limit:
@@ -112,6 +118,17 @@ def load_problems(config: Any, which: str) -> list[prompts_lib.PromptRecord]:
   if not records:
     raise ValueError(f"config.data.{which}={path}: no records")
   return records
+
+
+def make_reward_fn(tok: hf_tokenizer.HFTokenizer, records: Sequence[prompts_lib.PromptRecord],
+                   grade: verifier.GradeBatch):
+  """The trainer's reward_fn(prompt indices, response ids) -> rewards: decode, then verify."""
+
+  def reward_fn(ids, responses):
+    # A padded model vocabulary (Qwen2.5) can sample ids the tokenizer has no text for.
+    texts = [tok.decode(np.asarray(r)[np.asarray(r) < tok.vocab_size]) for r in responses]
+    return np.asarray(grade([records[int(i)] for i in ids], texts), np.float32)
+  return reward_fn
 
 
 def evaluate(model: transformer.Transformer, problems: Sequence[prompts_lib.PromptRecord],
@@ -127,6 +144,16 @@ def evaluate(model: transformer.Transformer, problems: Sequence[prompts_lib.Prom
   if ev.greedy and ev.temperature != 0:
     out["greedy"] = evaluate_lib.evaluate(model, problems, num_samples=1, temperature=0.0,
                                           **kwargs)
+  for r in out.values():
+    per = r["per_problem"]
+    # pass@k: the share of problems that any of their k samples solves.
+    r["pass_at_k"] = float(np.mean([p["accuracy"] > 0 for p in per]))
+    by_source: dict[str, list[float]] = {}
+    for problem, p in zip(problems, per):
+      by_source.setdefault(problem.tags[0] if problem.tags else problem.domain,
+                           []).append(p["accuracy"])
+    r["by_source"] = {k: {"accuracy": float(np.mean(v)), "n": len(v)}
+                      for k, v in sorted(by_source.items())}
   return out
 
 

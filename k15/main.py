@@ -28,7 +28,16 @@ MODES = {
     "evaluate": "k15.evaluate",    # pass@1, tokens, per difficulty
     "pipeline": "k15.pipeline",    # data -> SFT -> curation -> RL -> evaluation
     "long2short": "k15.long2short",  # merge, shortest RS, DPO, long2short RL (§2.4)
-    "rl": "k15.rl.run",            # RL on a Hugging Face checkpoint and prompt files (§2.3)
+    "rl": "k15.stages.rl",         # RL on a Hugging Face checkpoint and prompt files (§2.3)
+    "curate": "k15.stages.curate",  # difficulty, hackable filter, balance -> a prompt file (§2.1)
+}
+# With config.model_path set, a mode runs on that checkpoint and the prompt files of
+# config.data (k15.stages) rather than on the synthetic tasks.
+CHECKPOINT_MODES = {
+    "sft": "k15.stages.sft",
+    "evaluate": "k15.stages.evaluate",
+    "rl": "k15.stages.rl",
+    "curate": "k15.stages.curate",
 }
 
 
@@ -53,7 +62,10 @@ def main(argv):
     hf_policy.check_architecture(config.model_path, _explicit_model_keys())
   parallel.maybe_initialize_distributed(config)
   logging.info("config:\n%s", config)
-  importlib.import_module(MODES[config.mode]).run(config, _WORKDIR.value)
+  module = MODES[config.mode]
+  if config.get("model_path") and config.mode in CHECKPOINT_MODES:
+    module = CHECKPOINT_MODES[config.mode]
+  importlib.import_module(module).run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

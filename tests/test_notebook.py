@@ -34,7 +34,7 @@ def _check_qwen25_gsm8k(outputs, work):
   from k15.model import hf  # pylint: disable=g-import-not-at-top
 
   assert "transformers vs k15" in outputs
-  results = json.loads((work / "results.json").read_text())
+  results = json.loads((work / "notebook.json").read_text())
   assert results["iterations"] == 2
   for name in ("before", "after"):
     r = results[name]
@@ -53,7 +53,7 @@ def _check_qwen25_gsm8k(outputs, work):
 
   # The saved directory is a complete checkpoint: transformers reads the RL model's logits from
   # it, and its tokenizer renders the probe prompt the notebook used.
-  saved = work / "qwen25_gsm8k_rl"
+  saved = work / "export" / "final"
   probe = np.load(work / "probe.npz")
   first = prompts.load_prompts(work / "tiny" / "test.jsonl", "gsm8k")[0][0]
   tok = hf_tokenizer.HFTokenizer.load(saved, instruction=hf_tokenizer.BOXED_INSTRUCTION)

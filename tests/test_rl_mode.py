@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from k15 import hf_policy, hf_tokenizer  # pylint: disable=g-import-not-at-top
 from k15.data import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
-from k15.rl import run as rl_run  # pylint: disable=g-import-not-at-top
+from k15.stages import rl as rl_run  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/qwen25_1p5b_v5e.py:runlocal=True"
@@ -204,6 +204,15 @@ def test_checkpoint_without_tokenizer_files(tmp_path, qwen_ckpt, data):
     rl_run.run(_config(str(bare), data["train"]), str(tmp_path / "w"))
 
 
+def test_checkpoint_path_errors(tmp_path, data):
+  with pytest.raises(ValueError, match=r"model_path=gs://b/ckpt: k15 reads checkpoints from local"):
+    rl_run.run(_config("gs://b/ckpt", data["train"]), str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r"model_path=.*nowhere: not a directory"):
+    rl_run.run(_config(str(tmp_path / "nowhere"), data["train"]), str(tmp_path))
+  with pytest.raises(ValueError, match=r"needs --config.model_path"):
+    rl_run.run(_config("", data["train"]), str(tmp_path))
+
+
 def test_architecture_key_contradicting_config_json(tmp_path, qwen_ckpt, data):
   # The config file's own architecture keys give way to the checkpoint's ...
   from configs import qwen25_1p5b_v5e  # pylint: disable=g-import-not-at-top
@@ -218,3 +227,193 @@ def test_architecture_key_contradicting_config_json(tmp_path, qwen_ckpt, data):
   r = _main(*_contract_args(tmp_path, qwen_ckpt, data), "--config.model.qkv_bias=False")
   assert r.returncode != 0
   assert "config.model.qkv_bias=False contradicts" in r.stderr and "qkv_bias=True" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The other stages on a checkpoint, and their composition.
+# ---------------------------------------------------------------------------------------------
+
+def _stage_config(ckpt, data, mode, **updates):
+  c = _config(ckpt, data["train"], **updates)
+  c.mode = mode
+  c.data.eval = data["eval"]
+  return c
+
+
+def test_evaluate_mode_on_an_exported_checkpoint(tmp_path, qwen_ckpt, data):
+  from k15 import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from k15 import parallel  # pylint: disable=g-import-not-at-top
+  from k15.model import hf  # pylint: disable=g-import-not-at-top
+  from k15.rewards import verifier  # pylint: disable=g-import-not-at-top
+  from k15.stages import evaluate as evaluate_stage  # pylint: disable=g-import-not-at-top
+  config = _stage_config(qwen_ckpt, data, "evaluate", **{"evaluate.max_new_tokens": 8})
+  tok = hf_policy.load_tokenizer(qwen_ckpt, hf_policy.instruction(config))
+  with parallel.use_mesh(parallel.make_mesh({"data": -1}), config.sharding_rules):
+    model = hf.load(qwen_ckpt, config_overrides={"attention_impl": "reference"})
+    export = hf_policy.export(model, tok, config, str(tmp_path / "export" / "final"))
+    problems = hf_policy.load_problems(config, "eval")
+    grade = verifier.make_grader("math", config.reward_options)
+    direct = evaluate_lib.evaluate(
+        model, problems, tokenizer=tok, grade_fn=lambda p, t: float(grade([p], [t])[0]),
+        num_samples=2, temperature=1.0, max_new_tokens=8, seed=0, batch_size=4)
+
+  config.model_path = export
+  results = evaluate_stage.run(config, str(tmp_path / "w"))
+  saved = json.load(open(tmp_path / "w" / "eval.json"))
+  assert set(saved) == {"sampled", "greedy"}
+  # The exported checkpoint samples what the model it was exported from samples.
+  s = results["sampled"]
+  assert s["mean_tokens"] == direct["mean_tokens"] and s["accuracy"] == direct["accuracy"]
+  assert [p["mean_tokens"] for p in s["per_problem"]] == [
+      p["mean_tokens"] for p in direct["per_problem"]]
+  assert s["num_samples"] == 2 and results["greedy"]["num_samples"] == 1
+  assert s["pass_at_k"] >= s["accuracy"] and s["by_source"]["gsm8k"]["n"] == 4
+
+
+CODE_ROWS = [
+    {"id": "add", "prompt": "Read two integers and print their sum.",
+     "tests": [{"input": "1 2\n", "output": "3\n"}, {"input": "5 7\n", "output": "12\n"}]},
+    {"id": "double", "prompt": "Write double(x) that returns 2 * x.",
+     "tests": "assert double(2) == 4\nassert double(-3) == -6\n"},
+]
+GOOD = {"add": "Sum them.\n```python\na, b = map(int, input().split())\nprint(a + b)\n```",
+        "double": "```python\ndef double(x):\n  print('debug')\n  return 2 * x\n```"}
+HOSTILE = [
+    # A fork flood, then the right answer.
+    "```python\nimport os\nfor _ in range(10000):\n  try:\n    os.fork()\n  except OSError:\n"
+    "    pass\na, b = map(int, input().split())\nprint(a + b)\n```",
+    # The network.
+    "```python\nimport socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1)\n"
+    "a, b = map(int, input().split())\nprint(a + b)\n```",
+    # A file write outside the sandbox.
+    "```python\nopen('/tmp/k15_hostile_was_here', 'w').write('x')\n"
+    "a, b = map(int, input().split())\nprint(a + b)\n```",
+]
+
+
+def test_code_reward_through_the_rl_path(tmp_path, qwen_ckpt, sandbox):
+  """data.format=code, reward=code: file -> records -> token ids -> decode -> sandbox -> reward."""
+  del sandbox
+  from k15.rewards import verifier  # pylint: disable=g-import-not-at-top
+  path = _write_jsonl(tmp_path / "code.jsonl", CODE_ROWS)
+  config = _config(qwen_ckpt, path, **{"data.format": "code", "reward": "code"})
+  records = hf_policy.load_problems(config, "train")
+  tok = hf_policy.load_tokenizer(qwen_ckpt, hf_policy.instruction(config))
+  assert "```python" in tok.prompt_text(records[0].prompt)
+  reward_fn = hf_policy.make_reward_fn(
+      tok, records, verifier.make_grader("code", config.reward_options))
+  ids = lambda text: np.asarray(tok.encode(text) + [tok.eos_id])
+  good = reward_fn([0, 1], [ids(GOOD["add"]), ids(GOOD["double"])])
+  assert list(good) == [1.0, 1.0]
+  if os.path.exists("/tmp/k15_hostile_was_here"):
+    os.unlink("/tmp/k15_hostile_was_here")
+  bad = reward_fn([0] * len(HOSTILE), [ids(h) for h in HOSTILE])
+  assert list(bad) == [0.0] * len(HOSTILE)
+  assert not os.path.exists("/tmp/k15_hostile_was_here")
+  # An early exit skips the asserts; wrong code, no code block and a cut-off block score 0.
+  tricks = ["```python\nimport sys\nsys.exit(0)\n```", "```python\ndef double(x):\n  return x\n```",
+            "def double(x): return 2 * x", "```python\ndef double(x):\n  return 2 * x\n"]
+  assert list(reward_fn([1] * 4, [ids(t) for t in tricks])) == [0.0] * 4
+  # The share of passed tests, by option.
+  half = "```python\nprint(3)\n```"
+  assert reward_fn([0], [ids(half)])[0] == 0.0
+  config.reward_options.code_fraction = True
+  partial = hf_policy.make_reward_fn(tok, records,
+                                     verifier.make_grader("code", config.reward_options))
+  assert partial([0], [ids(half)])[0] == 0.5
+
+
+@pytest.mark.slow
+def test_sft_then_curate_then_rl_then_evaluate(tmp_path, qwen_ckpt, data):
+  """The stages compose through files: W/export/sft -> W/curated.jsonl -> W/export/final."""
+  from k15.stages import curate, evaluate as evaluate_stage, sft  # pylint: disable=g-import-not-at-top
+  pairs = [{"prompt": r["question"], "response": r["answer"].replace(
+      "\n#### ", ". The answer is \\boxed{") + "}."} for r in data["rows"][:12]]
+  sft_data = _write_jsonl(tmp_path / "pairs.jsonl", pairs)
+  w = str(tmp_path / "w")
+  report = sft.run(_stage_config(qwen_ckpt, data, "sft", **{
+      "sft.data": sft_data, "sft.steps": 4, "sft.batch_size": 8, "sft.seq_len": 256}), w)
+  assert report["steps"] == 4 and report["final_loss"] < report["first_loss"]
+  sft_ckpt = os.path.join(w, "export", "sft")
+  assert transformers.AutoTokenizer.from_pretrained(sft_ckpt).chat_template
+
+  out = curate.run(_stage_config(sft_ckpt, data, "curate", **{
+      "curate.samples": 2, "curate.hackable_samples": 2, "curate.max_new_tokens": 16}), w)
+  curated = prompts_lib.load_prompts(out["path"], "k15")[0]
+  assert curated and all(r.pass_rate is not None and r.difficulty == 1 - r.pass_rate
+                         for r in curated)
+  report = json.load(open(os.path.join(w, "curation.json")))
+  assert report["input"] == 12 and report["output"] == len(curated)
+  # Buckets named in order of difficulty (a random model solves nothing: all hard).
+  assert set(report["buckets"]) == {"hard"}
+
+  c = _stage_config(sft_ckpt, data, "rl", **{"data.format": "k15", "data.eval_format": "gsm8k",
+                                               "rl.iterations": 1})
+  c.data.train = out["path"]
+  rl_out = rl_run.run(c, w)
+  assert rl_out["results"]["train_prompts"] == len(curated)
+  final = os.path.join(w, "export", "final")
+  ev = evaluate_stage.run(_stage_config(final, data, "evaluate"), str(tmp_path / "ev"))
+  assert ev["sampled"]["n"] == 4
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_hold_the_batches_of_one(tmp_path, qwen_ckpt, data):
+  """mode=rl on two local processes (jax.distributed, 4 devices each) draws the prompts and
+  computes the rewards that one process with 8 devices does, iteration by iteration."""
+  def launch(workdir, devices, *extra):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen(
+        [sys.executable, "-m", "k15.main", *_contract_args(workdir, qwen_ckpt, data), *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  port = _free_port()
+  multi = [launch(tmp_path / "multi", 4, "--config.distributed=True",
+                  f"--config.distributed_coordinator_address=127.0.0.1:{port}",
+                  "--config.distributed_num_processes=2",
+                  f"--config.distributed_process_id={i}") for i in range(2)]
+  logs = [p.communicate(timeout=900)[0] for p in multi]
+  for p, log in zip(multi, logs):
+    assert p.returncode == 0, log[-4000:]
+  single = launch(tmp_path / "single", 8)
+  log = single.communicate(timeout=900)[0]
+  assert single.returncode == 0, log[-4000:]
+
+  def hashes(workdir):
+    rows = [json.loads(l) for l in open(workdir / "rl" / "metrics.jsonl")]
+    return [(r["step"], r["rl/batch_hash"], r.get("rl/task_reward")) for r in rows
+            if "rl/batch_hash" in r]
+
+  # Process 0 wrote the metrics; the hosts compared their digests every iteration (a
+  # disagreement stops the run), and they equal the single process's.
+  assert [h[0] for h in hashes(tmp_path / "multi")] == [1, 2]
+  assert hashes(tmp_path / "multi") == hashes(tmp_path / "single")
+  # Both hosts exported the same final policy together.
+  assert os.path.isfile(tmp_path / "multi" / "export" / "final" / "model.safetensors")
+
+
+def test_data_seed_fixes_the_prompt_order_apart_from_the_sampling_seed(tmp_path):
+  """Ablation arms with different config.seed draw the same prompts when data.seed is set."""
+  import test_rl  # pylint: disable=g-import-not-at-top
+  from k15 import config as k15_config, parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh({"data": -1})
+
+  def draws(seed, data_seed):
+    c = test_rl._config("pmd")
+    c.seed = seed
+    c.rl.sampling.mode = "prioritized"
+    c.data = k15_config.data_block(seed=data_seed)
+    with parallel.use_mesh(mesh):
+      t = test_rl._trainer(c, str(tmp_path / f"{seed}-{data_seed}"), mesh)
+    return [t.sampler.sample(i, 8).tolist() for i in range(3)]
+
+  assert draws(1, 7) == draws(2, 7)
+  assert draws(1, -1) != draws(2, -1)  # -1: the prompt order follows config.seed

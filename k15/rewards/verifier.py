@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from k15 import hf_tokenizer
 from k15.data import prompts as prompts_lib
 
 GradeBatch = Callable[[Sequence[prompts_lib.PromptRecord], Sequence[str]], np.ndarray]
@@ -28,8 +29,7 @@ REWARDS = ("math", "code", "task")
 
 # The user message around a question ("{question}" is replaced), per reward.
 INSTRUCTIONS = {
-    "math": ("{question}\nPlease reason step by step, and put your final answer within "
-             "\\boxed{}."),
+    "math": hf_tokenizer.BOXED_INSTRUCTION,
     "code": ("{question}\nWrite a complete Python 3 solution (standard library only) and put "
              "it in a single ```python code block at the end of your answer."),
     "task": "{question}",

@@ -20,6 +20,7 @@ Samples that finished while others of their group are still in the replay buffer
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -133,6 +134,17 @@ def make_loss_fn(rl_cfg: Any, k: int):
   return loss_fn
 
 
+def data_seed(config: Any) -> int:
+  """The seed of the prompt order: config.data.seed, or config.seed when that is -1.
+
+  Separate from config.seed (the sampling and minibatch seed), so that ablation arms can draw
+  the same prompts and differ only in what they study.
+  """
+  data = config.get("data")
+  seed = data.get("seed", -1) if data is not None else -1
+  return config.seed if seed < 0 else seed
+
+
 @dataclasses.dataclass
 class Prompt:
   """A prompt as the trainer sees it: token ids, difficulty label and curation pass rate.
@@ -184,7 +196,7 @@ class RLTrainer:
     self.sampler = samplers.make_sampler(
         self.rl.sampling, difficulties if self.rl.sampling.get("curriculum") else None,
         num_prompts=len(self.prompts), pass_rates=[p.pass_rate for p in self.prompts],
-        seed=config.seed)
+        seed=data_seed(config))
     self.success = self.sampler.success_rates
     self.buffer = sampling.ReplayBuffer()
     self.pending: dict[str, list[dict]] = {}   # group id -> finished samples (as dicts)
@@ -354,8 +366,31 @@ class RLTrainer:
           metrics["perf/sample_tokens_per_s"] * metrics_lib.model_flops_per_token(
               self.config.model, self.rl.max_new_tokens, training=False), self.peak_flops)
     metrics["perf/sample_s"] = t_sample
+    metrics["rl/batch_hash"] = self._batch_hash(ids, groups, task if groups else None)
     self.iteration += 1
     return metrics
+
+  def _batch_hash(self, ids, groups, task) -> float:
+    """A 48-bit digest (exact as a float) of the iteration's prompt ids and task rewards.
+
+    Every host must draw the same prompts and hold the same rewards (each builds the whole
+    batch and places its own rows); with several processes the digests are compared here, so
+    a host that diverged stops the run instead of training on a batch the others do not have.
+    """
+    h = hashlib.sha256(np.asarray(ids, np.int64).tobytes())
+    if groups:
+      h.update(np.asarray([t.prompt_id for g in groups for t in g], np.int64).tobytes())
+      h.update(np.asarray(task, np.float32).tobytes())
+    digest = int.from_bytes(h.digest()[:6], "little")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      every = np.asarray(multihost_utils.process_allgather(
+          np.asarray([digest >> 24, digest & 0xFFFFFF], np.int32)))
+      if not (every == every[0]).all():
+        raise RuntimeError(f"RL iteration {self.iteration}: the hosts hold different prompts "
+                           f"or rewards (digests {every.tolist()}); every host must grade the "
+                           "same responses identically")
+    return float(digest)
 
   def train(self, num_iterations: int | None = None, progress: bool | None = None,
             after_iteration: Callable[["RLTrainer"], dict[str, float] | None] | None = None):

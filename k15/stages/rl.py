@@ -29,7 +29,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
 from k15 import evaluate as evaluate_lib
@@ -64,11 +63,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     prompts = [trainer_lib.Prompt(tokens=tok.render_prompt(r.prompt), difficulty=r.difficulty)
                for r in train]
 
-    def reward_fn(ids, responses):
-      # A padded model vocabulary (Qwen2.5) can sample ids the tokenizer has no text for.
-      texts = [tok.decode(np.asarray(r)[np.asarray(r) < tok.vocab_size]) for r in responses]
-      return grade([train[i] for i in ids], texts)
-
+    reward_fn = hf_policy.make_reward_fn(tok, train, grade)
     rl_dir = os.path.join(workdir, "rl")
     trainer = trainer_lib.RLTrainer(config, model, prompts, reward_fn, mesh=mesh,
                                     workdir=rl_dir, eos_id=tok.stop_ids, pad_id=tok.pad_id)
