@@ -310,7 +310,7 @@ def test_config_block_and_long2short_rl_overrides(monkeypatch):
   with pytest.raises(ValueError, match=r"unknown rl.sampling keys \['mod'\]"):
     k15_config.rl_block(sampling=dict(mod="uniform"))
   assert k15_config.rl_block(sampling=dict(mode="uniform")).sampling.to_dict() == dict(
-      mode="uniform", curriculum="", epsilon=0.0)
+      mode="uniform", curriculum="", epsilon=0.0, success_prior_samples=0)
   config = ml_collections.ConfigDict(dict(
       seed=0, rl=k15_config.rl_block(max_new_tokens=192, length_weight=0.0,
                                      length_warmup_iterations=30, iterations=60,

@@ -8,7 +8,8 @@ and are not here). Sources:
   math:  hendrycks/math modeling/math_equivalence_test.py, restated; MATH's checker compares
          strings after normalising, so where it asks for order (`10, 4, -2` vs `4, 10, -2`) k15,
          which compares the values, disagrees on purpose (see KNOWN_DIFFERENCES)
-  m500:  reference notations of MATH-500 (escaped dollars, upright e, thin-space thousands)
+  m500:  reference notations of MATH-500 (escaped dollars, upright e, thin-space thousands,
+         repeating decimals)
 
 KNOWN_DIFFERENCES lists the cases where k15's score differs from the suite's expectation, each
 with the reason it is left so; they are asserted to keep differing (strict xfail), so a change of
@@ -140,6 +141,12 @@ CASES = [
     ("m500", r"x \in [-2,7]", "[-2,7]", 1.0),
     ("m500", r"\frac{\sqrt{3}}{2}", r"\frac{1}{2}\sqrt{3}", 1.0),
     ("m500", "6 - 5i", "6-5i", 1.0),
+    ("m500", r"0.\overline{3}", r"\frac{1}{3}", 1.0),
+    ("m500", r"0.\overline{3}", "0.3", 0.0),
+    ("m500", r"3.\overline{6}", r"\frac{11}{3}", 1.0),
+    ("m500", r"\frac{1}{6}", r"0.1\overline{6}", 1.0),
+    ("m500", r"0.\overline{36}", r"\frac{4}{11}", 1.0),
+    ("m500", r"0.\overline{36}", r"\frac{4}{10}", 0.0),
 ]
 
 # (source, reference, answer) -> why k15's score differs from the suite's expectation.

@@ -8,7 +8,7 @@ is graded, so a model cannot collect reward by mentioning many candidate numbers
 without a complete \\boxed{} scores 0.
 
 References are graded as the public sets store them. Before math-verify sees them, the reference
-and the prediction get the same three rewrites (`normalize`), each for a notation that
+and the prediction get the same rewrites (`normalize`), each for a notation that
 math-verify would otherwise misread:
 - `\\$` (an escaped dollar, MATH's currency sign, `\\$18.90`) is dropped. Left in, a reference
   without `$...$` delimiters reads as having none and every response scored 0.
@@ -17,6 +17,8 @@ math-verify would otherwise misread:
   unit, so `2\\mathrm{e}` became `2` and accepted `\\boxed{2}`.
 - A thin space between digit groups (`1\\,000`, `1\\;000`, `1~000`, `1\\ 000`) is dropped, as a
   thousands separator: math-verify reads `1\\,000` as the product 1*000 = 0.
+- A repeating decimal (`0.\\overline{3}`, `0.1\\overline{6}`) becomes the fraction it denotes
+  (`\\frac{1}{3}`, `\\frac{1}{6}`); math-verify cannot read `\\overline` and rejected every answer.
 Only notation is rewritten; no comparison is loosened, so a wrong answer stays wrong.
 
 Whether a response that was cut off counts at all is decided by `k15.rewards.finish`, the one
@@ -32,6 +34,7 @@ the caller enforces a hard wall-clock limit: a worker that overruns is SIGKILLed
 
 import atexit
 import concurrent.futures
+import fractions
 import json
 import os
 import queue
@@ -111,6 +114,8 @@ _ESCAPED_DOLLAR = re.compile(r"\\\$")
 # \mathrm{e}, \mathit{e}, \operatorname{e}, \text{e}, \textrm{e}, {\rm e} (and i): the letter alone.
 _UPRIGHT_CONSTANT = re.compile(
     r"\\(?:mathrm|mathit|operatorname|textrm|text)\s*\{\s*([ei])\s*\}|\{\s*\\rm\s+([ei])\s*\}")
+# int part, non-repeating decimals, repeating decimals: 0.1\overline{6}
+_REPEATING_DECIMAL = re.compile(r"(\d*)\.(\d*)\\overline\s*\{(\d+)\}")
 # A thin or explicit space between a digit and a group of exactly three digits.
 _DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\[,;:]|\\ |~|\\thinspace\s*)(?=\d{3}(?!\d))")
 
@@ -118,11 +123,22 @@ _DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\[,;:]|\\ |~|\\thinspace\s*)(?=\d{3
 def normalize(text: str) -> str:
   """The notation rewrites applied to reference and prediction alike (see the module docstring).
 
-  `\\$18.90` -> `18.90`, `2\\mathrm{e}` -> `2e`, `1\\,000` -> `1000`.
+  `\\$18.90` -> `18.90`, `2\\mathrm{e}` -> `2e`, `1\\,000` -> `1000`,
+  `0.1\\overline{6}` -> `\\frac{1}{6}`.
   """
   text = _ESCAPED_DOLLAR.sub("", text)
   text = _UPRIGHT_CONSTANT.sub(_constant_letter, text)
-  return _DIGIT_GROUP_SPACE.sub("", text)
+  text = _DIGIT_GROUP_SPACE.sub("", text)
+  return _REPEATING_DECIMAL.sub(_repeating_fraction, text)
+
+
+def _repeating_fraction(m: re.Match) -> str:
+  whole, fixed, repeat = m.group(1), m.group(2), m.group(3)
+  # x = whole.fixed(repeat)(repeat)...: (fixed+repeat - fixed) / (10^|fixed| (10^|repeat| - 1))
+  den = 10 ** len(fixed) * (10 ** len(repeat) - 1)
+  value = fractions.Fraction(int(whole or 0)) + fractions.Fraction(
+      int(fixed + repeat) - int(fixed or 0), den)
+  return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
 
 
 def _constant_letter(m: re.Match) -> str:
