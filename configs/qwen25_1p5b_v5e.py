@@ -67,10 +67,11 @@ def get_config(arg=None):
       iterations=1000,
       prompts_per_iteration=2,     # 16 new rows (+ <= 16 continued): what one rollout holds
       samples_per_prompt=8,        # k: group size for the PMD mean-reward baseline (§2.3.2)
-      # Long CoT: 8k new tokens. 16k does not fit a v5e chip while the log-probs are computed
-      # over whole rows (13 GiB of logits per 17k-token row on 4 tensor shards);
-      # `python -m k15.plan --config=... --config.rl.max_new_tokens=16384 --logits_chunk=2048`
-      # shows it does once they are computed in chunks.
+      # Long CoT: 8k new tokens. 16k fits once the log-probs are computed in tiles
+      # (model.logits_chunk): `python -m k15.aot` compiles every program of
+      # --config.rl.max_new_tokens=16384 --config.rl.segment_budget=8192
+      # --config.rl.prompts_per_iteration=1 within 11.6 GiB per chip (docs/scaling.md); k15.plan,
+      # whose activation model is from XLA:CPU, still over-predicts that train step (16.3 GiB).
       max_new_tokens=8192,
       # Partial rollouts (§2.6.2): at most 4096 new tokens per sequence per iteration, so an
       # iteration's sampling time is bounded and long responses continue from the buffer. Two
