@@ -273,9 +273,19 @@ def evaluate_model(config: Any, model: Any, tok: Any, problems: Sequence[Any]) -
 # The study.
 # ---------------------------------------------------------------------------------------------
 
-def _read(path: str) -> Any:
+def _read(path: str, config: Any = None, n: int = 0) -> Any:
+  """A finished evaluation; with `config`, it must have been made with the same settings."""
   with open(path) as f:
-    return json.load(f)
+    r = json.load(f)
+  if config is not None:
+    s = config.study
+    want = {"n": n, "samples": s.eval_samples, "k": s.pass_k, "temperature": s.temperature}
+    got = {key: r.get(key) for key in want}
+    if got != want or bool(s.greedy) != ("greedy" in r):
+      raise ValueError(f"{path} was evaluated with {got} (greedy: {'greedy' in r}), but "
+                       f"config.study asks for {want} (greedy: {s.greedy}); use a new workdir "
+                       "or delete the eval files")
+  return r
 
 
 def _write(path: str, obj: Any) -> None:
@@ -339,7 +349,7 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
         r.update(rl_seed=cfg.seed, data_seed=cfg.data.seed,
                  base=base_name(config, arm_overrides[arm]), overrides=arm_overrides[arm])
         _write(path, r)
-      results[arm][s] = _read(path)
+      results[arm][s] = _read(path, config, len(problems))
       bar.update(1)
     bar.close()
     sft = {}
@@ -348,7 +358,7 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
       path = os.path.join(workdir, name, "eval_sft.json")
       if not os.path.exists(path):
         base(arm)
-      sft[name] = _read(path)
+      sft[name] = _read(path, config, len(problems))
 
   minutes = (time.time() - t_start) / 60
   summary = summarize(config, study, arm_overrides, results, sft, minutes=minutes,

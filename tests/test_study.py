@@ -80,7 +80,8 @@ def test_pass_at_k():
 def _config(**study_overrides):
   from configs import tiny_cpu  # pylint: disable=g-import-not-at-top
   c = tiny_cpu.get_config("runlocal=True")
-  c.study.update(eval_problems=6, eval_samples=4, pass_k=2, bootstrap=200, **study_overrides)
+  c.study.update(dict(dict(eval_problems=6, eval_samples=4, pass_k=2, bootstrap=200),
+                     **study_overrides))
   return c
 
 
@@ -107,7 +108,8 @@ def test_arms_bases_and_pairs():
 
 # --- orchestration with fake stages ------------------------------------------------------------
 
-ARM_SKILL = {"pmd": 2, "rest": 1, "reinforce": 0, "grpo": 1, "careless": 1, "clean": 2}
+ARM_SKILL = {"pmd": 2, "rest": 1, "reinforce": 0, "grpo": 1, "careless": 1, "clean": 2,
+             "prioritized": 2, "uniform": 1, "curriculum": 0}
 
 
 class _Fakes:
@@ -227,3 +229,10 @@ def test_real_shrunk_study(tmp_path):
   r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert json.loads((tmp_path / "study.json").read_text())["reused_runs"] == 4
+
+
+def test_resume_refuses_evaluations_made_with_other_settings(tmp_path, monkeypatch):
+  _Fakes(monkeypatch)
+  study.run_study(_config(), "sampling", 1, str(tmp_path), arms=("uniform",))
+  with pytest.raises(ValueError, match=r"seed0/eval.json was evaluated with .*'samples': 4"):
+    study.run_study(_config(eval_samples=2), "sampling", 1, str(tmp_path), arms=("uniform",))
