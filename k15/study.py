@@ -480,7 +480,9 @@ def plot(summary: Mapping[str, Any], path: str) -> None:
         ax.axhline(100 * row[m], ls="--", lw=1, color="gray" if j == 0 else f"C{7 + j}",
                    label=f"SFT {b}")
     ax.set_xticks(range(len(arms)), arms)
-    ax.set_title(m)
+    ax.set_xlim(-0.5, len(arms) - 0.5)
+    ax.set_title({"pass1": "pass@1", "greedy": "greedy accuracy",
+                  "pass_k": f"pass@{summary['eval']['pass_k']}"}[m])
     ax.set_ylabel("%")
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)

@@ -210,7 +210,7 @@ def test_rl_lift_has_a_base_per_demonstrator(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_real_shrunk_study(tmp_path):
-  """The command end to end on the runlocal model: 2 arms x 2 seeds."""
+  """The command end to end on the runlocal model: 2 arms x 2 seeds (resuming: see above)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   args = [sys.executable, "-m", "k15.study", "--config=configs/tiny_cpu.py:runlocal=True",
           "--study=negative_gradients", "--arms=pmd,rest", "--seeds=2", f"--workdir={tmp_path}",
@@ -225,10 +225,8 @@ def test_real_shrunk_study(tmp_path):
       run = json.loads((tmp_path / "runs" / arm / f"seed{s}" / "eval.json").read_text())
       assert run["rl_seed"] == s and run["data_seed"] == s and len(run["per_problem"]["pass1"]) == 8
   assert "minutes" in r.stdout
-  # The second invocation reuses all four runs.
-  r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert json.loads((tmp_path / "study.json").read_text())["reused_runs"] == 4
+  assert "| rest - pmd |" in (tmp_path / "study.md").read_text()
+  assert (tmp_path / "study.png").exists()
 
 
 def test_resume_refuses_evaluations_made_with_other_settings(tmp_path, monkeypatch):
