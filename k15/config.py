@@ -324,6 +324,20 @@ def shrink_real_scale(c: ml_collections.ConfigDict) -> None:
   c.export.dtype = ""
 
 
+def study_block(**overrides: Any) -> ml_collections.ConfigDict:
+  """k15.study: the held-out set and the statistics of a paired-seed study of RL arms."""
+  return make_block("study", dict(
+      eval_problems=192,     # per family, held out (the 'eval' split of k15.data.tasks)
+      eval_samples=8,        # samples per problem at `temperature`: pass@1 is their mean ...
+      pass_k=8,              # ... and pass@k (k <= eval_samples) comes from the same samples
+      temperature=1.0,
+      greedy=True,           # also the greedy accuracy (one more sample per problem)
+      eval_seed=0,           # evaluation sampling seed: the same for every model
+      bootstrap=2000,        # resamples of seeds x problems for the paired differences
+      bootstrap_seed=0,
+  ), overrides)
+
+
 def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds every block the modes read, with defaults, so that all configs share one key set.
 
@@ -341,6 +355,7 @@ def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.evaluate = evaluate_block()
   c.pipeline = pipeline_block()
   c.long2short = long2short_block()
+  c.study = study_block()
   # Modes that start from a checkpoint on prompt files (rl, evaluate).
   c.data = data_block()
   c.curate = curate_block()

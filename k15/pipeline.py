@@ -185,11 +185,16 @@ def plot_curves(rl_dir: str, path: str) -> None:
   plt.close(fig)
 
 
-def run(config: Any, workdir: str) -> dict[str, Any]:
-  if not workdir:
-    raise ValueError("mode 'pipeline' needs --workdir")
+def base_stages(config: Any, workdir: str, mesh) -> tuple[
+    dict[str, list[prompts_lib.PromptRecord]], tokenizer_lib.Tokenizer, transformer.Transformer,
+    list[prompts_lib.PromptRecord]]:
+  """Data, tokenizer, SFT and curation in `workdir` (each reused when finished there).
+
+  Returns (data, tokenizer, SFT model, curated RL prompts). Call inside `parallel.use_mesh`.
+  Everything RL needs comes from here, so that a study (k15.study) can run several RL arms
+  from one SFT model and one curated prompt set.
+  """
   c = config.pipeline
-  t_start = time.time()
   data_dir = os.path.join(workdir, "data")
   data = make_data(c, config.seed, data_dir)
   _log(f"data: {', '.join(f'{k} {len(v)}' for k, v in data.items())}")
@@ -200,23 +205,30 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                      f"is {config.model.vocab_size}")
   _log(f"tokenizer: {tok.vocab_size} pieces")
 
+  model = smoke.build_model(config, mesh)
+  examples = [tok.render_example(r.prompt, _cot(r, c.sft_cot)) for r in data["sft"]]
+  _log(f"SFT on {len(examples)} {c.sft_cot}-CoT examples")
+  sft_model, losses = sft.train_sft(model, examples, config.sft, mesh=mesh,
+                                    workdir=os.path.join(workdir, "sft"), pad_id=tok.pad_id)
+  if config.sft.steps and len(losses) < config.sft.steps:
+    # Stopped early (SIGTERM): the checkpoint is saved; later stages must not start.
+    raise SystemExit(f"SFT stopped at step {len(losses)} of {config.sft.steps} (checkpoint "
+                     "saved); rerun the same command to resume")
+
+  policy = Policy(sft_model, tok, max_new_tokens=config.rl.max_new_tokens, seed=config.seed)
+  records = curate(data["rl_pool"], policy, c, config.seed, data_dir)
+  _log(f"curated RL prompts: {len(records)}")
+  return data, tok, sft_model, records
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+  if not workdir:
+    raise ValueError("mode 'pipeline' needs --workdir")
+  t_start = time.time()
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.sharding_rules):
-    model = smoke.build_model(config, mesh)
-    examples = [tok.render_example(r.prompt, _cot(r, c.sft_cot)) for r in data["sft"]]
-    _log(f"SFT on {len(examples)} {c.sft_cot}-CoT examples")
-    sft_model, losses = sft.train_sft(model, examples, config.sft, mesh=mesh,
-                                      workdir=os.path.join(workdir, "sft"), pad_id=tok.pad_id)
-    if config.sft.steps and len(losses) < config.sft.steps:
-      # Stopped early (SIGTERM): the checkpoint is saved; later stages must not start.
-      raise SystemExit(f"SFT stopped at step {len(losses)} of {config.sft.steps} (checkpoint "
-                       "saved); rerun the same command to resume")
-
+    data, tok, sft_model, records = base_stages(config, workdir, mesh)
     ev = config.evaluate
-    policy = Policy(sft_model, tok, max_new_tokens=config.rl.max_new_tokens, seed=config.seed)
-    records = curate(data["rl_pool"], policy, c, config.seed, data_dir)
-    _log(f"curated RL prompts: {len(records)}")
-
     _log(f"RL: {config.rl.iterations} iterations of {config.rl.loss}")
     rl_model = rl_stage(config, sft_model, records, tok, mesh, os.path.join(workdir, "rl"))
 
