@@ -153,19 +153,9 @@ class Attention(nnx.Module):
     """
     cfg = self.cfg
     dt = x.dtype
-    q = jnp.einsum("BTD,DNH->BTNH", x, self.q[...].astype(dt))
-    k = jnp.einsum("BTD,DKH->BTKH", x, self.k[...].astype(dt))
-    v = jnp.einsum("BTD,DKH->BTKH", x, self.v[...].astype(dt))
-    if cfg.qkv_bias:
-      q = q + self.q_bias[...].astype(dt)
-      k = k + self.k_bias[...].astype(dt)
-      v = v + self.v_bias[...].astype(dt)
     if angles is None:
       angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-    q = rope(q, angles)
-    k = rope(k, angles)
-    q = parallel.constrain(q, ("batch", "length", "act_q_heads", "head_dim"))
-    k = parallel.constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
+    q, k, v = self.project(x, angles)
 
     if cache is None:
       kv_k, kv_v, kv_seg, kv_pos, kv_layout, k_layout = k, v, segment_ids, positions, "BSKH", None
@@ -188,12 +178,36 @@ class Attention(nnx.Module):
         q, kv_k, kv_v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
         q_positions=positions, kv_positions=kv_pos, impl=cfg.attention_impl,
         block_size=cfg.attention_block_size, kv_layout=kv_layout, k_layout=k_layout)  # [B,T,N,H]
+    return self.output(out), new_kv
+
+  def project(self, x: Array, angles: tuple[Array, Array]) -> tuple[Array, Array, Array]:
+    """x [B, T, D] -> rotated q [B, T, N, H], rotated k and v [B, T, K, H].
+
+    Also used on its own by decode loops that keep keys and values elsewhere (the sampler's
+    paged cache).
+    """
+    cfg = self.cfg
+    dt = x.dtype
+    q = jnp.einsum("BTD,DNH->BTNH", x, self.q[...].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", x, self.k[...].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", x, self.v[...].astype(dt))
+    if cfg.qkv_bias:
+      q = q + self.q_bias[...].astype(dt)
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    q = rope(q, angles)
+    k = rope(k, angles)
+    q = parallel.constrain(q, ("batch", "length", "act_q_heads", "head_dim"))
+    k = parallel.constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
+    return q, k, v
+
+  def output(self, out: Array) -> Array:
+    """The attention output [B, T, N, H] -> [B, T, D]."""
     # One contraction over the N * H concatenated heads: as "BTNH,NHD->BTD", XLA:CPU re-laid
     # out the [N, H, D] weight (a copy of it every decode step) to contract H-major.
     B, T, N, H = out.shape
-    y = jnp.einsum("BTF,FD->BTD", out.reshape(B, T, N * H),
-                   self.o[...].reshape(N * H, -1).astype(dt))
-    return y, new_kv
+    return jnp.einsum("BTF,FD->BTD", out.reshape(B, T, N * H),
+                      self.o[...].reshape(N * H, -1).astype(out.dtype))
 
 
 class MLP(nnx.Module):
@@ -292,14 +306,18 @@ class Transformer(nnx.Module):
       else:
         x, _ = block(x, positions, segment_ids, angles=angles)
 
-    x = self.final_norm(x)
-    # Logits and everything after them (softmax, log-probs) in float32.
-    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("BTD,DV->BTV", x.astype(jnp.float32), head.astype(jnp.float32))
-    logits = parallel.constrain(logits, ("batch", "length", "act_vocab"))
+    logits = self.logits(x)
     if cache is None:
       return logits
     return logits, dict(cache, k=tuple(new_k), v=tuple(new_v))
+
+  def logits(self, x: Array) -> Array:
+    """The last block's output [B, T, D] -> float32 logits [B, T, V] (final norm, head)."""
+    x = self.final_norm(x)
+    # Logits and everything after them (softmax, log-probs) in float32.
+    head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("BTD,DV->BTV", x.astype(jnp.float32), head.astype(jnp.float32))
+    return parallel.constrain(logits, ("batch", "length", "act_vocab"))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
