@@ -177,3 +177,31 @@ def test_one_program_per_bucket():
                     **kw)
   assert sampling.compiled_programs() == before
   assert sampler.default_slots(100) == 32 and sampler.default_slots(5) == 5
+
+
+def test_paged_program_compiles_for_tpu(monkeypatch):
+  # The continuous program with the Pallas TPU paged-attention kernel, compiled for a v5e chip
+  # of a compile-only topology (libtpu, no TPU needed).
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes may hold libtpu
+  topologies = pytest.importorskip("jax.experimental.topologies")
+  try:
+    topo = topologies.get_topology_desc(
+        platform="tpu", topology_name="v5e:2x4", chip_config_name="default",
+        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False, False, False))
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"no compile-only TPU devices: {e}")
+  model = _native(vocab_size=256, embed_dim=128, head_dim=128, dtype="bfloat16")
+  calls = []
+  run = sampler._run
+  monkeypatch.setattr(sampler, "_run", lambda *a, **kw: calls.append((a, kw)) or run(*a, **kw))
+  sampling.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=64, eos_id=None, num_samples=4,
+                    continuous=True, slots=4)
+  (state, x), kw = calls[-1]
+  device = jax.sharding.SingleDeviceSharding(topo.devices[0])
+  spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype, sharding=device)
+  static = dataclasses.replace(kw["static"], paged_impl="tpu")
+  compiled = run.lower(jax.tree.map(spec, state), jax.tree.map(spec, x), graphdef=kw["graphdef"],
+                       static=static).compile()
+  # One Pallas kernel call per layer, in the decode loop.
+  assert compiled.as_text().count("tpu_custom_call") == model.cfg.num_layers

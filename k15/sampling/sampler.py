@@ -212,12 +212,12 @@ def default_phases(steps: int) -> int:
 
 
 def default_slots(rows: int) -> int:
-  """Continuous batching's slots per device: at most 32 rows decode at once.
+  """Continuous batching's slots per device: at most 16 rows decode at once.
 
   Fewer slots make a step cheaper but leave the queue longer; on the longtail benchmark's
   2-core CPU 32 was best (see benchmarks/sampler.py).
   """
-  return min(rows, 32)
+  return min(rows, 16)
 
 
 def _map_cache(fn, cache: dict) -> dict:
@@ -482,12 +482,20 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
       del c["history"]
     cont = active & ~finished
     c["t"] = t + 1
-    # Finished rows return the blocks they own (from their copy of the prompt's last block on).
-    first = c["plen"] // C
-    owned = jnp.where(finished, -(-c["ctx"] // C) - first, 0)
-    c["free"], c["top"] = paged.push(c["free"], c["top"], c["table"], first, owned)
-    c["active"] = cont
-    c, _ = refill(c)
+
+    def release_and_refill(c):
+      # Finished rows return the blocks they own (from their copy of the prompt's last block
+      # on), and their slots take the next rows.
+      first = c["plen"] // C
+      owned = jnp.where(finished, -(-c["ctx"] // C) - first, 0)
+      c = dict(c)
+      c["free"], c["top"] = paged.push(c["free"], c["top"], c["table"], first, owned)
+      c["active"] = cont
+      return refill(c)[0]
+
+    # Most steps end no row (a slot is only ever empty once the queue is): skip the
+    # bookkeeping then.
+    c = jax.lax.cond(jnp.any(finished), release_and_refill, lambda c: c, c)
     # Feed token t of the continuing rows at logical position ctx (a new block when it starts
     # one); the rows that just entered a slot already hold their first logits.
     ctx = c["ctx"]
