@@ -100,19 +100,46 @@ def attend_tpu(q: Array, k_pool: Array, v_pool: Array, tables: Array, lengths: A
   return out.astype(q.dtype)
 
 
+def _grouped_gather(q, k_pool, v_pool, tables, lengths, groups, *, buckets, scale):
+  """`attend_gather` in groups of slots of similar length, each reading its own table width.
+
+  groups: (slot ids [g, S/g], sorted by length; the bucket index of each group). Long-tailed
+  lengths put the few long rows in one group, so the others read far fewer blocks.
+  """
+  order, index = groups
+  branches = [functools.partial(attend_gather, columns=c, scale=scale) for c in buckets]
+  out = jnp.zeros_like(q)
+  for g in range(order.shape[0]):
+    ids = order[g]
+    part = jax.lax.switch(index[g], branches, q[ids], k_pool, v_pool, tables[ids], lengths[ids])
+    out = out.at[ids].set(part)
+  return out
+
+
+def slot_groups(lengths: Array, num_groups: int, buckets: tuple[int, ...], block_size: int):
+  """Slots sorted by length into `num_groups` equal groups, and each group's bucket index."""
+  order = jnp.argsort(lengths).reshape(num_groups, -1)
+  longest = jnp.max(lengths[order], axis=1)
+  index = jnp.sum(jnp.asarray(buckets)[None] * block_size < longest[:, None], axis=1)
+  return order, index
+
+
 def decode_step(model: transformer.Transformer, tokens: Array, positions: Array, pool: dict,
                 tables: Array, write_block: Array, write_offset: Array, lengths: Array,
-                column_index: Array, *, buckets: tuple[int, ...], impl: str = "gather"):
+                *, buckets: tuple[int, ...], num_groups: int = 1, impl: str = "gather"):
   """One token per slot through `model`, keys and values in the paged pool.
 
   tokens, positions [S]: the slots' current tokens and their positions; their keys and values
   are written at (write_block, write_offset) before attending, so lengths [S] counts them.
-  column_index: which of `buckets` (table widths) the step reads (`attend_gather`).
+  buckets: the table widths (in blocks) a group of slots may read (`attend_gather`);
+  num_groups: groups of slots of similar length that read their own width (`slot_groups`).
   Returns (float32 logits [S, V], updated pool).
   """
   cfg = model.cfg
   dt = transformer.to_dtype(cfg.dtype)
   scale = cfg.head_dim ** -0.5
+  C = pool["k"][0].shape[2]
+  groups = slot_groups(lengths, num_groups, buckets, C) if impl != "tpu" else None
   x = jnp.take(model.embed[...], tokens[:, None], axis=0).astype(dt)   # [S, 1, D]
   angles = transformer.rope_angles(positions[:, None], cfg.head_dim, cfg.rope_theta)
   new_k, new_v = [], []
@@ -123,8 +150,8 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
     if impl == "tpu":
       out = attend_tpu(q[:, 0], k_pool, v_pool, tables, lengths, scale=scale)
     else:
-      branches = [functools.partial(attend_gather, columns=c, scale=scale) for c in buckets]
-      out = jax.lax.switch(column_index, branches, q[:, 0], k_pool, v_pool, tables, lengths)
+      out = _grouped_gather(q[:, 0], k_pool, v_pool, tables, lengths, groups, buckets=buckets,
+                            scale=scale)
     x = x + block.attn.output(out[:, None])
     x = x + block.mlp(block.mlp_norm(x))
     new_k.append(k_pool)

@@ -20,6 +20,15 @@ prefill. Then `lax.while_loop`s sample one token per row per step until every ro
 decode runs in a few phases whose cache grows (P + N/J, P + 2N/J, ... slots), so early steps
 do not stream the whole padded cache through attention.
 
+With `continuous=True` the rows do not decode as one batch: a fixed number of slots decode
+together, and when a row ends its slot takes the next (prompt, sample) row of the queue in the
+same loop iteration, until every row is done (`_program_continuous`), with keys and values in
+a paged KV cache (`k15.sampling.paged`: a pool of fixed-size blocks and per-row block tables,
+the samples of a prompt sharing its blocks). Long-CoT lengths are long-tailed (§2.6), and a
+static batch runs until its longest row ends while the finished rows keep their slots and
+cache; continuous batching spends its steps on unfinished rows and sizes the cache by slots.
+It samples the same rows (up to float summation order).
+
 Static shapes are bucketed (P to a power of two or a given bucket list; U and B to powers of
 two that the mesh's batch axes divide; N to a power of two; eos ids to 4), so a run compiles a
 handful of programs. Sampling parameters that change per call (temperature, top_p, eos ids,
@@ -212,12 +221,12 @@ def default_phases(steps: int) -> int:
 
 
 def default_slots(rows: int) -> int:
-  """Continuous batching's slots per device: at most 16 rows decode at once.
+  """Continuous batching's slots per device: at most 32 rows decode at once.
 
-  Fewer slots make a step cheaper but leave the queue longer; on the longtail benchmark's
-  2-core CPU 32 was best (see benchmarks/sampler.py).
+  Fewer slots make a step cheaper but the queue longer. On the longtail workload of
+  benchmarks/sampler.py (2 CPU devices, 128 rows each), 32 slots sampled faster than 16 or 64.
   """
-  return min(rows, 16)
+  return min(rows, 32)
 
 
 def _map_cache(fn, cache: dict) -> dict:
@@ -428,6 +437,8 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   limits = x["limits"]
   queue = jnp.sum(limits > 0)                                        # bucket padding rows last
   buckets = tuple(paged.column_buckets(M, C))
+  # Slots attend in groups of 4 of similar length (`paged.slot_groups`).
+  num_groups = S // 4 if S % 4 == 0 else 1
   cols = jnp.arange(M)[None]                                         # [1, M]
   slot_ids = jnp.arange(S)
 
@@ -505,10 +516,9 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
                       c["table"])
     block = jnp.where(cont, table[slot_ids, jnp.minimum(ctx // C, M - 1)], paged.SCRATCH)
     seen = jnp.where(cont, ctx + 1, 0)
-    column_index = jnp.sum(jnp.asarray(buckets) * C < jnp.max(seen))
     logits, c["pool"] = paged.decode_step(
-        model, tok, ctx, c["pool"], table, block, ctx % C, seen, column_index,
-        buckets=buckets, impl=static.paged_impl)
+        model, tok, ctx, c["pool"], table, block, ctx % C, seen, buckets=buckets,
+        num_groups=num_groups, impl=static.paged_impl)
     c["table"] = table
     c["logits"] = jnp.where(cont[:, None], logits, c["logits"])
     c["ctx"] = jnp.where(cont, ctx + 1, ctx)
