@@ -91,12 +91,15 @@ def attend_tpu(q: Array, k_pool: Array, v_pool: Array, tables: Array, lengths: A
                *, scale: float, pages_per_compute_block: int = 8) -> Array:
   """The same as `attend_gather` through the Pallas TPU paged-attention kernel."""
   from jax.experimental.pallas.ops.tpu import paged_attention  # pylint: disable=g-import-not-at-top
+  # The kernel reads a table in chunks of pages_per_compute_block columns: pad it with scratch
+  # columns (never read below a row's length) to whole chunks.
   M = tables.shape[1]
-  per_block = max(d for d in range(1, min(pages_per_compute_block, M) + 1) if M % d == 0)
+  tables = jnp.pad(tables, [(0, 0), (0, -M % pages_per_compute_block)],
+                   constant_values=SCRATCH)
   # The kernel does not scale the scores: scale the queries instead.
   out = paged_attention.paged_attention(
       (q.astype(jnp.float32) * scale).astype(q.dtype), k_pool, v_pool, lengths, tables,
-      pages_per_compute_block=per_block)
+      pages_per_compute_block=pages_per_compute_block)
   return out.astype(q.dtype)
 
 
