@@ -417,11 +417,10 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   pool = paged.init_pool(cfg, 1 + U * PB + F, C)
 
   def to_blocks(a, key_major):                                      # -> [K, U*PB, C, H]
-    a = jnp.take_along_axis(a, take_idx[:, None, None] if key_major else take_idx[:, None, :,
-                                                                                     None],
-                            axis=3 if key_major else 2)
-    if key_major:                                                   # k: [U, K, H, PB*C]
-      a = jnp.swapaxes(a, 2, 3)
+    if key_major:                                                   # k: [U, K, H, P]
+      a = jnp.swapaxes(jnp.take_along_axis(a, take_idx[:, None, None], axis=3), 2, 3)
+    else:                                                           # v: [U, K, P, H]
+      a = jnp.take_along_axis(a, take_idx[:, None, :, None], axis=2)
     a = a.reshape(U, cfg.num_kv_heads, PB, C, cfg.head_dim)
     return jnp.swapaxes(a, 0, 1).reshape(cfg.num_kv_heads, U * PB, C, cfg.head_dim)
 
