@@ -44,8 +44,9 @@ the same batch with the same EOS list (one torch thread; its rows are its own dr
 measure is useful new tokens/s: the sum of the real response lengths (EOS included) over the
 wall time. KV memory: the KV cache each path allocates (static: rows x (prompt + limit) slots
 at its largest phase; continuous: the block pool) and, for continuous, the most blocks in use
-at once; transformers' is its dynamic cache at the end (rows x (prompt + longest)). Each
-sampler runs once after a warm-up (--repeats rounds, best time; default 1 for this workload).
+at once; transformers' is its dynamic cache at the end (rows x (prompt + longest)). The k15
+paths first run once with another seed (compilation); then every sampler runs --repeats
+rounds (default 1 for this workload), interleaved, and its best time counts.
 
 Run from the repository root (not part of the tests):
 
