@@ -29,10 +29,30 @@ run, and the sampler's useful FLOPs are
 i.e. what an ideal implementation must compute (the decode loop also computes attention over
 masked cache slots, which is not counted).
 
+Workload `longtail` (--workload=longtail): long-CoT responses have a long tail of lengths (k1.5
+§2.6), and a static batch runs until its longest row ends. The same random Llama, in which the
+last 4 of the 512 token ids end a response (EOS list); as the random model's next-token
+distribution is close to uniform, a row ends with probability about 4/512 per token, so response
+lengths are close to geometric with mean ~128 (the stop ids' logits are not biased; the measured
+mean and longest length are printed). 32 random 64-token prompts x 8 samples (256 rows),
+temperature 1, limit 1024 new tokens. k15 runs data-parallel on a mesh {'data': 2} of 2 CPU
+devices, twice: the static path (`continuous=False`: one batch decoded until every row has
+finished) and continuous batching (`continuous=True`: a fixed number of slots, refilled from
+the queue of (prompt, sample) rows as rows finish, over a paged KV cache). Both use the same
+seed and per-row RNG, so they sample the same rows (checked). transformers' `generate` runs
+the same batch with the same EOS list (one torch thread; its rows are its own draws). The
+measure is useful new tokens/s: the sum of the real response lengths (EOS included) over the
+wall time. KV memory: the KV cache each path allocates (static: rows x (prompt + limit) slots
+at its largest phase; continuous: the block pool) and, for continuous, the most blocks in use
+at once; transformers' is its dynamic cache at the end (rows x (prompt + longest)). The k15
+paths first run once with another seed (compilation); then every sampler runs --repeats
+rounds (default 1 for this workload), interleaved, and its best time counts.
+
 Run from the repository root (not part of the tests):
 
   python -m benchmarks.sampler                       # writes benchmarks/results/sampler.json
   python -m benchmarks.sampler --repeats=1 --torch_threads=1 --out=/tmp/sampler.json
+  python -m benchmarks.sampler --workload=longtail   # writes benchmarks/results/sampler_longtail.json
 """
 
 import argparse
@@ -97,17 +117,129 @@ def _sampler_flops(cfg, batch: int, prompt_len: int, new_tokens: int) -> float:
   return batch * (2 * dense * tokens + L * 4 * N * H * ctx)
 
 
+# The longtail workload (see the docstring).
+LONGTAIL = dict(prompts=32, samples=8, prompt_len=64, limit=1024, devices=2)
+STOP_IDS = tuple(range(ARCH["vocab_size"] - 4, ARCH["vocab_size"]))
+
+
+def _kv_bytes_per_token(cfg) -> int:
+  return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # k and v, float32
+
+
+def _longtail(args, ref, model):
+  """Static path vs continuous batching vs transformers on long-tailed response lengths."""
+  import torch  # pylint: disable=g-import-not-at-top
+  w = LONGTAIL
+  paths = args.paths.split(",")
+  rng = np.random.RandomState(0)
+  prompts = rng.randint(0, ARCH["vocab_size"] - 4, (w["prompts"], w["prompt_len"]))
+  cfg = model.cfg
+  per_token = _kv_bytes_per_token(cfg)
+  if jax.device_count() < w["devices"]:
+    raise SystemExit(f"the longtail workload needs {w['devices']} devices, found "
+                     f"{jax.device_count()}")
+  mesh = parallel.make_mesh({"data": w["devices"]}, devices=jax.devices()[:w["devices"]])
+  state = nnx.state(model)
+  with parallel.use_mesh(mesh):
+    placed = nnx.merge(nnx.graphdef(model), jax.device_put(state, parallel.state_shardings(state)))
+  print(f"backend {jax.default_backend()}, k15 on {w['devices']} devices (data), torch threads 1; "
+        f"{w['prompts']} prompts x {w['samples']} samples, prompt {w['prompt_len']}, limit "
+        f"{w['limit']}, stop ids {list(STOP_IDS)}")
+
+  rows, runs, results = {}, {}, {}
+
+  def k15_runner(name, continuous):
+    def run(seed):
+      with parallel.use_mesh(mesh):
+        res = sampler.generate(placed, list(prompts), max_new_tokens=w["limit"],
+                               eos_id=list(STOP_IDS), temperature=1.0, seed=seed,
+                               num_samples=w["samples"], continuous=continuous)
+      results[name] = res
+      return res
+    return run
+
+  for name, continuous in (("k15 static", False), ("k15 continuous", True)):
+    if name.split()[1] not in paths:
+      continue
+    run = k15_runner(name, continuous)
+    rows[name] = {"first_call_s": _timed(run, 12345)}
+    runs[name] = lambda i, run=run: run(1000 + i)
+
+  if "transformers" in paths:
+    ids = torch.tensor(np.repeat(prompts, w["samples"], axis=0), dtype=torch.long)
+
+    def hf_run(seed):
+      torch.set_num_threads(1)
+      torch.manual_seed(seed)
+      with torch.no_grad():
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                           temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=w["limit"],
+                           eos_token_id=list(STOP_IDS), pad_token_id=0)
+      new = out[:, w["prompt_len"]:].numpy()
+      stop = np.isin(new, STOP_IDS)
+      # A row's length runs to its first stop id, included (k15 counts the EOS token too).
+      lengths = np.where(stop.any(1), stop.argmax(1) + 1, new.shape[1])
+      results["transformers"] = lengths
+      return lengths
+    runs["transformers (1 thr)"] = hf_run
+    rows["transformers (1 thr)"] = {"torch_threads": 1}
+
+  for name, seconds in _interleaved_best(runs, args.repeats or 1).items():
+    if name.startswith("transformers"):
+      lengths = results["transformers"]
+      kv = lengths.size * (w["prompt_len"] + int(lengths.max())) * per_token
+      rows[name].update(kv_bytes=kv)
+    else:
+      res = results[name]
+      lengths = res.lengths
+      rows[name].update(kv_bytes=res.stats["kv_bytes"],
+                        kv_peak_bytes=res.stats.get("kv_peak_bytes"))
+    rows[name].update(seconds=seconds, useful_tokens=int(lengths.sum()),
+                      mean_length=float(lengths.mean()), max_length=int(lengths.max()),
+                      tokens_per_s=float(lengths.sum()) / seconds)
+  if "k15 static" in results and "k15 continuous" in results:
+    a, b = results["k15 static"], results["k15 continuous"]
+    same = (np.array_equal(a.tokens, b.tokens) and np.array_equal(a.lengths, b.lengths)
+            and np.allclose(a.logprobs, b.logprobs, atol=1e-4))
+    print(f"static and continuous sampled the same rows: {same}")
+    rows["k15 continuous"]["same_rows_as_static"] = bool(same)
+
+  print(f"\n{'sampler':<24}{'seconds':>9}{'useful tok':>12}{'mean len':>10}{'max len':>9}"
+        f"{'tok/s':>9}{'KV MiB':>9}{'KV peak':>9}{'vs static':>11}{'vs transf.':>12}")
+  static = rows.get("k15 static", {}).get("tokens_per_s")
+  hf_tps = rows.get("transformers (1 thr)", {}).get("tokens_per_s")
+  for name, r in rows.items():
+    peak = r.get("kv_peak_bytes")
+    vs_s = f"{r['tokens_per_s'] / static:.2f}x" if static else "-"
+    vs_h = f"{r['tokens_per_s'] / hf_tps:.2f}x" if hf_tps else "-"
+    r.update(vs_static=r["tokens_per_s"] / static if static else None,
+             vs_transformers=r["tokens_per_s"] / hf_tps if hf_tps else None)
+    print(f"{name:<24}{r['seconds']:>9.2f}{r['useful_tokens']:>12}{r['mean_length']:>10.1f}"
+          f"{r['max_length']:>9}{r['tokens_per_s']:>9.0f}{r['kv_bytes'] / 2**20:>9.1f}"
+          f"{(f'{peak / 2**20:.1f}' if peak else '-'):>9}{vs_s:>11}{vs_h:>12}")
+  first = ", ".join(f"{name} {r['first_call_s']:.1f} s" for name, r in rows.items()
+                    if "first_call_s" in r)
+  print(f"k15 first call (compile + run): {first}; load average now {os.getloadavg()[0]:.2f}")
+  return {"workload": "longtail", **w, "stop_ids": list(STOP_IDS), "rows": rows}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workload", default="uniform", choices=("uniform", "longtail"))
+  parser.add_argument("--paths", default="static,continuous,transformers",
+                      help="longtail: which samplers to run (comma-separated)")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--prompt_len", type=int, default=64)
   parser.add_argument("--new_tokens", type=int, default=256)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=None,
+                      help="timed rounds (default 5; longtail: 1)")
   parser.add_argument("--skip_transformers", action="store_true")
   parser.add_argument("--torch_threads", default="",
                       help="comma-separated torch thread counts to time (default: torch's "
                            "default and 1)")
-  parser.add_argument("--out", default="benchmarks/results/sampler.json")
+  parser.add_argument("--out", default="",
+                      help="default benchmarks/results/sampler.json (longtail: "
+                           "sampler_longtail.json)")
   args = parser.parse_args(argv)
 
   import torch  # pylint: disable=g-import-not-at-top
@@ -123,6 +255,16 @@ def main(argv=None):
     ref.save_pretrained(tmp, safe_serialization=True)
     model = hf.load(tmp, jnp.float32)
   cfg = model.cfg
+  if args.workload == "longtail":
+    result = _longtail(args, ref, model)
+    out = args.out or "benchmarks/results/sampler_longtail.json"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"wrote {out}")
+    return
+  args.repeats = args.repeats or 5
+  args.out = args.out or "benchmarks/results/sampler.json"
 
   rows, runs = {}, {}
   load_before = f"{os.getloadavg()[0]:.2f}"

@@ -83,9 +83,14 @@ def test_greedy_matches_transformers_generate(llama):
                 for p in PROMPTS]
   finally:
     torch.set_num_threads(threads)
+  # Continuous batching over the paged cache: 2 slots for 3 prompts, blocks of 8 tokens.
+  cont = sampling.generate(model, PROMPTS, max_new_tokens=n, temperature=0.0, eos_id=None,
+                           continuous=True, slots=2, block_size=8)
   for i, (p, expected) in enumerate(zip(PROMPTS, hf_out)):
     assert len(set(expected.tolist())) > 10, "degenerate reference continuation"
     np.testing.assert_array_equal(res.tokens[i], expected, err_msg=f"prompt {i}")
+    np.testing.assert_array_equal(cont.tokens[i], expected, err_msg=f"prompt {i}, continuous")
+    np.testing.assert_allclose(cont.logprobs[i], res.logprobs[i], atol=1e-5)
     # Left padding in the batch changes nothing: each prompt alone gives the same.
     alone = sampling.generate(model, [p], max_new_tokens=n, temperature=0.0, eos_id=None)
     np.testing.assert_array_equal(alone.tokens[0], res.tokens[i])

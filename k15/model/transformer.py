@@ -292,21 +292,9 @@ class Attention(nnx.Module):
     """
     cfg = self.cfg
     dt = x.dtype
-    q = jnp.einsum("BTD,DNH->BTNH", x, self.q[...].astype(dt))
-    k = jnp.einsum("BTD,DKH->BTKH", x, self.k[...].astype(dt))
-    v = jnp.einsum("BTD,DKH->BTKH", x, self.v[...].astype(dt))
-    if cfg.qkv_bias:
-      q = q + self.q_bias[...].astype(dt)
-      k = k + self.k_bias[...].astype(dt)
-      v = v + self.v_bias[...].astype(dt)
-    if cfg.qk_norm:
-      q, k = self.q_norm(q), self.k_norm(k)
     if angles is None:
       angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    q = rope(q, angles)
-    k = rope(k, angles)
-    q = parallel.constrain(q, ("batch", "length", "act_q_heads", "head_dim"))
-    k = parallel.constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
+    q, k, v = self.project(x, angles)
 
     if cache is None:
       kv_k, kv_v, kv_seg, kv_pos, kv_layout, k_layout = k, v, segment_ids, positions, "BSKH", None
@@ -329,12 +317,38 @@ class Attention(nnx.Module):
         q, kv_k, kv_v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
         q_positions=positions, kv_positions=kv_pos, impl=cfg.attention_impl,
         block_size=cfg.attention_block_size, kv_layout=kv_layout, k_layout=k_layout)  # [B,T,N,H]
+    return self.output(out), new_kv
+
+  def project(self, x: Array, angles: tuple[Array, Array]) -> tuple[Array, Array, Array]:
+    """x [B, T, D] -> rotated q [B, T, N, H], rotated k and v [B, T, K, H].
+
+    Also used on its own by decode loops that keep keys and values elsewhere (the sampler's
+    paged cache).
+    """
+    cfg = self.cfg
+    dt = x.dtype
+    q = jnp.einsum("BTD,DNH->BTNH", x, self.q[...].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", x, self.k[...].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", x, self.v[...].astype(dt))
+    if cfg.qkv_bias:
+      q = q + self.q_bias[...].astype(dt)
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = rope(q, angles)
+    k = rope(k, angles)
+    q = parallel.constrain(q, ("batch", "length", "act_q_heads", "head_dim"))
+    k = parallel.constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
+    return q, k, v
+
+  def output(self, out: Array) -> Array:
+    """The attention output [B, T, N, H] -> [B, T, D]."""
     # One contraction over the N * H concatenated heads: as "BTNH,NHD->BTD", XLA:CPU re-laid
     # out the [N, H, D] weight (a copy of it every decode step) to contract H-major.
     B, T, N, H = out.shape
-    y = jnp.einsum("BTF,FD->BTD", out.reshape(B, T, N * H),
-                   self.o[...].reshape(N * H, -1).astype(dt))
-    return y, new_kv
+    return jnp.einsum("BTF,FD->BTD", out.reshape(B, T, N * H),
+                      self.o[...].reshape(N * H, -1).astype(out.dtype))
 
 
 class MLP(nnx.Module):
@@ -513,15 +527,18 @@ class Block(nnx.Module):
                expert_ids=None):
     """-> (x, new_kv, routing): routing is None for a dense MLP, else (router logits, expert ids)."""
     h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index, angles)
-    x = x + h
-    routing = None
+    x, routing = self.feed_forward(x + h, expert_ids)
+    return parallel.constrain(x, ("batch", "length", "act_embed")), new_kv, routing
+
+  def feed_forward(self, x, expert_ids=None):
+    """x + MLP(norm(x)) -> (x, routing): routing as in `__call__`.
+
+    Also used on its own by decode loops that run attention elsewhere (the sampler's paged cache).
+    """
     if isinstance(self.mlp, MoE):
       y, logits, ids = self.mlp(self.mlp_norm(x), expert_ids)
-      routing = (logits, ids)
-      x = x + y
-    else:
-      x = x + self.mlp(self.mlp_norm(x))
-    return parallel.constrain(x, ("batch", "length", "act_embed")), new_kv, routing
+      return x + y, (logits, ids)
+    return x + self.mlp(self.mlp_norm(x)), None
 
 
 class Transformer(nnx.Module):
@@ -605,13 +622,9 @@ class Transformer(nnx.Module):
       if route is not None:
         routing.append(route)
 
-    x = self.final_norm(x)
     if hidden:  # The final-norm output [B, T, D], for a caller that applies the head in tiles.
-      return x
-    # Logits and everything after them (softmax, log-probs) in float32.
-    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("BTD,DV->BTV", x.astype(jnp.float32), head.astype(jnp.float32))
-    logits = parallel.constrain(logits, ("batch", "length", "act_vocab"))
+      return self.final_norm(x)
+    logits = self.logits(x)
     out = (logits,) if cache is None else (logits, dict(cache, k=tuple(new_k), v=tuple(new_v)))
     if return_routing:
       # Per MoE layer, in layer order: the router logits (for `load_balancing_loss`) and the
@@ -619,6 +632,14 @@ class Transformer(nnx.Module):
       out += ({"router_logits": tuple(r[0] for r in routing),
                "expert_ids": tuple(r[1] for r in routing)},)
     return out[0] if len(out) == 1 else out
+
+  def logits(self, x: Array) -> Array:
+    """The last block's output [B, T, D] -> float32 logits [B, T, V] (final norm, head)."""
+    x = self.final_norm(x)
+    # Logits and everything after them (softmax, log-probs) in float32.
+    head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("BTD,DV->BTV", x.astype(jnp.float32), head.astype(jnp.float32))
+    return parallel.constrain(logits, ("batch", "length", "act_vocab"))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:

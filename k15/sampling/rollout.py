@@ -151,6 +151,7 @@ def rollout(
     max_continued: int | None = None,
     prompt_buckets: Sequence[int] | None = None,
     pad_id: int = 0,
+    continuous: bool = False,
 ) -> tuple[list[Trajectory], ReplayBuffer]:
   """One iteration of partial rollouts: continue buffered trajectories, start new prompts.
 
@@ -166,6 +167,7 @@ def rollout(
     eos_id, temperature, top_p, top_k, repeat_ngram, repeat_window, prompt_buckets, pad_id: as
       in `sampler.generate` (prompt_buckets bound prompt + partial response).
     max_continued: continue at most this many buffered trajectories (oldest first); None: all.
+    continuous: sample with continuous batching (`sampler.generate`); the same trajectories.
 
   Returns:
     (finished trajectories: continued ones first, then new ones, prompt-major; the buffer, now
@@ -216,7 +218,7 @@ def rollout(
       model, sequences, max_new_tokens=limits, eos_id=eos_id, temperature=temperature,
       top_p=top_p, top_k=top_k, seed=0, num_samples=counts, repeat_ngram=repeat_ngram,
       repeat_window=repeat_window, prompt_buckets=prompt_buckets, pad_id=pad_id,
-      response_prefix=prefixes, row_seeds=row_seeds)
+      response_prefix=prefixes, row_seeds=row_seeds, continuous=continuous)
 
   finished, unfinished = [], []
   for r, t in enumerate(continued + fresh):

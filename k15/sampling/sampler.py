@@ -20,6 +20,15 @@ prefill. Then `lax.while_loop`s sample one token per row per step until every ro
 decode runs in a few phases whose cache grows (P + N/J, P + 2N/J, ... slots), so early steps
 do not stream the whole padded cache through attention.
 
+With `continuous=True` the rows do not decode as one batch: a fixed number of slots decode
+together, and when a row ends its slot takes the next (prompt, sample) row of the queue in the
+same loop iteration, until every row is done (`_program_continuous`), with keys and values in
+a paged KV cache (`k15.sampling.paged`: a pool of fixed-size blocks and per-row block tables,
+the samples of a prompt sharing its blocks). Long-CoT lengths are long-tailed (§2.6), and a
+static batch runs until its longest row ends while the finished rows keep their slots and
+cache; continuous batching spends its steps on unfinished rows and sizes the cache by slots.
+It samples the same rows (up to float summation order).
+
 Static shapes are bucketed (P to a power of two or a given bucket list; U and B to powers of
 two that the mesh's batch axes divide; N to a power of two; eos ids to 4), so a run compiles a
 handful of programs. Sampling parameters that change per call (temperature, top_p, eos ids,
@@ -58,6 +67,7 @@ from jax.sharding import PartitionSpec
 
 from k15 import parallel
 from k15.model import transformer
+from k15.sampling import paged
 
 Array = jax.Array
 
@@ -81,6 +91,9 @@ class SampleResult:
   logprobs: np.ndarray       # float32 [R, max_new_tokens]; 0 after the end
   lengths: np.ndarray        # int32 [R]; number of new tokens (an EOS token counts)
   finish_reason: np.ndarray  # int32 [R]; FinishReason codes
+  # kv_bytes: the KV cache the program allocated; with continuous batching also
+  # kv_peak_bytes, the most of it (whole blocks) in use at once.
+  stats: dict = dataclasses.field(default_factory=dict, compare=False)
 
   def reasons(self) -> list[str]:
     """Finish reasons by name, e.g. ['EOS', 'LENGTH']."""
@@ -188,6 +201,9 @@ class _Static:
   phases: int           # decode phases, each with a longer cache (see `_phase_bounds`)
   layout: Any           # the active mesh and rules (None without a mesh), hashable
   row_axes: tuple = ()  # mesh axes each device samples its own rows over (`_row_axes`)
+  slots: int = 0        # continuous batching: rows decoded at once (per device); 0: static
+  block_size: int = 16  # continuous batching: tokens per block of the paged KV cache
+  paged_impl: str = "gather"  # 'gather' (any backend) or 'tpu' (Pallas paged attention)
 
 
 def _phase_bounds(steps: int, phases: int) -> list[int]:
@@ -204,6 +220,15 @@ def default_phases(steps: int) -> int:
   return int(min(8, steps // 64)) if steps >= 128 else 1
 
 
+def default_slots(rows: int) -> int:
+  """Continuous batching's slots per device: at most 32 rows decode at once.
+
+  Fewer slots make a step cheaper but the queue longer. On the longtail workload of
+  benchmarks/sampler.py (2 CPU devices, 128 rows each), 32 slots sampled faster than 16 or 64.
+  """
+  return min(rows, 32)
+
+
 def _map_cache(fn, cache: dict) -> dict:
   """fn(array, its logical axes) on every cache array, each layer's k and v included."""
   return {name: jax.tree.map(lambda a, axes=transformer.CACHE_AXES[name]: fn(a, axes), val)
@@ -214,22 +239,67 @@ def _constrain_cache(cache: dict) -> dict:
   return _map_cache(parallel.constrain, cache)
 
 
-def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
-  """Prefill + decode loop. x holds the bucketed inputs built by `generate`."""
-  U, P = x["tokens"].shape
-  B, N = x["row_source"].shape[0], static.steps
-  model = nnx.merge(graphdef, state)
+def _prefill(model, x: dict) -> tuple[Array, dict]:
+  """The U left-padded prompts -> (logits of their first new token [U, V], their KV cache).
 
-  # Prefill the U unique sequences once: all but the last prompt token first, keeping only the
-  # cache, so that XLA drops their [U, P - 1, V] logits (tens of GB at a real vocabulary and
-  # prompt length); then the last token alone gives the logits of the first new token.
+  All but the last prompt token first, keeping only the cache, so that XLA drops their
+  [U, P - 1, V] logits (tens of GB at a real vocabulary and prompt length); then the last token
+  alone gives the logits of the first new token.
+  """
+  U, P = x["tokens"].shape
   cache = _constrain_cache(transformer.init_cache(model.cfg, U, P))
   if P > 1:
     _, cache = model(x["tokens"][:, :-1], positions=x["positions"][:, :-1],
                      segment_ids=x["segment_ids"][:, :-1], cache=cache, cache_index=0)
   logits, cache = model(x["tokens"][:, -1:], positions=x["positions"][:, -1:],
                         segment_ids=x["segment_ids"][:, -1:], cache=cache, cache_index=P - 1)
-  last = jnp.take(logits[:, 0], x["row_source"], axis=0)             # [B, V]
+  return logits[:, 0], cache
+
+
+def _uniforms(x: dict, steps: int) -> Array:
+  """[B, N] uniforms: the t-th of row b for its response token t (see the module docstring).
+
+  Drawn before the decode loop: the decode step then has no RNG ops (in the loop body,
+  threefry was ~230 of a CPU step's ~400 ops).
+  """
+  row_keys = jax.vmap(jax.random.fold_in, (None, 0))(
+      jax.random.PRNGKey(x["seed"]), x["row_seeds"])                # [B, 2]
+  return jax.vmap(lambda key, offset: jax.vmap(
+      lambda t: jax.random.uniform(jax.random.fold_in(key, offset + t), (), jnp.float32))(
+          jnp.arange(steps)))(row_keys, x["response_offset"])
+
+
+def _stops(x: dict, static: _Static, active, tok, t_next, limits, history):
+  """(is_eos, is_repeat, is_length, new history) of rows that drew `tok` as token t_next - 1.
+
+  The stop rules, in this order of precedence: an eos id, a repeated n-gram, the row's limit.
+  """
+  is_eos = active & jnp.any(tok[:, None] == x["eos"][None], axis=-1)
+  is_repeat = jnp.zeros_like(active)
+  if static.repeat_ngram:
+    hist = jnp.concatenate([history[:, 1:], tok[:, None]], axis=1)
+    history = jnp.where(active[:, None], hist, history)
+    is_repeat = active & ~is_eos & repeat_detected(history, static.repeat_ngram)
+  is_length = active & ~is_eos & ~is_repeat & (t_next >= limits)
+  return is_eos, is_repeat, is_length, history
+
+
+def _reason(is_eos, is_repeat, is_length, old):
+  return jnp.select([is_eos, is_repeat, is_length],
+                    [int(FinishReason.EOS), int(FinishReason.REPEAT), int(FinishReason.LENGTH)],
+                    old).astype(jnp.int32)
+
+
+def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
+  """Prefill + decode loop. x holds the bucketed inputs built by `generate`."""
+  if static.slots:
+    return _program_continuous(state, x, graphdef=graphdef, static=static)
+  U, P = x["tokens"].shape
+  B, N = x["row_source"].shape[0], static.steps
+  model = nnx.merge(graphdef, state)
+
+  logits, cache = _prefill(model, x)
+  last = jnp.take(logits, x["row_source"], axis=0)                   # [B, V]
 
   # Each sample row continues its prompt's cache; slots P.. will hold the new tokens.
   def grow(cache, extra):
@@ -242,15 +312,8 @@ def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
   cache = grow(cache, bounds[0])
   last = parallel.constrain(last, ("batch", "act_vocab"))
 
-  row_keys = jax.vmap(jax.random.fold_in, (None, 0))(
-      jax.random.PRNGKey(x["seed"]), x["row_seeds"])                # [B, 2]
   start_pos = jnp.take(x["lengths"], x["row_source"])               # [B] first new position
-  # Every uniform a row may use, drawn before the loop ([B, N], t-th for response token t): the
-  # decode step then has no RNG ops (in the loop body, threefry was ~230 of a CPU step's ~400
-  # ops).
-  uniforms = jax.vmap(lambda key, offset: jax.vmap(
-      lambda t: jax.random.uniform(jax.random.fold_in(key, offset + t), (), jnp.float32))(
-          jnp.arange(N)))(row_keys, x["response_offset"])
+  uniforms = _uniforms(x, N)
   limits = x["limits"]
 
   def sample(carry, logits, t):
@@ -265,17 +328,11 @@ def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
     out["tokens"] = jax.lax.dynamic_update_slice(carry["tokens"], tok[:, None], (0, t))
     out["logprobs"] = jax.lax.dynamic_update_slice(carry["logprobs"], lp[:, None], (0, t))
     out["lengths"] = jnp.where(active, t + 1, carry["lengths"])
-    is_eos = active & jnp.any(tok[:, None] == x["eos"][None], axis=-1)
-    is_repeat = jnp.zeros_like(active)
+    is_eos, is_repeat, is_length, hist = _stops(x, static, active, tok, t + 1, limits,
+                                                carry.get("history"))
     if static.repeat_ngram:
-      hist = jnp.concatenate([carry["history"][:, 1:], tok[:, None]], axis=1)
-      out["history"] = jnp.where(active[:, None], hist, carry["history"])
-      is_repeat = active & ~is_eos & repeat_detected(out["history"], static.repeat_ngram)
-    is_length = active & ~is_eos & ~is_repeat & (t + 1 >= limits)
-    reason = jnp.select([is_eos, is_repeat, is_length],
-                        [int(FinishReason.EOS), int(FinishReason.REPEAT),
-                         int(FinishReason.LENGTH)], carry["reason"])
-    out["reason"] = reason.astype(jnp.int32)
+      out["history"] = hist
+    out["reason"] = _reason(is_eos, is_repeat, is_length, carry["reason"])
     out["done"] = carry["done"] | is_eos | is_repeat | is_length
     out["last_token"] = tok
     return out
@@ -322,6 +379,177 @@ def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
         lambda c, end=end: (c[0] < end) & ~jnp.all(c[1]["done"]), body, (t, carry, cache))
   return {k: parallel.constrain(carry[k], ("batch",) + (None,) * (carry[k].ndim - 1))
           for k in ("tokens", "logprobs", "lengths", "reason")}
+
+
+def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
+  """Prefill, then continuous batching over a paged KV cache (`k15.sampling.paged`).
+
+  S = static.slots slots decode together. The rows (prompt-major (prompt, sample) pairs, the
+  queue) enter the slots in order: whenever a row ends (EOS, its limit, a repeat), its slot
+  returns the row's blocks to the free list and takes the next row of the queue in the same
+  loop iteration, until every row is done. The U prompts are prefilled together first, as in
+  the static path, and their keys and values moved into the pool, where the samples of a
+  prompt share its blocks; a slot that takes a row samples its first token from its prompt's
+  logits (its decode starts at the next iteration), so taking a row costs no prefill in the
+  loop. A row draws the same uniforms as in the static path (`_uniforms`), so it samples the
+  same tokens whatever slot it runs in and whenever it starts.
+
+  Per-slot letters: S slots, M block-table width, C block size, F free-list size.
+  """
+  U, P = x["tokens"].shape
+  B, N, S, C = x["row_source"].shape[0], static.steps, static.slots, static.block_size
+  model = nnx.merge(graphdef, state)
+  cfg = model.cfg
+
+  prompt_logits, cache = _prefill(model, x)                          # [U, V]
+  # Prompts right-aligned to logical tokens 0..len-1 (the prefill cache holds them left-padded
+  # at slots P-len..P-1), padded to PB whole blocks: prompt u's block j is pool block
+  # 1 + u * PB + j (block 0 is the scratch block).
+  PB = -(-P // C)
+  lengths = x["lengths"]
+  take_idx = (jnp.arange(PB * C)[None] + P - lengths[:, None]) % P     # [U, PB*C]
+  # Worst case per slot: a row of limit N that starts mid-block holds N // C + 2 blocks of its
+  # own (its copy of the prompt's last block included); a slot returns its blocks before it
+  # takes the next row, so F = S * (N // C + 2) blocks always suffice.
+  per_slot = N // C + 2
+  F = S * per_slot
+  M = -(-(P + N) // C) + 1
+  pool = paged.init_pool(cfg, 1 + U * PB + F, C)
+
+  def to_blocks(a, key_major):                                      # -> [K, U*PB, C, H]
+    if key_major:                                                   # k: [U, K, H, P]
+      a = jnp.swapaxes(jnp.take_along_axis(a, take_idx[:, None, None], axis=3), 2, 3)
+    else:                                                           # v: [U, K, P, H]
+      a = jnp.take_along_axis(a, take_idx[:, None, :, None], axis=2)
+    a = a.reshape(U, cfg.num_kv_heads, PB, C, cfg.head_dim)
+    return jnp.swapaxes(a, 0, 1).reshape(cfg.num_kv_heads, U * PB, C, cfg.head_dim)
+
+  pool = {
+      "k": tuple(p.at[:, 1:1 + U * PB].set(to_blocks(c, True).astype(p.dtype))
+                 for p, c in zip(pool["k"], cache["k"])),
+      "v": tuple(p.at[:, 1:1 + U * PB].set(to_blocks(c, False).astype(p.dtype))
+                 for p, c in zip(pool["v"], cache["v"])),
+  }
+  del cache
+
+  uniforms = _uniforms(x, N)                                         # [B, N]
+  limits = x["limits"]
+  queue = jnp.sum(limits > 0)                                        # bucket padding rows last
+  buckets = tuple(paged.column_buckets(M, C))
+  # Slots attend in groups of 4 of similar length (`paged.slot_groups`).
+  num_groups = S // 4 if S % 4 == 0 else 1
+  cols = jnp.arange(M)[None]                                         # [1, M]
+  slot_ids = jnp.arange(S)
+
+  def refill(c):
+    """Empty slots take the next rows of the queue, in slot order."""
+    empty = ~c["active"]
+    row = c["next"] + jnp.cumsum(empty) - 1
+    take = empty & (row < queue)
+    row = jnp.where(take, row, 0)
+    src = x["row_source"][row]
+    plen = lengths[src]
+    full = plen // C
+    partial = plen % C != 0
+    copy, top = paged.pop(c["free"], c["top"], take & partial)
+    # Each sample gets its own copy of its prompt's partly filled last block (copy on write).
+    last_block = 1 + src * PB + full
+    c = dict(c, top=top, next=c["next"] + jnp.sum(take, dtype=jnp.int32))
+    c["pool"] = {name: tuple(p.at[:, copy].set(p[:, jnp.where(take & partial, last_block,
+                                                                paged.SCRATCH)])
+                             for p in c["pool"][name]) for name in ("k", "v")}
+    table = jnp.where(cols < full[:, None], 1 + src[:, None] * PB + cols,
+                      jnp.where((cols == full[:, None]) & partial[:, None], copy[:, None],
+                                paged.SCRATCH))
+    c["table"] = jnp.where(take[:, None], table, c["table"])
+    c["row"] = jnp.where(take, row, c["row"])
+    c["plen"] = jnp.where(take, plen, c["plen"])
+    c["ctx"] = jnp.where(take, plen, c["ctx"])
+    c["t"] = jnp.where(take, 0, c["t"])
+    c["logits"] = jnp.where(take[:, None], prompt_logits[src], c["logits"])
+    if static.repeat_ngram:
+      c["history"] = jnp.where(take[:, None], x["history"][row], c["history"])
+    c["active"] = c["active"] | take
+    return c, take
+
+  def body(c):
+    active, row, t = c["active"], c["row"], c["t"]
+    # Token t of every active slot's row, from the logits its slot holds.
+    u = uniforms[row, jnp.minimum(t, N - 1)]
+    tok, lp = _choose(c["logits"], u, x["temperature"], x["top_p"], top_k=static.top_k,
+                      use_top_p=static.use_top_p)
+    out_row = jnp.where(active, row, B)                              # B: dropped
+    c = dict(c)
+    c["tokens"] = c["tokens"].at[out_row, t].set(tok, mode="drop")
+    c["logprobs"] = c["logprobs"].at[out_row, t].set(lp, mode="drop")
+    c["lengths"] = c["lengths"].at[out_row].set(t + 1, mode="drop")
+    is_eos, is_repeat, is_length, c["history"] = _stops(
+        x, static, active, tok, t + 1, limits[row], c.get("history"))
+    finished = is_eos | is_repeat | is_length
+    c["reason"] = c["reason"].at[jnp.where(finished, row, B)].set(
+        _reason(is_eos, is_repeat, is_length, 0), mode="drop")
+    if not static.repeat_ngram:
+      del c["history"]
+    cont = active & ~finished
+    c["t"] = t + 1
+
+    def release_and_refill(c):
+      # Finished rows return the blocks they own (from their copy of the prompt's last block
+      # on), and their slots take the next rows.
+      first = c["plen"] // C
+      owned = jnp.where(finished, -(-c["ctx"] // C) - first, 0)
+      c = dict(c)
+      c["free"], c["top"] = paged.push(c["free"], c["top"], c["table"], first, owned)
+      c["active"] = cont
+      return refill(c)[0]
+
+    # Most steps end no row (a slot is only ever empty once the queue is): skip the
+    # bookkeeping then.
+    c = jax.lax.cond(jnp.any(finished), release_and_refill, lambda c: c, c)
+    # Feed token t of the continuing rows at logical position ctx (a new block when it starts
+    # one); the rows that just entered a slot already hold their first logits.
+    ctx = c["ctx"]
+    need = cont & (ctx % C == 0)
+    new_block, c["top"] = paged.pop(c["free"], c["top"], need)
+    table = jnp.where((cols == (ctx // C)[:, None]) & need[:, None], new_block[:, None],
+                      c["table"])
+    block = jnp.where(cont, table[slot_ids, jnp.minimum(ctx // C, M - 1)], paged.SCRATCH)
+    seen = jnp.where(cont, ctx + 1, 0)
+    logits, c["pool"] = paged.decode_step(
+        model, tok, ctx, c["pool"], table, block, ctx % C, seen, buckets=buckets,
+        num_groups=num_groups, impl=static.paged_impl)
+    c["table"] = table
+    c["logits"] = jnp.where(cont[:, None], logits, c["logits"])
+    c["ctx"] = jnp.where(cont, ctx + 1, ctx)
+    c["peak"] = jnp.maximum(c["peak"], F - c["top"])
+    return c
+
+  c = {
+      "tokens": jnp.full((B, N), x["pad_id"], jnp.int32),
+      "logprobs": jnp.zeros((B, N), jnp.float32),
+      "lengths": jnp.zeros((B,), jnp.int32),
+      "reason": jnp.zeros((B,), jnp.int32),
+      "pool": pool,
+      "free": jnp.arange(1 + U * PB, 1 + U * PB + F, dtype=jnp.int32),
+      "top": jnp.int32(F),
+      "next": jnp.int32(0),
+      "peak": jnp.int32(0),
+      "active": jnp.zeros((S,), bool),
+      "row": jnp.zeros((S,), jnp.int32),
+      "t": jnp.zeros((S,), jnp.int32),
+      "ctx": jnp.zeros((S,), jnp.int32),
+      "plen": jnp.zeros((S,), jnp.int32),
+      "table": jnp.zeros((S, M), jnp.int32),
+      "logits": jnp.zeros((S, cfg.vocab_size), jnp.float32),
+  }
+  if static.repeat_ngram:
+    c["history"] = jnp.zeros((S, static.repeat_window), jnp.int32)
+  c, _ = refill(c)
+  c = jax.lax.while_loop(lambda c: jnp.any(c["active"]), body, c)
+  out = {k: c[k] for k in ("tokens", "logprobs", "lengths", "reason")}
+  # Blocks in use at most: the prompts' and the rows' own.
+  out["peak_blocks"] = (c["peak"] + U * PB)[None]
+  return out
 
 
 # Inputs with one entry per prefill sequence or per sample row (split over the batch axes);
@@ -500,6 +728,9 @@ def generate(
     response_prefix: Sequence[int] | None = None,
     row_seeds: Sequence[int] | None = None,
     decode_phases: int | None = None,
+    continuous: bool = False,
+    slots: int | None = None,
+    block_size: int = 16,
 ) -> SampleResult:
   """Samples continuations of `prompts` with `model`, in one compiled program.
 
@@ -524,6 +755,14 @@ def generate(
     row_seeds: per output row (default 0, 1, 2, ...).
     decode_phases: decode with a cache that grows in this many steps (static; default
       `default_phases(bucketed max_new_tokens)`). Does not change the result.
+    continuous: continuous batching over a paged KV cache (`_program_continuous`): `slots`
+      rows decode at once and a finished row's slot takes the next row at once, so a long row
+      does not hold up the others. Samples the same rows as the static path (False: one batch
+      of all rows, decoded until its last row ends), up to float summation order. Without a
+      mesh, or on a mesh that only splits rows (each device then runs its own slots over its
+      own rows); on a mesh that splits parameters the static path runs.
+    slots: rows decoded at once per device (default `default_slots`); static.
+    block_size: tokens per block of the paged KV cache; static.
 
   Returns:
     SampleResult with R = sum of num_samples rows, prompt-major.
@@ -594,13 +833,13 @@ def generate(
   P = bucket_length(max(p.size for p in prompts), prompt_buckets)
   Rb = _bucket_batch(R)
   N = _next_pow2(max(limits_u), 8)
-  slots, slot_of_row = _prefill_slots(row_source, U, Rb, _batch_shards(), bool(row_axes))
+  slots_u, slot_of_row = _prefill_slots(row_source, U, Rb, _batch_shards(), bool(row_axes))
 
-  tokens = np.full((len(slots), P), pad_id, np.int32)
-  positions = np.zeros((len(slots), P), np.int32)
-  segment_ids = np.zeros((len(slots), P), np.int32)
-  lengths = np.ones((len(slots),), np.int32)
-  for i, u in enumerate(slots):
+  tokens = np.full((len(slots_u), P), pad_id, np.int32)
+  positions = np.zeros((len(slots_u), P), np.int32)
+  segment_ids = np.zeros((len(slots_u), P), np.int32)
+  lengths = np.ones((len(slots_u),), np.int32)
+  for i, u in enumerate(slots_u):
     if u < 0:
       continue
     p = prompts[u]
@@ -639,15 +878,34 @@ def generate(
       if tail.size:
         history[r, W - tail.size:] = tail
     x["history"] = _put(history, ("batch", None))
+  local_rows = Rb // _batch_shards() if row_axes else Rb
+  if continuous and parallel.active_mesh() is not None and not row_axes:
+    continuous = False  # a mesh that splits parameters: one SPMD program of the static path
+  if slots is not None and slots < 1:
+    raise ValueError(f"slots={slots} must be >= 1")
+  if block_size < 1:
+    raise ValueError(f"block_size={block_size} must be >= 1")
+  S = min(local_rows, slots or default_slots(local_rows)) if continuous else 0
   static = _Static(steps=N, top_k=int(top_k) if top_k < V else 0,
                    use_top_p=top_p < 1.0, repeat_ngram=int(repeat_ngram),
                    repeat_window=int(repeat_window) if repeat_ngram else 0,
                    phases=int(decode_phases or default_phases(N)),
-                   layout=_layout_key(), row_axes=row_axes)
+                   layout=_layout_key(), row_axes=row_axes, slots=S,
+                   block_size=int(block_size) if S else 16,
+                   paged_impl="tpu" if S and jax.default_backend() == "tpu" else "gather")
   out = _run(state, x, graphdef=graphdef, static=static)
   width = max(limits_u)
+  per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(
+      transformer.to_dtype(cfg.dtype)).itemsize
+  if S:
+    C, shards = static.block_size, (_batch_shards() if row_axes else 1)
+    blocks = 1 + len(slots_u) // shards * -(-P // C) + S * (N // C + 2)
+    stats = {"kv_bytes": shards * blocks * C * per_token,
+             "kv_peak_bytes": int(_to_host(out["peak_blocks"]).sum()) * C * per_token}
+  else:
+    stats = {"kv_bytes": Rb * (P + _phase_bounds(N, static.phases)[-1]) * per_token}
   return SampleResult(
       tokens=_to_host(out["tokens"])[:R, :width],
       logprobs=_to_host(out["logprobs"])[:R, :width],
       lengths=_to_host(out["lengths"])[:R],
-      finish_reason=_to_host(out["reason"])[:R])
+      finish_reason=_to_host(out["reason"])[:R], stats=stats)

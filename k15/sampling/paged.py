@@ -1,0 +1,185 @@
+"""A paged KV cache for the sampler's continuous batching: a pool of fixed-size token blocks.
+
+A row's keys and values live in blocks of `block_size` tokens anywhere in one pool, listed in
+order by the row's block table; its logical token i sits in block table[i // block_size] at
+offset i % block_size. Rows of any length share the pool, a row holds only the blocks it has
+filled, and a finished row's blocks go back to the free list for the next row. The k samples of
+a prompt share the prompt's full blocks (written once, by the prefill) and each gets its own
+copy of the prompt's last, partly filled block, where its response continues (copy on write).
+
+Letters: S slots (rows decoded together), K kv heads, G query heads per kv head (N = K * G),
+H head dim, M blocks per table (the table's width), C block size, NB blocks in the pool,
+T = M' * C keys read by a step (M' <= M table columns).
+
+Pool layout, per layer: k and v [K, NB, C, H], the layout of the TPU paged-attention kernel
+(jax.experimental.pallas.ops.tpu.paged_attention), so both paths read the same arrays. Block 0
+is a scratch block: slots with nothing to write write there, and tables point there past a
+row's end, so every gather index is valid.
+
+On CPU (and as the reference) a step gathers its slots' blocks with their tables and attends
+with one masked softmax, like `attention.attend`'s reference path; it reads the first M' table
+columns, where M' is the smallest of a few sizes (powers of two) that covers the longest row
+in the step, so short rows do not pay for the table's full width. On TPU the Pallas kernel reads
+each row's own blocks only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from k15.model import transformer
+
+Array = jax.Array
+
+SCRATCH = 0     # the pool's scratch block (see the module docstring)
+_NEG = -1e30    # as attention._NEG: a finite -inf, so a masked score never makes a NaN
+
+
+def init_pool(cfg: transformer.ModelConfig, num_blocks: int, block_size: int, dtype=None):
+  """{'k', 'v'}: one zero [K, NB, C, H] array per layer."""
+  dtype = transformer.to_dtype(dtype or cfg.dtype)
+  shape = (cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
+  return {name: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+          for name in ("k", "v")}
+
+
+def write(pool_layer: Array, new: Array, block: Array, offset: Array) -> Array:
+  """pool_layer [K, NB, C, H] with new [S, K, H] written at (block[s], offset[s])."""
+  return pool_layer.at[:, block, offset].set(jnp.swapaxes(new, 0, 1).astype(pool_layer.dtype))
+
+
+def column_buckets(width: int, block_size: int, minimum_tokens: int = 64) -> list[int]:
+  """Table widths a step may read: powers of two from `minimum_tokens`, and the full width."""
+  out, n = [], max(1, minimum_tokens // block_size)
+  while n < width:
+    out.append(n)
+    n *= 2
+  return out + [width]
+
+
+def attend_gather(q: Array, k_pool: Array, v_pool: Array, tables: Array, lengths: Array,
+                  *, columns: int, scale: float) -> Array:
+  """Attention of one query token per slot over its first lengths[s] logical tokens.
+
+  q [S, N, H]; k_pool, v_pool [K, NB, C, H]; tables int32 [S, M]; lengths int32 [S] (>= 1 for
+  a real slot, 0 gives zeros). Reads table columns [0, columns). Returns [S, N, H] in q.dtype.
+  """
+  S, N, H = q.shape
+  K, _, C, _ = k_pool.shape
+  G = N // K
+  cols = tables[:, :columns]                                           # [S, M']
+  k = k_pool[:, cols].reshape(K, S, columns * C, H)                    # [K, S, T, H]
+  v = v_pool[:, cols].reshape(K, S, columns * C, H)
+  qg = jnp.swapaxes(q.reshape(S, K, G, H), 0, 1)                       # [K, S, G, H]
+  s = jnp.einsum("KSGH,KSTH->KSGT", qg, k.astype(q.dtype),
+                 preferred_element_type=jnp.float32) * scale
+  mask = (jnp.arange(columns * C)[None] < lengths[:, None])[None, :, None]  # [1, S, 1, T]
+  s = jnp.where(mask, s, _NEG)
+  m = s.max(axis=-1, keepdims=True)
+  p = jnp.where(mask, jnp.exp(s - m), 0.0)
+  l = p.sum(axis=-1, keepdims=True)
+  p = p / jnp.where(l == 0.0, 1.0, l)
+  out = jnp.einsum("KSGT,KSTH->KSGH", p.astype(v_pool.dtype), v.astype(v_pool.dtype),
+                   preferred_element_type=jnp.float32)
+  return jnp.swapaxes(out, 0, 1).reshape(S, N, H).astype(q.dtype)
+
+
+def attend_tpu(q: Array, k_pool: Array, v_pool: Array, tables: Array, lengths: Array,
+               *, scale: float, pages_per_compute_block: int = 8) -> Array:
+  """The same as `attend_gather` through the Pallas TPU paged-attention kernel."""
+  from jax.experimental.pallas.ops.tpu import paged_attention  # pylint: disable=g-import-not-at-top
+  # The kernel reads a table in chunks of pages_per_compute_block columns: pad it with scratch
+  # columns (never read below a row's length) to whole chunks.
+  M = tables.shape[1]
+  tables = jnp.pad(tables, [(0, 0), (0, -M % pages_per_compute_block)],
+                   constant_values=SCRATCH)
+  # The kernel does not scale the scores: scale the queries instead.
+  out = paged_attention.paged_attention(
+      (q.astype(jnp.float32) * scale).astype(q.dtype), k_pool, v_pool, lengths, tables,
+      pages_per_compute_block=pages_per_compute_block)
+  return out.astype(q.dtype)
+
+
+def _grouped_gather(q, k_pool, v_pool, tables, lengths, groups, *, buckets, scale):
+  """`attend_gather` in groups of slots of similar length, each reading its own table width.
+
+  groups: (slot ids [g, S/g], sorted by length; the bucket index of each group). Long-tailed
+  lengths put the few long rows in one group, so the others read far fewer blocks.
+  """
+  order, index = groups
+  branches = [functools.partial(attend_gather, columns=c, scale=scale) for c in buckets]
+  out = jnp.zeros_like(q)
+  for g in range(order.shape[0]):
+    ids = order[g]
+    part = jax.lax.switch(index[g], branches, q[ids], k_pool, v_pool, tables[ids], lengths[ids])
+    out = out.at[ids].set(part)
+  return out
+
+
+def slot_groups(lengths: Array, num_groups: int, buckets: tuple[int, ...], block_size: int):
+  """Slots sorted by length into `num_groups` equal groups, and each group's bucket index."""
+  order = jnp.argsort(lengths).reshape(num_groups, -1)
+  longest = jnp.max(lengths[order], axis=1)
+  index = jnp.sum(jnp.asarray(buckets)[None] * block_size < longest[:, None], axis=1)
+  return order, index
+
+
+def decode_step(model: transformer.Transformer, tokens: Array, positions: Array, pool: dict,
+                tables: Array, write_block: Array, write_offset: Array, lengths: Array,
+                *, buckets: tuple[int, ...], num_groups: int = 1, impl: str = "gather"):
+  """One token per slot through `model`, keys and values in the paged pool.
+
+  tokens, positions [S]: the slots' current tokens and their positions; their keys and values
+  are written at (write_block, write_offset) before attending, so lengths [S] counts them.
+  buckets: the table widths (in blocks) a group of slots may read (`attend_gather`);
+  num_groups: groups of slots of similar length that read their own width (`slot_groups`).
+  Returns (float32 logits [S, V], updated pool).
+  """
+  cfg = model.cfg
+  dt = transformer.to_dtype(cfg.dtype)
+  scale = cfg.head_dim ** -0.5
+  C = pool["k"][0].shape[2]
+  groups = slot_groups(lengths, num_groups, buckets, C) if impl != "tpu" else None
+  x = jnp.take(model.embed[...], tokens[:, None], axis=0).astype(dt)   # [S, 1, D]
+  angles = transformer.rope_angles(positions[:, None], cfg.head_dim, cfg.rope_theta,
+                                     cfg.rope_scaling)
+  new_k, new_v = [], []
+  for i, block in enumerate(model.layers):
+    q, k, v = block.attn.project(block.attn_norm(x), angles)          # [S, 1, *, H]
+    k_pool = write(pool["k"][i], k[:, 0], write_block, write_offset)
+    v_pool = write(pool["v"][i], v[:, 0], write_block, write_offset)
+    if impl == "tpu":
+      out = attend_tpu(q[:, 0], k_pool, v_pool, tables, lengths, scale=scale)
+    else:
+      out = _grouped_gather(q[:, 0], k_pool, v_pool, tables, lengths, groups, buckets=buckets,
+                            scale=scale)
+    x = x + block.attn.output(out[:, None])
+    x, _ = block.feed_forward(x)
+    new_k.append(k_pool)
+    new_v.append(v_pool)
+  return model.logits(x)[:, 0], {"k": tuple(new_k), "v": tuple(new_v)}
+
+
+def pop(free: Array, top: Array, need: Array) -> tuple[Array, Array]:
+  """Takes one block off the free stack for every slot with need[s].
+
+  free int32 [F] (blocks free[0:top]); need bool [S]. Returns (block per slot, SCRATCH where
+  not needed; new top). The caller sizes the pool so that the stack never runs dry.
+  """
+  rank = jnp.cumsum(need) - 1
+  ids = jnp.take(free, jnp.clip(top - 1 - rank, 0, free.shape[0] - 1))
+  return jnp.where(need, ids, SCRATCH), top - jnp.sum(need, dtype=top.dtype)
+
+
+def push(free: Array, top: Array, tables: Array, first: Array, count: Array):
+  """Returns blocks tables[s, first[s] : first[s] + count[s]] of every slot to the free stack."""
+  S, M = tables.shape
+  j = jnp.arange(M)[None]
+  owned = (j >= first[:, None]) & (j < (first + count)[:, None])      # [S, M]
+  dest = top + jnp.cumsum(owned.reshape(-1)) - 1
+  dest = jnp.where(owned.reshape(-1), dest, free.shape[0])             # out of range: dropped
+  free = free.at[dest].set(tables.reshape(-1), mode="drop")
+  return free, top + jnp.sum(owned, dtype=top.dtype)

@@ -1,0 +1,207 @@
+"""Continuous batching over the paged KV cache: the same rows as each prompt sampled alone."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from k15 import parallel
+from k15 import sampling
+from k15.model import attention, transformer
+from k15.sampling import paged, sampler
+
+PROMPTS = [[5, 17, 99, 3], [42] * 2 + list(range(60, 75)), [7, 8, 9, 10, 11, 12, 120, 1, 2],
+           [9, 9, 1], list(range(30, 52))]
+
+
+def _native(seed=0, **kw):
+  # One layer: the tests compile many programs, and a layer more changes nothing they check.
+  base = dict(vocab_size=128, embed_dim=64, num_layers=1, num_heads=4, num_kv_heads=2,
+              head_dim=16, mlp_dim=128, tie_embeddings=False)
+  base.update(kw)
+  return transformer.Transformer(transformer.ModelConfig(**base), rngs=nnx.Rngs(seed))
+
+
+def _assert_same_rows(got, want, rows=slice(None), msg=""):
+  width = want.tokens.shape[1]  # a prompt alone may have a lower limit
+  np.testing.assert_array_equal(got.tokens[rows, :width], want.tokens, err_msg=msg)
+  np.testing.assert_allclose(got.logprobs[rows, :width], want.logprobs, atol=1e-5, err_msg=msg)
+  np.testing.assert_array_equal(got.lengths[rows], want.lengths, err_msg=msg)
+  np.testing.assert_array_equal(got.finish_reason[rows], want.finish_reason, err_msg=msg)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_equal_each_prompt_sampled_alone(temperature):
+  # 12 rows through 3 slots of 4-token blocks: rows end at different steps (an EOS list, a
+  # repeat check, per-prompt limits) and their slots take the next rows mid-loop; prompts of
+  # 3 to 22 tokens start their responses mid-block (copy on write of the prompt's last block).
+  model = _native(seed=12)
+  counts = [1, 5, 2, 3, 1]
+  gen = dict(max_new_tokens=[24, 40, 8, 40, 33], num_samples=counts, temperature=temperature,
+             seed=5, repeat_ngram=2, repeat_window=8)
+  free = sampling.generate(model, PROMPTS, eos_id=None, **gen)
+  eos = [int(free.tokens[3, 4]), int(free.tokens[9, 6])]
+  static = sampling.generate(model, PROMPTS, eos_id=eos, **gen)
+  got = sampling.generate(model, PROMPTS, eos_id=eos, continuous=True, slots=3, block_size=4,
+                          **gen)
+  assert len(set(static.reasons())) >= 2, static.reasons()
+  _assert_same_rows(got, static)
+  assert got.stats["kv_peak_bytes"] <= got.stats["kv_bytes"] < static.stats["kv_bytes"]
+  # Prompts alone (their rows keep their seeds): the first (one row) and the second (five).
+  # (The static path's rows do not depend on the batch: test_sampler.)
+  start = np.cumsum([0] + counts)
+  for i in (0, 1):
+    one = dict(gen, max_new_tokens=gen["max_new_tokens"][i], num_samples=counts[i],
+               row_seeds=list(range(start[i], start[i + 1])))
+    alone = sampling.generate(model, [PROMPTS[i]], eos_id=eos, continuous=True, slots=2,
+                              block_size=4, **one)
+    _assert_same_rows(got, alone, slice(start[i], start[i + 1]), f"prompt {i}")
+
+
+def test_partial_rollout_segments_equal_static():
+  # Continued trajectories: prompt + partial response prefilled as one sequence, the RNG
+  # counting response positions from the prefix, a repeat check that sees the prefix, and the
+  # iteration's budget as the limit; then a rollout split into segments equals an
+  # uninterrupted one.
+  model = _native(seed=3)
+  seqs = [PROMPTS[0] + [11, 12, 13], PROMPTS[2], PROMPTS[1] + [40] * 5]
+  gen = dict(max_new_tokens=[6, 30, 9], num_samples=[1, 3, 1], temperature=1.0, eos_id=[5],
+             response_prefix=[3, 0, 5], row_seeds=[101, 7, 8, 9, 202], repeat_ngram=3,
+             repeat_window=16, seed=0)
+  static = sampling.generate(model, seqs, **gen)
+  got = sampling.generate(model, seqs, continuous=True, slots=2, block_size=8, **gen)
+  _assert_same_rows(got, static)
+  assert "LENGTH" in got.reasons()
+  # A 30-token response in segments of 6 + 24 tokens is the uninterrupted one.
+  whole = sampling.generate(model, [PROMPTS[2]], max_new_tokens=30, temperature=1.0, eos_id=None,
+                            row_seeds=[7], continuous=True, slots=1, block_size=4)
+  first = sampling.generate(model, [PROMPTS[2]], max_new_tokens=6, temperature=1.0, eos_id=None,
+                            row_seeds=[7], continuous=True, slots=1, block_size=4)
+  rest = sampling.generate(model, [PROMPTS[2] + first.tokens[0].tolist()], max_new_tokens=24,
+                           temperature=1.0, eos_id=None, row_seeds=[7], response_prefix=6,
+                           continuous=True, slots=1, block_size=4)
+  np.testing.assert_array_equal(np.concatenate([first.tokens[0], rest.tokens[0]]),
+                                whole.tokens[0])
+  np.testing.assert_allclose(np.concatenate([first.logprobs[0], rest.logprobs[0]]),
+                             whole.logprobs[0], atol=1e-5)
+
+
+def test_rollout_passes_through():
+  # The rollout front end with continuous batching: same finished trajectories and buffer.
+  model = _native(seed=4)
+  kw = dict(num_samples=3, max_new_tokens=20, segment_budget=7, policy_version=0, seed=1,
+            eos_id=[9], temperature=1.0)
+  prompts = [("a", PROMPTS[0]), ("b", PROMPTS[3])]
+  done_s, buf_s = sampling.rollout(model, prompts, buffer=None, **kw)
+  done_c, buf_c = sampling.rollout(model, prompts, buffer=None, continuous=True, **kw)
+  assert len(buf_s) > 0
+  for a, b in zip(done_s + buf_s.trajectories, done_c + buf_c.trajectories, strict=True):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.finish_reason == b.finish_reason
+
+
+@pytest.mark.parametrize("mesh_axes", [{"data": 8}, {"data": 2, "tensor": 4}])
+def test_mesh_equals_unsharded(mesh_axes):
+  # Data parallel: each device runs its own slots over its own rows; a mesh that splits the
+  # parameters falls back to the static path. Both give the unsharded rows.
+  model = _native(seed=6)
+  gen = dict(max_new_tokens=[24, 40, 8, 40, 33], num_samples=[1, 5, 2, 3, 1], temperature=1.0,
+             seed=2, eos_id=[3, 40])
+  expected = sampling.generate(model, PROMPTS, continuous=True, slots=2, **gen)
+  with parallel.use_mesh(parallel.make_mesh(mesh_axes)):
+    sharded = parallel.create_sharded(lambda: _native(seed=6))
+    got = sampling.generate(sharded, PROMPTS, continuous=True, slots=2, **gen)
+  _assert_same_rows(got, expected)
+
+
+def test_attend_gather_equals_reference_attention():
+  # Rows scattered over a pool's blocks in random order attend as a contiguous cache does.
+  rng = np.random.RandomState(0)
+  S, K, G, H, C, M = 3, 2, 2, 8, 4, 6
+  lengths = np.array([1, 13, 24])
+  k_rows = rng.randn(S, M * C, K, H).astype(np.float32)
+  v_rows = rng.randn(S, M * C, K, H).astype(np.float32)
+  q = rng.randn(S, K * G, H).astype(np.float32)
+  perm = rng.permutation(np.arange(1, 1 + S * M))
+  tables = perm.reshape(S, M).astype(np.int32)
+  k_pool = np.zeros((K, 1 + S * M, C, H), np.float32)
+  v_pool = np.zeros_like(k_pool)
+  for s in range(S):
+    for j in range(M):
+      k_pool[:, tables[s, j]] = k_rows[s, j * C:(j + 1) * C].transpose(1, 0, 2)
+      v_pool[:, tables[s, j]] = v_rows[s, j * C:(j + 1) * C].transpose(1, 0, 2)
+  seg = (np.arange(M * C)[None] < lengths[:, None]).astype(np.int32)
+  want = attention.attend(jnp.asarray(q[:, None]), jnp.asarray(k_rows), jnp.asarray(v_rows),
+                          q_segment_ids=jnp.ones((S, 1), jnp.int32),
+                          kv_segment_ids=jnp.asarray(seg),
+                          q_positions=jnp.asarray(lengths[:, None] - 1),
+                          kv_positions=jnp.broadcast_to(jnp.arange(M * C), (S, M * C)),
+                          impl="reference")[:, 0]
+  for columns in (6, 8):  # the table's width, and a wider read of scratch columns
+    wide = np.pad(tables, [(0, 0), (0, columns - M)])
+    got = paged.attend_gather(jnp.asarray(q), jnp.asarray(k_pool), jnp.asarray(v_pool),
+                              jnp.asarray(wide), jnp.asarray(lengths), columns=columns,
+                              scale=H ** -0.5)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_free_list_pop_push():
+  free = jnp.arange(10, 20, dtype=jnp.int32)
+  ids, top = paged.pop(free, jnp.int32(10), jnp.array([True, False, True, True]))
+  np.testing.assert_array_equal(ids, [19, paged.SCRATCH, 18, 17])
+  assert int(top) == 7
+  tables = jnp.array([[1, 19, 0], [2, 3, 0], [18, 17, 0]], jnp.int32)
+  free, top = paged.push(free, top, tables, first=jnp.array([1, 0, 0]),
+                         count=jnp.array([1, 0, 2]))
+  assert int(top) == 10
+  assert sorted(np.asarray(free[7:10]).tolist()) == [17, 18, 19]
+  np.testing.assert_array_equal(free[:7], np.arange(10, 17))
+
+
+def test_bad_inputs_are_named():
+  model = _native()
+  with pytest.raises(ValueError, match="slots=0 must be >= 1"):
+    sampling.generate(model, [[1]], max_new_tokens=4, eos_id=None, continuous=True, slots=0)
+  with pytest.raises(ValueError, match="block_size=0 must be >= 1"):
+    sampling.generate(model, [[1]], max_new_tokens=4, eos_id=None, continuous=True,
+                      block_size=0)
+
+
+def test_one_program_per_bucket():
+  model = _native(seed=7)
+  kw = dict(eos_id=None, num_samples=2, continuous=True, slots=2)
+  sampling.generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=20, temperature=1.0, **kw)
+  before = sampling.compiled_programs()
+  sampling.generate(model, [list(range(1, 10))], max_new_tokens=30, temperature=0.0, seed=9,
+                    **kw)
+  assert sampling.compiled_programs() == before
+  assert sampler.default_slots(100) == 32 and sampler.default_slots(5) == 5
+
+
+def test_paged_program_compiles_for_tpu(monkeypatch):
+  # The continuous program with the Pallas TPU paged-attention kernel, compiled for a v5e chip
+  # of a compile-only topology (libtpu, no TPU needed).
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes may hold libtpu
+  topologies = pytest.importorskip("jax.experimental.topologies")
+  try:
+    topo = topologies.get_topology_desc(
+        platform="tpu", topology_name="v5e:2x4", chip_config_name="default",
+        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False, False, False))
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"no compile-only TPU devices: {e}")
+  model = _native(vocab_size=256, embed_dim=128, head_dim=128, dtype="bfloat16")
+  calls = []
+  run = sampler._run
+  monkeypatch.setattr(sampler, "_run", lambda *a, **kw: calls.append((a, kw)) or run(*a, **kw))
+  sampling.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=64, eos_id=None, num_samples=4,
+                    continuous=True, slots=4)
+  (state, x), kw = calls[-1]
+  device = jax.sharding.SingleDeviceSharding(topo.devices[0])
+  spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype, sharding=device)
+  static = dataclasses.replace(kw["static"], paged_impl="tpu")
+  compiled = run.lower(jax.tree.map(spec, state), jax.tree.map(spec, x), graphdef=kw["graphdef"],
+                       static=static).compile()
+  # One Pallas kernel call per layer, in the decode loop.
+  assert compiled.as_text().count("tpu_custom_call") == model.cfg.num_layers
