@@ -233,12 +233,16 @@ def test_moe_prefill_and_decode_with_cache_match_full_forward():
 
 
 @pytest.mark.parametrize("case,dispatch", [("qwen3-moe", "dense"), ("qwen3-moe", "ragged"),
-                                           ("llama-llama3", None), ("qwen2-yarn", None)])
+                                           ("llama-llama3", None), ("qwen2-yarn", None),
+                                           ("qwen3", None)])
 def test_greedy_sampling_matches_transformers_generate(case, dispatch, tmp_path):
   # The sampler computes a generation's rotary angles itself: with the model's scaling, which
-  # matters here since generation runs past the original context of 16 positions.
+  # matters here since generation runs past the original context of 16 positions. The
+  # continuous-batching path runs its own decode step over the paged cache (projections, q/k
+  # norms, rotary angles and the MoE feed-forward taken from the model): it must agree too.
   arch, kw = CASES[case]
-  ref = _random_hf(arch, seed=2, **kw)
+  # Seeds whose random models continue these prompts without settling into a short loop.
+  ref = _random_hf(arch, seed={"qwen3": 3}.get(case, 2), **kw)
   with torch.no_grad():  # larger weights: greedy continuations wander instead of settling
     for p in ref.parameters():
       p.mul_(2.0)
@@ -248,6 +252,9 @@ def test_greedy_sampling_matches_transformers_generate(case, dispatch, tmp_path)
   prompts = [[5, 9, 2, 40, 11], [7, 3, 33], [1, 2, 3, 4, 5, 6, 7, 8]]
   n = 24
   res = sampling.generate(model, prompts, max_new_tokens=n, temperature=0.0, eos_id=None)
+  cont = sampling.generate(model, prompts, max_new_tokens=n, temperature=0.0, eos_id=None,
+                           continuous=True)
+  np.testing.assert_array_equal(cont.tokens, res.tokens)
   with torch.no_grad():
     for i, p in enumerate(prompts):
       expected = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=int),
