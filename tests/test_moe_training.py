@@ -110,3 +110,52 @@ def test_all_dense_layers_listed_means_no_router_term():
                                   rngs=nnx.Rngs(1))
   _, metrics = sft.sft_loss(model, _batch())
   assert "router_aux_loss" not in metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# configs/tiny_moe_cpu.py
+# ---------------------------------------------------------------------------------------------
+
+def _flat(c, prefix=""):
+  out = {}
+  for k, v in c.items():
+    if hasattr(v, "items"):
+      out.update(_flat(v, prefix + k + "."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+@pytest.mark.parametrize("arg", [None, "runlocal=True"])
+def test_tiny_moe_config_is_tiny_cpu_with_experts(arg):
+  from configs import tiny_cpu, tiny_moe_cpu  # pylint: disable=g-import-not-at-top
+  dense, moe = _flat(tiny_cpu.get_config(arg)), _flat(tiny_moe_cpu.get_config(arg))
+  assert set(dense) == set(moe)
+  changed = {k for k in dense if dense[k] != moe[k]}
+  assert changed == {"model.num_experts", "model.moe_mlp_dim", "model.router_aux_weight"}
+  # Half-width experts at top-2: a token's active MLP width is tiny_cpu's.
+  assert moe["model.moe_mlp_dim"] * moe["model.experts_per_token"] == dense["model.mlp_dim"]
+
+
+@pytest.mark.slow  # ~90 s on a shared 2-core machine
+def test_tiny_moe_pipeline_runs_end_to_end(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  r = subprocess.run([sys.executable, "-m", "k15.main",
+                      "--config=configs/tiny_moe_cpu.py:runlocal=True", f"--workdir={tmp_path}"],
+                     cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  for name in ("sft", "rl"):
+    assert results[name]["n"] == 16 and 0.0 <= results[name]["accuracy"] <= 1.0
+  # Both trainers ran the MoE policy: every step reports its router's load-balancing loss.
+  for stage, prefix in (("sft", "sft/"), ("rl", "train/")):
+    lines = (tmp_path / stage / "metrics.jsonl").read_text().splitlines()
+    steps = [row for row in map(json.loads, lines) if prefix + "loss" in row]
+    assert steps, stage
+    for row in steps:
+      assert np.isfinite(row[prefix + "router_aux_loss"]) and row[prefix + "router_aux_loss"] > 0.5
