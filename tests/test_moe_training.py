@@ -137,7 +137,7 @@ def test_tiny_moe_config_is_tiny_cpu_with_experts(arg):
   assert moe["model.moe_mlp_dim"] * moe["model.experts_per_token"] == dense["model.mlp_dim"]
 
 
-@pytest.mark.slow  # ~90 s on a shared 2-core machine
+@pytest.mark.slow  # 1.5-3 minutes on a shared 2-core machine
 def test_tiny_moe_pipeline_runs_end_to_end(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
