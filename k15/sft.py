@@ -294,14 +294,15 @@ def make_dataset(examples: Sequence[Example], *, seq_len: int, batch_size: int, 
 
 def sft_loss(model: transformer.Transformer,
              batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean negative log-likelihood over the `loss_mask` tokens of the whole batch."""
-  logp = update.token_logprobs(model, batch["tokens"], batch["positions"],
-                               batch["segment_ids"])                           # [B, T]
+  """Mean negative log-likelihood over the `loss_mask` tokens of the whole batch (plus the
+  router's load-balancing loss, weighted by model.router_aux_weight, for a mixture of experts)."""
+  logp, _, aux = update.logprobs_and_router_aux(model, batch["tokens"], batch["positions"],
+                                                batch["segment_ids"])          # [B, T]
   mask = batch["loss_mask"] > 0
   n = mask.sum()
   # `where`, not a product: the value at an unmasked position must not matter at all.
   loss = -jnp.where(mask, logp, 0.0).sum() / jnp.maximum(n, 1)
-  return loss, {"tokens": n.astype(jnp.float32)}
+  return update.add_router_aux(model, loss, {"tokens": n.astype(jnp.float32)}, aux)
 
 
 def _optimizer_config(cfg: Any, num_steps: int) -> ml_collections.ConfigDict:

@@ -63,6 +63,43 @@ def token_logprobs(model: transformer.Transformer, tokens: jax.Array,
   return logprobs.token_logprobs_and_entropy(model, tokens, positions, segment_ids)[0]
 
 
+def logprobs_and_router_aux(model: transformer.Transformer, tokens: jax.Array,
+                            positions: jax.Array | None = None,
+                            segment_ids: jax.Array | None = None
+                            ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """(log-probs [B, T], entropies [B, T], load-balancing loss or None) from one forward pass.
+
+  What a training loss needs of the policy: the SFT and RL losses add the router's auxiliary
+  loss (`add_router_aux`) when the model has experts. For a dense model the third entry is None
+  and the forward pass is `token_logprobs`' op for op. The aux loss counts every real token
+  (segment id > 0), prompt included, as transformers counts every attended token.
+  """
+  if not model.cfg.num_experts:
+    return (*logprobs.token_logprobs_and_entropy(model, tokens, positions, segment_ids), None)
+  logp, ent, routing = logprobs.token_logprobs_and_entropy(model, tokens, positions, segment_ids,
+                                                           return_routing=True)
+  if not routing["router_logits"]:  # every layer listed in moe_dense_layers
+    return logp, ent, None
+  mask = None if segment_ids is None else segment_ids > 0
+  aux = transformer.load_balancing_loss(routing["router_logits"], model.cfg.experts_per_token,
+                                        mask)
+  return logp, ent, aux
+
+
+def add_router_aux(model: transformer.Transformer, loss: jax.Array, metrics: dict,
+                   aux: jax.Array | None) -> tuple[jax.Array, dict]:
+  """loss + model.router_aux_weight * aux, with aux reported as `router_aux_loss`.
+
+  Unchanged when aux is None (a dense model). At weight 0 the aux loss is still reported: a
+  collapsing router shows up in the metrics before it shows up in the reward.
+  """
+  if aux is None:
+    return loss, metrics
+  metrics = dict(metrics, router_aux_loss=jax.lax.stop_gradient(aux))
+  w = model.cfg.router_aux_weight
+  return (loss + w * aux if w else loss), metrics
+
+
 def _split_microbatches(batch: Batch, n: int) -> Batch:
   """Each entry split along its leading axis into n parts: rows with rows, groups with groups.
 

@@ -25,27 +25,37 @@ from k15 import parallel
 
 def token_logprobs_and_entropy(model, tokens: jax.Array, positions: jax.Array | None = None,
                                segment_ids: jax.Array | None = None,
-                               chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+                               chunk: int | None = None,
+                               return_routing: bool = False) -> tuple[jax.Array, ...]:
   """(log p(tokens[:, t] | tokens[:, <t]), entropy of p(. | tokens[:, <t])): [B, T] float32 each.
 
   Both are 0 at t = 0 (no prediction precedes the first token). `chunk` defaults to the model's
   `logits_chunk`. The entropy is returned with its gradient; callers that log it as a
-  diagnostic stop it.
+  diagnostic stop it. `return_routing=True` appends the model's routing dict (router logits and
+  expert ids per MoE layer, see Transformer) from the same forward pass.
   """
   chunk = model.cfg.logits_chunk if chunk is None else chunk
   T = tokens.shape[1]
+  kw = dict(positions=positions, segment_ids=segment_ids)
+  if return_routing:
+    kw["return_routing"] = True
+  routed = ()
   if not chunk or chunk >= T - 1:
-    logits = model(tokens, positions=positions, segment_ids=segment_ids)     # [B, T, V] f32
+    logits = model(tokens, **kw)                                             # [B, T, V] f32
+    if return_routing:
+      logits, *routed = logits
     logp_all = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     picked = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
     ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)                  # [B, T-1]
   else:
-    x = model(tokens, positions=positions, segment_ids=segment_ids, hidden=True)  # [B, T, D]
+    x = model(tokens, hidden=True, **kw)                                     # [B, T, D]
+    if return_routing:
+      x, *routed = x
     cfg = model.cfg
     head = model.embed[...].T if cfg.tie_embeddings else model.lm_head[...]      # [D, V]
     picked, ent = chunked_logprobs(x[:, :-1], head, tokens[:, 1:], chunk)
   pad = lambda a: jnp.pad(a, ((0, 0), (1, 0)))
-  return pad(picked), pad(ent)
+  return (pad(picked), pad(ent), *routed)
 
 
 def chunked_logprobs(x: jax.Array, head: jax.Array, targets: jax.Array,

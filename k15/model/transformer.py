@@ -70,6 +70,9 @@ class ModelConfig:
   norm_topk_prob: bool = True      # renormalise the top-k router probabilities to sum to 1
   moe_dense_layers: tuple = ()     # indices of layers that keep a dense MLP of width mlp_dim
   moe_dispatch: str = "dense"      # 'dense' (one-hot, every expert on every token) | 'ragged'
+  # Weight of `load_balancing_loss` in the SFT and RL losses (transformers' router_aux_loss_coef,
+  # kept here, beside the experts it balances, so both losses read one key; 0 = reported only).
+  router_aux_weight: float = 0.0
   param_dtype: str = "float32"     # storage dtype of the weights
   dtype: str = "float32"           # compute dtype (bfloat16 on TPU); logits are always float32
   attention_impl: str = "reference"  # 'reference' | 'flash' | 'splash' (k15.model.attention)
@@ -554,7 +557,8 @@ class Transformer(nnx.Module):
   logits (k15.model.logprobs applies the head in tiles).
 
   Mixture-of-experts models: `return_routing=True` appends {"router_logits": one float32
-  [B, T, E] per MoE layer, "expert_ids": one int32 [B, T, k] per MoE layer} to the outputs, and
+  [B, T, E] per MoE layer, "expert_ids": one int32 [B, T, k] per MoE layer} to the outputs
+  (with `hidden=True` too, for the losses that add `load_balancing_loss`), and
   `expert_ids` (the same tuple) routes each MoE layer by the given experts instead of its own
   top-k (routing replay), with gate weights from this model's router at those experts.
   """
@@ -622,15 +626,16 @@ class Transformer(nnx.Module):
       if route is not None:
         routing.append(route)
 
+    # Per MoE layer, in layer order: the router logits (for `load_balancing_loss`) and the
+    # chosen experts (to replay through `expert_ids`).
+    routed = (({"router_logits": tuple(r[0] for r in routing),
+                "expert_ids": tuple(r[1] for r in routing)},) if return_routing else ())
     if hidden:  # The final-norm output [B, T, D], for a caller that applies the head in tiles.
-      return self.final_norm(x)
+      x = self.final_norm(x)
+      return (x,) + routed if routed else x
     logits = self.logits(x)
     out = (logits,) if cache is None else (logits, dict(cache, k=tuple(new_k), v=tuple(new_v)))
-    if return_routing:
-      # Per MoE layer, in layer order: the router logits (for `load_balancing_loss`) and the
-      # chosen experts (to replay through `expert_ids`).
-      out += ({"router_logits": tuple(r[0] for r in routing),
-               "expert_ids": tuple(r[1] for r in routing)},)
+    out += routed
     return out[0] if len(out) == 1 else out
 
   def logits(self, x: Array) -> Array:

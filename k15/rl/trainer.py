@@ -36,7 +36,7 @@ from k15 import checkpoint as ckpt_lib
 from k15 import metrics as metrics_lib
 from k15 import parallel, update
 from k15.data import samplers
-from k15.model import logprobs, transformer
+from k15.model import transformer
 from k15.rewards import finish as finish_lib
 from k15.rewards import length as length_lib
 from k15.rl import loss as loss_lib
@@ -117,7 +117,7 @@ def make_loss_fn(rl_cfg: Any, k: int):
 
   def loss_fn(model, batch):
     # Log-probs and entropies with the head in tiles (model.logits_chunk), never [R, T, V].
-    logp, ent = logprobs.token_logprobs_and_entropy(
+    logp, ent, aux = update.logprobs_and_router_aux(
         model, batch["tokens"], batch["positions"], batch["segment_ids"])      # [R, T] each
     R, T = logp.shape
     shape = (R // k, k, T)
@@ -129,7 +129,8 @@ def make_loss_fn(rl_cfg: Any, k: int):
     ent = ent[:, 1:]                                                           # [R, T-1]
     m = batch["mask"][:, 1:]
     metrics["entropy"] = jax.lax.stop_gradient(jnp.sum(ent * m) / jnp.maximum(m.sum(), 1.0))
-    return loss, metrics
+    # A mixture of experts adds model.router_aux_weight x the load-balancing loss.
+    return update.add_router_aux(model, loss, metrics, aux)
 
   return loss_fn
 
