@@ -396,7 +396,7 @@ def test_setup_copies_the_working_tree_and_installs(cloud, local_repo):
   assert scp[4].endswith("/k15.tar.gz") and scp[5:] == [f"{NAME}:k15.tar.gz", "--worker=all",
                                                           *WHERE]
   assert ssh[:8] == ["compute", "tpus", "tpu-vm", "ssh", NAME, "--worker=all", *WHERE]
-  assert "pip install --quiet -e '.[tpu]'" in ssh[8]
+  assert "pip install --quiet -e '.[tpu]' gcsfs" in ssh[8]
   assert "1 untracked file(s)" in done.stderr
   for home in cloud.workers:
     code = home / "k15"
@@ -405,7 +405,7 @@ def test_setup_copies_the_working_tree_and_installs(cloud, local_repo):
     assert not (code / "scratch.txt").exists()
     assert sorted(p.name for p in home.iterdir()) == [
         "k15", "k15_venv", "pip.log", "python3.log"]  # no tarball or staging directory left
-    assert f"{code}: install --quiet -e .[tpu]" in (home / "pip.log").read_text()
+    assert f"{code}: install --quiet -e .[tpu] gcsfs" in (home / "pip.log").read_text()
     assert "-m uv venv --seed --python 3.11" in (home / "python3.log").read_text()
 
   # Again after an edit: the code is replaced and the virtual environment kept.
@@ -427,7 +427,7 @@ def test_setup_clones_repo_url(cloud):
       "--command=rm -rf k15.new && "
       "git clone --depth=1 --branch=rl-v2 https://github.com/me/k15.git k15.new && "
       "rm -rf k15 && mv k15.new k15 && cd k15 && ")
-  assert command.endswith("pip install --quiet -e '.[tpu]'")
+  assert command.endswith("pip install --quiet -e '.[tpu]' gcsfs")
 
 
 def _log(home: pathlib.Path, run: str = "exp1") -> pathlib.Path:
