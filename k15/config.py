@@ -99,6 +99,11 @@ def base(mode: str = "smoke", seed: int = 0) -> ml_collections.ConfigDict:
   c.distributed_coordinator_address = ""
   c.distributed_num_processes = 0
   c.distributed_process_id = -1
+  # A directory (local or gs://) for JAX's persistent compilation cache; "" = off. A TPU
+  # program of a real-scale config takes tens of seconds to minutes to compile, and every
+  # restart (preemption, a new run from a checkpoint) would pay it again; with the cache a
+  # restart loads the executables. See k15.parallel.configure_compilation_cache.
+  c.compilation_cache_dir = ""
   return c
 
 

@@ -36,6 +36,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 def read_checkpoint_config(model_path: str) -> tuple[transformer.ModelConfig, str]:
   """(architecture, family 'llama' | 'qwen2') from `model_path`/config.json."""
+  raw, file = read_config_json(model_path)
+  cfg = hf.config_from_hf(raw, file)
+  archs = raw.get("architectures") or []
+  family = next((hf.ARCHITECTURES[a] for a in archs if a in hf.ARCHITECTURES),
+                raw.get("model_type"))
+  return cfg, family
+
+
+def read_config_json(model_path: str) -> tuple[dict[str, Any], str]:
+  """(`model_path`/config.json as a dict, its path), with errors that name the problem."""
   file = os.path.join(model_path, "config.json")
   if "://" in model_path:
     raise ValueError(f"config.model_path={model_path}: k15 reads checkpoints from local disk; "
@@ -50,11 +60,22 @@ def read_checkpoint_config(model_path: str) -> tuple[transformer.ModelConfig, st
       raw = json.load(f)
     except ValueError as e:
       raise hf.CheckpointError(f"{file}: not valid JSON: {e}") from None
-  cfg = hf.config_from_hf(raw, file)
-  archs = raw.get("architectures") or []
-  family = next((hf.ARCHITECTURES[a] for a in archs if a in hf.ARCHITECTURES),
-                raw.get("model_type"))
-  return cfg, family
+  return raw, file
+
+
+def check_lengths(config: Any, prompts: Sequence[Sequence[int]], budget_key: str) -> None:
+  """Refuses prompts + config.<budget_key> new tokens past the checkpoint's positions
+  (k15.model.hf.position_limit): the model would sample them without an error, badly."""
+  if not prompts:
+    return
+  raw, file = read_config_json(config.model_path)
+  longest = max(len(p) for p in prompts)
+  budget = config
+  for part in budget_key.split("."):
+    budget = budget[part]
+  hf.check_positions(raw, longest + int(budget),
+                     f"the longest prompt ({longest} tokens) + config.{budget_key}={budget}",
+                     file)
 
 
 def check_architecture(model_path: str, explicit: dict[str, Any]) -> None:

@@ -61,6 +61,7 @@ def main(argv):
     from k15 import hf_policy  # pylint: disable=g-import-not-at-top
     hf_policy.check_architecture(config.model_path, _explicit_model_keys())
   parallel.maybe_initialize_distributed(config)
+  parallel.configure_compilation_cache(config)
   logging.info("config:\n%s", config)
   module = MODES[config.mode]
   if config.get("model_path") and config.mode in CHECKPOINT_MODES:

@@ -278,6 +278,32 @@ def global_to_host(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+# Programs that compile faster than this are not written to the persistent cache: reading an
+# entry back (from gs:// above all) costs about as much as compiling a small helper program,
+# while the RL iteration's programs on TPU take far longer than this to compile.
+COMPILATION_CACHE_MIN_COMPILE_SECS = 1.0
+
+
+def configure_compilation_cache(config: Any) -> bool:
+  """Points JAX's persistent compilation cache at config.compilation_cache_dir, if set.
+
+  Must run before the first compilation (k15.main calls it before a mode starts). Entries of
+  every size are kept (an executable's size says nothing about what it saves), only programs
+  that compile in under COMPILATION_CACHE_MIN_COMPILE_SECS are left out. The cache key covers
+  the program, the devices and the jax/libtpu versions, so a stale entry is never used.
+  Returns whether the cache is on.
+  """
+  cache_dir = config.get("compilation_cache_dir", "") if config is not None else ""
+  if not cache_dir:
+    return False
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    COMPILATION_CACHE_MIN_COMPILE_SECS)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  logging.info("persistent compilation cache in %s", cache_dir)
+  return True
+
+
 def maybe_initialize_distributed(config: Any = None) -> bool:
   """Starts multi-host JAX when asked (config.distributed or K15_DISTRIBUTED=1).
 

@@ -32,8 +32,22 @@ Example:
 $COMMON_ENV_HELP
   WORKDIR           checkpoints, metrics and outputs (gs://bucket/path for multi-host)
   RUN_NAME          names the log directory (default: the last component of WORKDIR)
+  COMPILATION_CACHE_DIR
+                    JAX's persistent compilation cache, passed as
+                    --config.compilation_cache_dir (default: \$WORKDIR/xla_cache; "" = off)
+  LIBTPU_INIT_ARGS  XLA TPU flags for the workers (default: the collective/compute overlap
+                    flags of launch/README.md; "" = none)
 EOF
 }
+
+# Collectives overlapped with compute; launch/README.md ("XLA flags") says what each flag does.
+DEFAULT_LIBTPU_INIT_ARGS="--xla_tpu_enable_async_collective_fusion=true
+--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true
+--xla_tpu_enable_async_collective_fusion_multiple_steps=true
+--xla_tpu_overlap_compute_collective_tc=true
+--xla_enable_async_all_gather=true
+--xla_tpu_enable_data_parallel_all_reduce_opt=true
+--xla_tpu_data_parallel_opt_different_sized_ops=true"
 
 action=start
 worker_flags=()
@@ -60,8 +74,21 @@ else
   require WORKDIR
   [[ "$WORKDIR" == gs://* ]] ||
     warn "WORKDIR=$WORKDIR is on each worker's own disk: checkpoints are not shared between workers and are lost with a preempted VM; use gs://"
-  command=(python -m k15.main ${main_args[@]+"${main_args[@]}"} "--workdir=$WORKDIR")
-  remote="cd $REMOTE_CODE_DIR && K15_DISTRIBUTED=1 bash launch/worker.sh start $(quote "$run")"
+  # The cache lives next to the checkpoints by default: a VM recreated after a preemption finds
+  # the executables there instead of compiling again, which a worker's own disk would not allow.
+  cache_dir="${COMPILATION_CACHE_DIR-${WORKDIR%/}/xla_cache}"
+  cache_args=()
+  if [[ -n "$cache_dir" && " ${main_args[*]-} " != *" --config.compilation_cache_dir="* ]]; then
+    cache_args=("--config.compilation_cache_dir=$cache_dir")
+  fi
+  command=(python -m k15.main ${main_args[@]+"${main_args[@]}"}
+           ${cache_args[@]+"${cache_args[@]}"} "--workdir=$WORKDIR")
+  libtpu_args="${LIBTPU_INIT_ARGS-$DEFAULT_LIBTPU_INIT_ARGS}"
+  libtpu_args="${libtpu_args//$'\n'/ }"
+  remote="cd $REMOTE_CODE_DIR && K15_DISTRIBUTED=1"
+  [[ "$libtpu_args" != *"'"* ]] || die "LIBTPU_INIT_ARGS may not contain a single quote"
+  [[ -z "$libtpu_args" ]] || remote+=" LIBTPU_INIT_ARGS='$libtpu_args'"
+  remote+=" bash launch/worker.sh start $(quote "$run")"
   remote+=" $(quote_all ${worker_flags[@]+"${worker_flags[@]}"} -- "${command[@]}")"
 fi
 run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all "${GCLOUD_FLAGS[@]}" \

@@ -10,7 +10,9 @@ Usage: launch/setup.sh [--dry-run]
 
 On all workers (--worker=all): replaces ~/$REMOTE_CODE_DIR with the code, creates the virtual
 environment ~/$REMOTE_VENV_DIR on first use (Python PYTHON_VERSION, fetched by uv because the
-TPU images ship an older python3) and runs pip install -e '.[tpu]' in it.
+TPU images ship an older python3) and runs pip install -e '.[tpu]' gcsfs in it (gcsfs: the
+gs:// file system that the checkpoints and the compilation cache in a gs:// WORKDIR are written
+through).
 
 The code is, by default, the local checkout as it is now: committed files plus uncommitted edits
 to tracked files (git stash create), packed with git archive and copied with
@@ -70,6 +72,7 @@ venv_python="~/$REMOTE_VENV_DIR/bin/python"
 install="cd $code"
 install+=" && python3 -m pip install --user --quiet uv"
 install+=" && { test -x $venv_python || python3 -m uv venv --seed --python $(quote "$python_version") ~/$REMOTE_VENV_DIR; }"
-install+=" && ~/$REMOTE_VENV_DIR/bin/pip install --quiet -e '.[tpu]'"
+# gcsfs: etils.epath, which orbax and JAX's compilation cache write gs:// paths with, needs it.
+install+=" && ~/$REMOTE_VENV_DIR/bin/pip install --quiet -e '.[tpu]' gcsfs"
 run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all "${GCLOUD_FLAGS[@]}" \
   --command="$fetch && rm -rf $code && mv $staging $code && $install"

@@ -104,6 +104,7 @@ import json, os, pathlib, sys, time
 
 print("K15_MAIN " + json.dumps({{
     "argv": sys.argv[1:], "K15_DISTRIBUTED": os.environ.get("K15_DISTRIBUTED"),
+    "LIBTPU_INIT_ARGS": os.environ.get("LIBTPU_INIT_ARGS"),
     "cwd": os.getcwd(), "VIRTUAL_ENV": os.environ.get("VIRTUAL_ENV")}}))
 deadline = time.time() + 60
 while pathlib.Path.home().joinpath("hold").exists() and time.time() < deadline:
@@ -325,7 +326,8 @@ def test_help_lists_usage_and_variables(cloud, script):
   expected = {
       "create.sh": ["ACCELERATOR_TYPE", "RUNTIME_VERSION", "SPOT", "PREEMPTIBLE", "QUEUED"],
       "setup.sh": ["LOCAL_DIR", "REPO_URL", "BRANCH", "PYTHON_VERSION"],
-      "run.sh": ["WORKDIR", "RUN_NAME", "K15_DISTRIBUTED", "--dry-run"],
+      "run.sh": ["WORKDIR", "RUN_NAME", "K15_DISTRIBUTED", "--dry-run", "COMPILATION_CACHE_DIR",
+                 "LIBTPU_INIT_ARGS"],
       "logs.sh": ["RUN_NAME", "--fetch", "--worker"],
       "delete.sh": ["--quiet", "QUEUED"],
       "worker.sh": ["K15_VENV", "K15_LOG_ROOT", "TPU_WORKER_ID"],
@@ -394,7 +396,7 @@ def test_setup_copies_the_working_tree_and_installs(cloud, local_repo):
   assert scp[4].endswith("/k15.tar.gz") and scp[5:] == [f"{NAME}:k15.tar.gz", "--worker=all",
                                                           *WHERE]
   assert ssh[:8] == ["compute", "tpus", "tpu-vm", "ssh", NAME, "--worker=all", *WHERE]
-  assert "pip install --quiet -e '.[tpu]'" in ssh[8]
+  assert "pip install --quiet -e '.[tpu]' gcsfs" in ssh[8]
   assert "1 untracked file(s)" in done.stderr
   for home in cloud.workers:
     code = home / "k15"
@@ -403,7 +405,7 @@ def test_setup_copies_the_working_tree_and_installs(cloud, local_repo):
     assert not (code / "scratch.txt").exists()
     assert sorted(p.name for p in home.iterdir()) == [
         "k15", "k15_venv", "pip.log", "python3.log"]  # no tarball or staging directory left
-    assert f"{code}: install --quiet -e .[tpu]" in (home / "pip.log").read_text()
+    assert f"{code}: install --quiet -e .[tpu] gcsfs" in (home / "pip.log").read_text()
     assert "-m uv venv --seed --python 3.11" in (home / "python3.log").read_text()
 
   # Again after an edit: the code is replaced and the virtual environment kept.
@@ -425,7 +427,7 @@ def test_setup_clones_repo_url(cloud):
       "--command=rm -rf k15.new && "
       "git clone --depth=1 --branch=rl-v2 https://github.com/me/k15.git k15.new && "
       "rm -rf k15 && mv k15.new k15 && cd k15 && ")
-  assert command.endswith("pip install --quiet -e '.[tpu]'")
+  assert command.endswith("pip install --quiet -e '.[tpu]' gcsfs")
 
 
 def _log(home: pathlib.Path, run: str = "exp1") -> pathlib.Path:
@@ -444,8 +446,8 @@ def test_run_on_all_workers_then_fetch_logs(cloud, local_repo):
   done = cloud.run("run.sh", *extra, WORKDIR=WORKDIR)
   (ssh,) = cloud.calls()
   assert ssh[:8] == ["compute", "tpus", "tpu-vm", "ssh", NAME, "--worker=all", *WHERE]
-  assert ssh[8].startswith("--command=cd k15 && K15_DISTRIBUTED=1 bash launch/worker.sh start "
-                           "exp1 -- python -m k15.main ")
+  assert ssh[8].startswith("--command=cd k15 && K15_DISTRIBUTED=1 LIBTPU_INIT_ARGS='--xla_")
+  assert " bash launch/worker.sh start exp1 -- python -m k15.main " in ssh[8]
   assert "warning" not in done.stderr
 
   for home in cloud.workers:
@@ -453,8 +455,10 @@ def test_run_on_all_workers_then_fetch_logs(cloud, local_repo):
     _wait_for(lambda: log.exists() and "exited with status 0" in log.read_text(), log)
     report = _k15_main_report(log)
     assert report == {
-        "argv": ["-m", "k15.main", *extra, f"--workdir={WORKDIR}"],
+        "argv": ["-m", "k15.main", *extra, f"--config.compilation_cache_dir={WORKDIR}/xla_cache",
+                 f"--workdir={WORKDIR}"],
         "K15_DISTRIBUTED": "1",
+        "LIBTPU_INIT_ARGS": " ".join(OVERLAP_FLAGS),
         "cwd": str(home / "k15"),
         "VIRTUAL_ENV": str(home / "k15_venv"),
     }
@@ -523,7 +527,8 @@ def test_run_attached_streams_output_and_keeps_logs(cloud, local_repo):
               if l.startswith("K15_MAIN ")]
   assert sorted(r["cwd"] for r in streamed) == [str(h / "k15") for h in cloud.workers]
   for home in cloud.workers:
-    assert _k15_main_report(_log(home))["argv"][-2:] == ["--config.seed=3", f"--workdir={WORKDIR}"]
+    assert _k15_main_report(_log(home))["argv"][-3::2] == ["--config.seed=3",
+                                                           f"--workdir={WORKDIR}"]
     assert not (_log(home).parent / _log(home).name.replace(".log", ".pid")).exists()
 
 
@@ -533,6 +538,51 @@ def test_run_refuses_workdir_flag_and_warns_on_local_workdir(cloud):
   done = cloud.run("run.sh", "--dry-run", WORKDIR="/home/me/k15_run")
   assert "warning" in done.stderr and "gs://" in done.stderr
   assert "--workdir=/home/me/k15_run" in done.stdout
+
+
+# The XLA TPU flags run.sh sets by default (launch/README.md says what each does).
+OVERLAP_FLAGS = (
+    "--xla_tpu_enable_async_collective_fusion=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+    "--xla_tpu_overlap_compute_collective_tc=true",
+    "--xla_enable_async_all_gather=true",
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
+    "--xla_tpu_data_parallel_opt_different_sized_ops=true",
+)
+
+
+def _dry_run_remote(cloud, *args, **env) -> tuple[dict[str, str], list[str]]:
+  """run.sh --dry-run: the environment assignments and the k15.main command of its ssh call."""
+  done = cloud.run("run.sh", "--dry-run", *args, **env)
+  (ssh,) = [cmd for cmd in _printed_commands(done.stdout) if cmd[:5] == [
+      "gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
+  (command,) = [a for a in ssh if a.startswith("--command=")]
+  words = shlex.split(command[len("--command="):])
+  start = words.index("bash")
+  assignments = dict(w.split("=", 1) for w in words[words.index("&&") + 1:start])
+  return assignments, words[words.index("--", start) + 1:]
+
+
+def test_run_sets_compilation_cache_and_libtpu_flags(cloud):
+  env, command = _dry_run_remote(cloud, "--config=c.py", WORKDIR=WORKDIR + "/")
+  assert env == {"K15_DISTRIBUTED": "1", "LIBTPU_INIT_ARGS": " ".join(OVERLAP_FLAGS)}
+  assert command == ["python", "-m", "k15.main", "--config=c.py",
+                     f"--config.compilation_cache_dir={WORKDIR}/xla_cache",
+                     f"--workdir={WORKDIR}/"]
+  # The user's own choices win; "" turns either off.
+  env, command = _dry_run_remote(cloud, "--config=c.py", WORKDIR=WORKDIR,
+                                 COMPILATION_CACHE_DIR="gs://b/shared_cache",
+                                 LIBTPU_INIT_ARGS="--xla_tpu_scoped_vmem_limit_kib=65536")
+  assert env["LIBTPU_INIT_ARGS"] == "--xla_tpu_scoped_vmem_limit_kib=65536"
+  assert "--config.compilation_cache_dir=gs://b/shared_cache" in command
+  env, command = _dry_run_remote(cloud, "--config.compilation_cache_dir=/mnt/c", WORKDIR=WORKDIR,
+                                 LIBTPU_INIT_ARGS="")
+  assert env == {"K15_DISTRIBUTED": "1"}
+  assert [a for a in command if "compilation_cache_dir" in a] == [
+      "--config.compilation_cache_dir=/mnt/c"]
+  _, command = _dry_run_remote(cloud, WORKDIR=WORKDIR, COMPILATION_CACHE_DIR="")
+  assert not [a for a in command if "compilation_cache_dir" in a]
 
 
 def test_run_name_from_env_and_validated(cloud):

@@ -71,3 +71,35 @@ def test_parse_arg():
     k15_config.parse_arg("laters=4", layers=2)
   with pytest.raises(ValueError, match="expected int"):
     k15_config.parse_arg("layers=four", layers=2)
+
+
+def test_compilation_cache_config_turns_on_the_persistent_cache(tmp_path, monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  from k15 import main as k15_main, parallel  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  saved = {k: getattr(jax.config, k) for k in keys}
+  config = k15_config.add_run_blocks(k15_config.base())
+  assert config.compilation_cache_dir == ""  # off by default
+  assert not parallel.configure_compilation_cache(config)
+  assert jax.config.jax_compilation_cache_dir == saved["jax_compilation_cache_dir"]
+  # main applies it after the distributed start and before a mode compiles anything.
+  src = inspect.getsource(k15_main.main)
+  assert (src.index("maybe_initialize_distributed") < src.index("configure_compilation_cache")
+          < src.index("import_module"))
+  config.compilation_cache_dir = str(tmp_path / "xla_cache")
+  # Every program is worth caching here, so that the tiny one below is written.
+  monkeypatch.setattr(parallel, "COMPILATION_CACHE_MIN_COMPILE_SECS", 0.0)
+  try:
+    assert parallel.configure_compilation_cache(config)
+    assert jax.config.jax_compilation_cache_dir == config.compilation_cache_dir
+    assert jax.config.jax_persistent_cache_min_entry_size_bytes == 0
+    compilation_cache.reset_cache()  # an earlier test may have settled on "no cache"
+    jax.jit(lambda x: x * 3.0 + 1.0)(jax.numpy.arange(7.0)).block_until_ready()
+    assert list((tmp_path / "xla_cache").iterdir()), "no executable written to the cache"
+  finally:
+    for k, v in saved.items():
+      jax.config.update(k, v)
+    compilation_cache.reset_cache()

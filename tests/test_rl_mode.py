@@ -188,6 +188,38 @@ def test_missing_field_is_named(tmp_path, qwen_ckpt, data):
     rl_run.run(_config(qwen_ckpt, path), str(tmp_path / "w"))
 
 
+def test_lengths_past_max_position_embeddings_are_refused(tmp_path, qwen_ckpt, data,
+                                                         monkeypatch):
+  from k15 import smoke  # pylint: disable=g-import-not-at-top
+  from k15.model import hf  # pylint: disable=g-import-not-at-top
+  def no_model(*args, **kwargs):
+    raise AssertionError("the checkpoint was loaded before the lengths were checked")
+  monkeypatch.setattr(smoke, "build_model", no_model)
+  # The tiny checkpoint has max_position_embeddings=512; its prompts are a few dozen tokens.
+  for key in ("rl.max_new_tokens", "evaluate.max_new_tokens"):
+    config = _config(qwen_ckpt, data["train"], **{"data.eval": data["eval"], key: 600})
+    with pytest.raises(hf.CheckpointError) as e:
+      rl_run.run(config, str(tmp_path / "w"))
+    msg = str(e.value)
+    assert "config.json" in msg and f"config.{key}=600" in msg
+    assert "max_position_embeddings=512" in msg and '"type": "yarn"' in msg
+    assert '"factor": 2.0' in msg and '"original_max_position_embeddings": 512' in msg
+
+  raw = json.load(open(os.path.join(qwen_ckpt, "config.json")))
+  assert hf.position_limit(raw) == (512, "max_position_embeddings=512")
+  hf.check_positions(raw, 512, "it")  # the limit itself is allowed
+  # YaRN as Qwen2.5's model card sets it (max_position_embeddings unchanged) extends the limit.
+  yarn = dict(raw, rope_scaling={"type": "yarn", "factor": 4.0,
+                                 "original_max_position_embeddings": 512})
+  yarn.pop("rope_parameters", None)
+  limit, why = hf.position_limit(yarn)
+  assert limit == 2048 and "original_max_position_embeddings=512" in why and "4.0" in why
+  hf.check_positions(yarn, 2048, "it")
+  with pytest.raises(hf.CheckpointError, match=r"it = 2049 positions, past the 2048.*YaRN.*"
+                     r'"factor": 8.0'):
+    hf.check_positions(yarn, 2049, "it")
+
+
 def test_unknown_format_and_reward_list_the_known_ones(tmp_path, qwen_ckpt, data):
   with pytest.raises(ValueError, match=r"data.format='gsm9k'.*'gsm8k', 'math', 'k15', 'code'"):
     rl_run.run(_config(qwen_ckpt, data["train"], **{"data.format": "gsm9k"}), str(tmp_path))

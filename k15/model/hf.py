@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 from typing import Any, Callable
@@ -180,6 +181,43 @@ def config_from_hf(hf: dict, source: str = "config.json") -> transformer.ModelCo
         qkv_bias=family == "qwen2", qk_norm=family in ("qwen3", "qwen3_moe"), **moe)
   except KeyError as e:
     raise CheckpointError(f"{source}: missing key {e.args[0]!r}") from e
+
+
+def position_limit(hf: dict, source: str = "config.json") -> tuple[int, str]:
+  """(the longest sequence, prompt + response, that a checkpoint supports; how config.json gives it).
+
+  Past `max_position_embeddings` RoPE turns to angles the model never saw in training, and its
+  output degrades without any error, so k15 refuses such lengths. YaRN `rope_scaling` (the way
+  Qwen2.5's model cards extend the context) stretches the usable range to
+  original_max_position_embeddings x factor. 0: config.json names no limit.
+  """
+  limit = int(hf.get("max_position_embeddings") or 0)
+  why = f"max_position_embeddings={limit}"
+  scaling = dict(config_from_hf(hf, source).rope_scaling)
+  if scaling.get("rope_type") == "yarn":
+    original, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+    if int(original * factor) > limit:
+      limit = int(original * factor)
+      why = (f"YaRN rope_scaling: original_max_position_embeddings={original} x "
+             f"factor={factor}")
+  return limit, why
+
+
+def check_positions(hf: dict, length: int, what: str, source: str = "config.json") -> None:
+  """Raises when `length` positions (`what` says where the length comes from) are past the
+  checkpoint's limit (`position_limit`), naming both and how to extend the context."""
+  limit, why = position_limit(hf, source)
+  if not limit or length <= limit:
+    return
+  original = dict(config_from_hf(hf, source).rope_scaling).get(
+      "original_max_position_embeddings") or int(hf["max_position_embeddings"])
+  factor = float(2 ** math.ceil(math.log2(length / original)))
+  raise CheckpointError(
+      f"{source}: {what} = {length} positions, past the {limit} the checkpoint supports "
+      f"({why}); shorten them, or extend the context with YaRN: in config.json set "
+      f'"rope_scaling": {{"type": "yarn", "factor": {factor}, '
+      f'"original_max_position_embeddings": {original}}} (factor >= {length}/{original})'
+      + (", the same keys in its rope_parameters" if hf.get("rope_parameters") else ""))
 
 
 def config_to_hf(cfg: transformer.ModelConfig, family: str, dtype: str) -> dict:

@@ -54,14 +54,19 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   grade = verifier.make_grader(config.reward, config.reward_options)
   _log(f"{len(train)} RL prompts, {len(eval_problems)} eval problems; reward {config.reward}")
 
+  prompts = [trainer_lib.Prompt(tokens=tok.render_prompt(r.prompt), difficulty=r.difficulty)
+             for r in train]
+  # Before the checkpoint loads: a sample past its positions is refused here.
+  hf_policy.check_lengths(config, [p.tokens for p in prompts], "rl.max_new_tokens")
+  hf_policy.check_lengths(config, [tok.render_prompt(r.prompt) for r in eval_problems],
+                          "evaluate.max_new_tokens")
+
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.sharding_rules):
     model = smoke.build_model(config, mesh)
     if tok.vocab_size > model.cfg.vocab_size:
       raise ValueError(f"the tokenizer of {config.model_path} has {tok.vocab_size} ids but the "
                        f"model's vocabulary only {model.cfg.vocab_size}")
-    prompts = [trainer_lib.Prompt(tokens=tok.render_prompt(r.prompt), difficulty=r.difficulty)
-               for r in train]
 
     reward_fn = hf_policy.make_reward_fn(tok, train, grade)
     rl_dir = os.path.join(workdir, "rl")
