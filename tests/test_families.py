@@ -182,9 +182,13 @@ def test_dense_and_ragged_dispatch_agree_with_gradients():
   assert np.abs(np.asarray(values["ragged"][1]["layers"][0]["mlp"]["router"].value)).max() > 0
 
 
+# The default suite runs the ragged dispatch on the expert mesh; the other two take ~30 s each
+# on a 2-core machine and run with the slow tests.
 @pytest.mark.parametrize("dispatch,mesh_axes", [
-    ("dense", {"expert": 4, "data": 2}), ("ragged", {"expert": 4, "data": 2}),
-    ("ragged", {"data": 4, "fsdp": 2})])  # no expert axis: experts whole on every device
+    pytest.param("dense", {"expert": 4, "data": 2}, marks=pytest.mark.slow),
+    ("ragged", {"expert": 4, "data": 2}),
+    pytest.param("ragged", {"data": 4, "fsdp": 2},  # no expert axis: experts whole everywhere
+                 marks=pytest.mark.slow)])
 def test_moe_sharded_over_expert_axis_equals_unsharded(dispatch, mesh_axes):
   assert jax.device_count() == 8
   cfg = _moe_cfg(num_layers=1, moe_dispatch=dispatch)
@@ -232,9 +236,9 @@ def test_moe_prefill_and_decode_with_cache_match_full_forward():
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("case,dispatch", [("qwen3-moe", "dense"), ("qwen3-moe", "ragged"),
-                                           ("llama-llama3", None), ("qwen2-yarn", None),
-                                           ("qwen3", None)])
+@pytest.mark.parametrize("case,dispatch", [
+    ("qwen3-moe", "dense"), pytest.param("qwen3-moe", "ragged", marks=pytest.mark.slow),
+    ("llama-llama3", None), ("qwen2-yarn", None), ("qwen3", None)])
 def test_greedy_sampling_matches_transformers_generate(case, dispatch, tmp_path):
   # The sampler computes a generation's rotary angles itself: with the model's scaling, which
   # matters here since generation runs past the original context of 16 positions. The
