@@ -290,6 +290,16 @@ def _reason(is_eos, is_repeat, is_length, old):
                     old).astype(jnp.int32)
 
 
+def _row_outputs(B: int, N: int, pad_id) -> dict:
+  """The per-row outputs both decode loops fill: tokens and log-probs [B, N], lengths, reasons."""
+  return {
+      "tokens": jnp.full((B, N), pad_id, jnp.int32),
+      "logprobs": jnp.zeros((B, N), jnp.float32),
+      "lengths": jnp.zeros((B,), jnp.int32),
+      "reason": jnp.zeros((B,), jnp.int32),
+  }
+
+
 def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
   """Prefill + decode loop. x holds the bucketed inputs built by `generate`."""
   if static.slots:
@@ -338,10 +348,7 @@ def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
     return out
 
   carry = {
-      "tokens": jnp.full((B, N), x["pad_id"], jnp.int32),
-      "logprobs": jnp.zeros((B, N), jnp.float32),
-      "lengths": jnp.zeros((B,), jnp.int32),
-      "reason": jnp.zeros((B,), jnp.int32),
+      **_row_outputs(B, N, x["pad_id"]),
       "done": limits <= 0,  # bucket padding rows
       "last_token": jnp.zeros((B,), jnp.int32),
   }
@@ -525,10 +532,7 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
     return c
 
   c = {
-      "tokens": jnp.full((B, N), x["pad_id"], jnp.int32),
-      "logprobs": jnp.zeros((B, N), jnp.float32),
-      "lengths": jnp.zeros((B,), jnp.int32),
-      "reason": jnp.zeros((B,), jnp.int32),
+      **_row_outputs(B, N, x["pad_id"]),
       "pool": pool,
       "free": jnp.arange(1 + U * PB, 1 + U * PB + F, dtype=jnp.int32),
       "top": jnp.int32(F),
