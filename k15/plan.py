@@ -212,11 +212,15 @@ def _param_memory(cfg: transformer.ModelConfig, sh: _Sharder, optimizer):
   # only where the cast or the gather does something.
   b = _itemsize(cfg.dtype)
   layer_copy = 0.0
-  block = jax.tree.leaves(nnx.split(abstract.layers[0])[1], is_leaf=_is_var)
+  block = jax.tree.leaves(nnx.split(abstract.block(0) if not cfg.scanned else abstract.layers)[1],
+                          is_leaf=_is_var)
   gather_axes = ("data", "fsdp")
   for v in block:
     axes = v.get_metadata().get("axes") or (None,) * len(v.shape)
-    spec = sh.spec(axes, v.shape)
+    shape = v.shape
+    if cfg.scanned:  # stacked [L, ...]: one layer's slice
+      axes, shape = axes[1:], shape[1:]
+    spec = sh.spec(axes, shape)
     kept, gathered = 1, False
     for entry in spec:
       for a in (() if entry is None else (entry,) if isinstance(entry, str) else entry):
@@ -225,7 +229,7 @@ def _param_memory(cfg: transformer.ModelConfig, sh: _Sharder, optimizer):
         else:
           kept *= sh.mesh.shape[a]
     if gathered or v.get_value().dtype.itemsize != b:
-      layer_copy += math.prod(v.shape) * b / kept
+      layer_copy += math.prod(shape) * b / kept
   return params, opt, layer_copy
 
 

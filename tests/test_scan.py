@@ -58,6 +58,7 @@ def _tokens(B=2, T=12, seed=0):
 
 @pytest.mark.parametrize("kind,remat", [(k, "none") for k in sorted(KINDS)] + [("qwen2", "full")])
 def test_scanned_logits_and_gradients_equal_loop(kind, remat):
+  # Under jit, as the trainer runs it (eager, the loop of layers is slow to dispatch).
   loop, scanned = _pair(kind, remat=remat)
   tokens = _tokens()
   seg = jnp.array([[1] * 12, [0, 0] + [1] * 5 + [2] * 5], jnp.int32)   # padding and packing
@@ -69,8 +70,9 @@ def test_scanned_logits_and_gradients_equal_loop(kind, remat):
            if isinstance(out, tuple) else 0.0)
     return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * (seg > 0)) + aux, logits
 
-  (l_loop, logits_loop), g_loop = nnx.value_and_grad(loss, has_aux=True)(loop)
-  (l_scan, logits_scan), g_scan = nnx.value_and_grad(loss, has_aux=True)(scanned)
+  grad = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
+  (l_loop, logits_loop), g_loop = grad(loop)
+  (l_scan, logits_scan), g_scan = grad(scanned)
   np.testing.assert_allclose(logits_scan, logits_loop, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(l_scan, l_loop, atol=1e-6, rtol=1e-6)
   _assert_same_params(g_scan, g_loop, atol=1e-5)
@@ -91,3 +93,78 @@ def _assert_same_params(scanned_state, loop_state, atol):
                                  err_msg=str(path))
       n += 1
   assert n == len(loop_flat)
+
+
+def test_prefill_and_decode_with_stacked_cache_equal_loop():
+  loop, scanned = _pair("qwen3_moe")
+  tokens = _tokens(T=10)
+  outs = []
+  step = nnx.jit(lambda m, tok, pos, cache, i: m(tok, positions=pos, cache=cache, cache_index=i))
+  for model in (loop, scanned):
+    cache = transformer.init_cache(model.cfg, batch=2, length=16)
+    logits, cache = model(tokens[:, :7], cache=cache, cache_index=0)
+    steps = [logits]
+    for t in range(7, 10):
+      pos = jnp.full((2, 1), t, jnp.int32)
+      logits, cache = step(model, tokens[:, t:t + 1], pos, cache, jnp.int32(t))
+      steps.append(logits)
+    outs.append((jnp.concatenate(steps, axis=1), cache))
+  (a, cache_loop), (b, cache_scan) = outs
+  assert cache_scan["k"].shape == (3, 2, 2, 8, 16)        # [L, B, K, H, S], one stacked array
+  np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(cache_scan["v"], jnp.stack(cache_loop["v"]), atol=1e-5, rtol=1e-5)
+  # And the cache path agrees with the full forward.
+  np.testing.assert_allclose(b, scanned(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_routing_returned_and_replayed_per_layer():
+  loop, scanned = _pair("qwen3_moe")
+  tokens = _tokens()
+  _, routing = scanned(tokens, return_routing=True)
+  _, expected = loop(tokens, return_routing=True)
+  assert len(routing["expert_ids"]) == 3
+  for a, b in zip(routing["expert_ids"], expected["expert_ids"]):
+    np.testing.assert_array_equal(a, b)
+  other = tuple((ids + 1) % 4 for ids in routing["expert_ids"])
+  for replay in (other, jnp.stack(other)):   # per-layer tuple or one stacked array
+    got, told = scanned(tokens, expert_ids=replay, return_routing=True)
+    for a, b in zip(told["expert_ids"], other):
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(got, loop(tokens, expert_ids=other), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_greedy_sampler_unchanged(continuous):
+  from k15 import sampling  # pylint: disable=g-import-not-at-top
+  loop, scanned = _pair("qwen2")
+  prompts = [[5, 9, 2, 40, 11], [7, 3, 33], [1, 2, 3, 4, 5, 6, 7, 8]]
+  gen = dict(max_new_tokens=10, temperature=0.0, eos_id=None, continuous=continuous)
+  a = sampling.generate(loop, prompts, **gen)
+  b = sampling.generate(scanned, prompts, **gen)
+  np.testing.assert_array_equal(b.tokens, a.tokens)
+  np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)
+
+
+def test_hf_round_trip_stacks_and_unstacks(tmp_path):
+  loop, scanned = _pair("qwen3_moe")
+  hf.save(scanned, str(tmp_path / "from_scan"), max_shard_bytes=20_000)
+  hf.save(loop, str(tmp_path / "from_loop"), max_shard_bytes=20_000)
+  for name in ("from_scan", "from_loop"):
+    for scan in (False, True):
+      back = hf.load(str(tmp_path / name), jnp.float32, config_overrides={"scan_layers": scan})
+      assert back.cfg.scanned == scan
+      expected = scanned if scan else loop
+      for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(back, nnx.Param)),
+                                nnx.to_flat_state(nnx.state(expected, nnx.Param))):
+        np.testing.assert_array_equal(a.value, b.value, err_msg=f"{name} {scan} {p}")
+
+
+def test_mixed_moe_layers_fall_back_to_the_loop_with_a_reason(caplog):
+  cfg = transformer.ModelConfig(**BASE, **KINDS["qwen3_moe"], moe_dense_layers=(0,),
+                                scan_layers=True)
+  assert not cfg.scanned and "moe_dense_layers=(0,)" in cfg.scan_fallback
+  with caplog.at_level("WARNING"):
+    model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
+  assert "Python loop" in caplog.text
+  assert len(model.layers) == 3 and model.block(1) is model.layers[1]
+  assert not transformer.ModelConfig(**BASE).scan_fallback
