@@ -51,7 +51,8 @@ def get_config(arg=None):
       # one bfloat16 [T, D] input per layer instead of ~70 KiB per token per layer.
       param_dtype="float32", dtype="bfloat16", attention_impl="splash",
       attention_block_size=512, remat="full",
-      logits_chunk=1024)  # log-probs with the head in 1024-token tiles (k15.model.logprobs)
+      logits_chunk=1024,  # log-probs with the head in 1024-token tiles (k15.model.logprobs)
+      scan_layers=True)   # one compiled layer body; remat 'full' is kept per layer under scan
   c.model_path = ""  # a Hugging Face checkpoint directory; empty = random init
   # 2-way FSDP x 4-way tensor. Tensor parallelism is what makes a long row fit: the head's
   # float32 [T, V=151936] logits (and their log-softmax and gradients, 5 copies) dominate the
