@@ -198,3 +198,19 @@ def test_cli_warns_and_strict_exits_nonzero():
   r = subprocess.run(args + ["--strict"], cwd=ROOT, env=env, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 1
+
+
+def test_chunked_logits_term_matches_the_compiled_head_backward():
+  # The head's backward in tiles (k15.model.logprobs) against the plan's tile copies: the
+  # head dominates here (4 x 256 x 8192 float32 per tile, against 2 MiB of hidden states).
+  from k15.model import logprobs  # pylint: disable=g-import-not-at-top
+  rows, length, D, V, chunk = 4, 2048, 64, 8192, 256
+  f = lambda x, h, t: jnp.sum(logprobs.chunked_logprobs(x, h, t, chunk)[0])
+  compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(
+      jax.ShapeDtypeStruct((rows, length, D), jnp.float32),
+      jax.ShapeDtypeStruct((D, V), jnp.float32),
+      jax.ShapeDtypeStruct((rows, length), jnp.int32)).compile()
+  measured = compiled.memory_analysis().temp_size_in_bytes
+  config = _config({"data": 1}, vocab_size=V, logits_chunk=chunk)
+  predicted = plan.plan(config, rows, length, "cpu", num_chips=1)["train"]["logits"]
+  assert abs(predicted - measured) <= 0.2 * measured, (predicted / 2**20, measured / 2**20)
