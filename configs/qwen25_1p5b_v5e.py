@@ -1,4 +1,4 @@
-r"""Qwen2.5-1.5B on a v5e-8 (v5litepod-8: 8 chips x 16 GiB, one host): long-CoT RL at 8k tokens.
+r"""Qwen2.5-1.5B on a v5e-8 (v5litepod-8: 8 chips x 16 GiB, one host): long-CoT RL at 16k tokens.
 
 Mode `rl` (the default): PMD RL from a Hugging Face checkpoint on MATH-format prompts, rewarded
 by the math verifier on the last \boxed{}, evaluated on a held-out set every 20 iterations, the
@@ -16,14 +16,12 @@ with its train/test JSONL. The architecture comes from the checkpoint's config.j
 `model` keys below size the plan and keep the dtypes, attention and remat. `--config.mode=smoke`
 runs one forward pass instead.
 
-`k15.plan` prints the per-chip budget against 16 GiB: 11.7 GiB for the train step (6.5 GiB
-of it the float32 logits of one 9k-token row), a step of 8 rows x 9216 tokens in ~1.4 s at
-40% MFU. Sampling is the tight part. Today the plan WARNS: the sampler's prefill computes
-logits at every position, and with partial rollouts it prefills the continued trajectories
-at 8192 tokens ([32, 8192, 151936] float32 over 8 shards: 18.5 GiB). `--prefill_logits=last`
-shows the 14.1 GiB it takes once prefill computes the last position's logits only; that is
-also why an iteration starts only 2 prompts (16 rows, plus up to 16 continued): the KV cache
-is replicated over the tensor axis (2 kv heads) and a continuation is prefilled whole.
+`python -m k15.aot --config=configs/qwen25_1p5b_v5e.py` compiles every program of an iteration
+for the v5e-8 slice and prints XLA's memory per chip against 16 GiB (docs/scaling.md): a train
+step of 8 rows x 17408 tokens in 11.6 GiB, the prefill of 16 rows (8 new + 8 continued) at
+16384 tokens in 8.5 GiB. `k15.plan` gives its own, more conservative, budget (train step about
+15 GiB). The KV cache is replicated over the tensor axis (2 kv heads) and a continuation is
+prefilled whole, which is why an iteration starts one prompt.
 
 The keys are those of configs/qwen25_7b_v5p.py and configs/tiny_cpu.py. `:runlocal=True` runs
 the same mode on a CPU with a tiny checkpoint (tests/test_rl_mode.py writes one):
@@ -51,7 +49,8 @@ def get_config(arg=None):
       # one bfloat16 [T, D] input per layer instead of ~70 KiB per token per layer.
       param_dtype="float32", dtype="bfloat16", attention_impl="splash",
       attention_block_size=512, remat="full",
-      logits_chunk=1024)  # log-probs with the head in 1024-token tiles (k15.model.logprobs)
+      logits_chunk=1024,  # log-probs with the head in 1024-token tiles (k15.model.logprobs)
+      scan_layers=True)   # one compiled layer body; remat 'full' is kept per layer under scan
   c.model_path = ""  # a Hugging Face checkpoint directory; empty = random init
   # 2-way FSDP x 4-way tensor. Tensor parallelism is what makes a long row fit: the head's
   # float32 [T, V=151936] logits (and their log-softmax and gradients, 5 copies) dominate the
@@ -65,24 +64,21 @@ def get_config(arg=None):
       weight_decay=0.01, grad_clip=1.0)
   c.rl = k15_config.rl_block(
       iterations=1000,
-      prompts_per_iteration=2,     # 16 new rows (+ <= 16 continued): what one rollout holds
+      prompts_per_iteration=1,     # 8 new rows (+ <= 8 continued): what one rollout holds
       samples_per_prompt=8,        # k: group size for the PMD mean-reward baseline (§2.3.2)
-      # Long CoT: 8k new tokens. 16k fits once the log-probs are computed in tiles
-      # (model.logits_chunk): `python -m k15.aot` compiles every program of
-      # --config.rl.max_new_tokens=16384 --config.rl.segment_budget=8192
-      # --config.rl.prompts_per_iteration=1 within 11.6 GiB per chip (docs/scaling.md); k15.plan,
-      # whose activation model is from XLA:CPU, still over-predicts that train step (16.3 GiB).
-      max_new_tokens=8192,
-      # Partial rollouts (§2.6.2): at most 4096 new tokens per sequence per iteration, so an
+      # Long CoT: 16k new tokens, from `python -m k15.aot` (docs/scaling.md): every program of
+      # an iteration fits 16 GiB per chip (train step 11.6 GiB, prefill 8.5 GiB) with one
+      # prompt per iteration; two would double the prefilled rows (16 new + 16 continued).
+      max_new_tokens=16384,
+      # Partial rollouts (§2.6.2): at most 8192 new tokens per sequence per iteration, so an
       # iteration's sampling time is bounded and long responses continue from the buffer. Two
-      # segments, not more: every segment of a response adds its rows to later rollouts (a
-      # 2048 budget triples the continued rows, 24 GiB per chip in the plan).
-      segment_budget=4096,
+      # segments, not more: every segment of a response adds its rows to later rollouts.
+      segment_budget=8192,
       temperature=1.0, top_p=1.0,
       repeat_ngram=20,             # stop a response that repeats a 20-gram (§2.6.2)
       loss="pmd", tau=0.1,
       num_passes=1,
-      minibatch_groups=1,          # one group (8 rows of up to 9216 tokens) per gradient step,
+      minibatch_groups=1,          # one group (8 rows of up to 17408 tokens) per gradient step,
       microbatches=1,              # a microbatch holds whole groups (their mean reward is the
                                    # baseline), so 1 group per step means 1 microbatch
       length_bucket=1024,
@@ -96,7 +92,7 @@ def get_config(arg=None):
   c.data.format = "math"
   c.reward = "math"
   # pass@1 over 4 samples at the training temperature, and the greedy accuracy.
-  c.evaluate.update(num_samples=4, temperature=1.0, max_new_tokens=8192, batch_size=16)
+  c.evaluate.update(num_samples=4, temperature=1.0, max_new_tokens=16384, batch_size=16)
   c.export.dtype = "bfloat16"
   if arg.runlocal:
     c.accelerator_type = ""

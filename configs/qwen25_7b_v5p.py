@@ -28,7 +28,8 @@ def get_config(arg=None):
       head_dim=128, mlp_dim=18_944, rope_theta=1_000_000.0, norm_eps=1e-6,
       tie_embeddings=False, qkv_bias=True, param_dtype="float32", dtype="bfloat16",
       attention_impl="splash", attention_block_size=512, remat="full",
-      logits_chunk=1024)  # log-probs with the head in 1024-token tiles (k15.model.logprobs)
+      logits_chunk=1024,  # log-probs with the head in 1024-token tiles (k15.model.logprobs)
+      scan_layers=True)   # one compiled layer body; remat 'full' is kept per layer under scan
   c.model_path = ""  # a Hugging Face checkpoint directory; empty = random init
   # 32 chips: 8-way FSDP x 4-way tensor (28 query and 4 kv heads both split 4 ways).
   c.mesh = k15_config.mesh_block(data=1, fsdp=-1, tensor=4)

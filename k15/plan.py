@@ -42,7 +42,9 @@ saved residuals, `jax.ad_checkpoint.print_saved_residuals`, after XLA fusion):
 Once per step: the embedding lookup (bD) and final norm (8D + 2bD) per token, and the head:
 float32 logits with log_softmax, the cotangents of the log-probs and of the logits, and the
 copy that feeds the two matmuls of the head's gradient: 5 x 4V per token (XLA:CPU keeps five
-[B, T, V] float32 buffers live at the head's backward). Flash attention adds a transient of
+[B, T, V] float32 buffers live at the head's backward). With `model.logits_chunk` the head runs
+in tiles recomputed one by one in the backward pass, and three buffers of one tile are live
+(XLA:CPU, tests/test_plan.py). Flash attention adds a transient of
 one layer's f32 dq (4NH per token) and a few [B, N, block, block] score blocks.
 
 Gradients are parameter-shaped (param dtype); the backward phase holds them with the
@@ -212,11 +214,15 @@ def _param_memory(cfg: transformer.ModelConfig, sh: _Sharder, optimizer):
   # only where the cast or the gather does something.
   b = _itemsize(cfg.dtype)
   layer_copy = 0.0
-  block = jax.tree.leaves(nnx.split(abstract.layers[0])[1], is_leaf=_is_var)
+  block = jax.tree.leaves(nnx.split(abstract.block(0) if not cfg.scanned else abstract.layers)[1],
+                          is_leaf=_is_var)
   gather_axes = ("data", "fsdp")
   for v in block:
     axes = v.get_metadata().get("axes") or (None,) * len(v.shape)
-    spec = sh.spec(axes, v.shape)
+    shape = v.shape
+    if cfg.scanned:  # stacked [L, ...]: one layer's slice
+      axes, shape = axes[1:], shape[1:]
+    spec = sh.spec(axes, shape)
     kept, gathered = 1, False
     for entry in spec:
       for a in (() if entry is None else (entry,) if isinstance(entry, str) else entry):
@@ -225,7 +231,7 @@ def _param_memory(cfg: transformer.ModelConfig, sh: _Sharder, optimizer):
         else:
           kept *= sh.mesh.shape[a]
     if gathered or v.get_value().dtype.itemsize != b:
-      layer_copy += math.prod(v.shape) * b / kept
+      layer_copy += math.prod(shape) * b / kept
   return params, opt, layer_copy
 
 
@@ -286,8 +292,12 @@ def _activations(cfg: transformer.ModelConfig, sh: _Sharder, B: int, T: int,
                                          (B, N, blk, blk), 4)
   once = d(b) + d(8 + 2 * b)                                    # embedding output, final norm
   rows_t = min(T, logits_chunk) if logits_chunk else T
-  logits = sh.per_chip(tok + ("act_vocab",), (B, rows_t, V), 5 * 4)
-  return {"saved": saved + once, "recompute": transient, "logits": logits}
+  # Whole rows: five float32 [B, T, V] buffers at the head's backward. In tiles
+  # (k15.model.logprobs), three of one tile: its recomputed logits, their exp and the cotangent.
+  copies = 5 if rows_t >= T else 3
+  tile = sh.per_chip(tok + ("act_vocab",), (B, rows_t, V), 4)
+  return {"saved": saved + once, "recompute": transient, "logits": copies * tile,
+          "logits_tile": tile}
 
 
 def _sampling(cfg: transformer.ModelConfig, sh: _Sharder, rl: Any, prompt_len: int,
@@ -415,10 +425,10 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
   train_peak = params + opt + batch_bytes + max(backward, update_phase)
 
   # The reference pass (forward only): params, the batch, one layer's intermediates next to
-  # the residual stream, and one tile's logits with their exp (2 of the 5 copies above).
+  # the residual stream, and one tile's logits with their exp (2 of the copies above).
   one_layer = _activations(dataclasses.replace(cfg, remat="full"), sh, Bm, T, layer_copy,
                            logits_chunk or cfg.logits_chunk)
-  ref_logprobs = params + batch_bytes + one_layer["recompute"] + one_layer["logits"] * 2 / 5
+  ref_logprobs = params + batch_bytes + one_layer["recompute"] + 2 * one_layer["logits_tile"]
 
   out: dict[str, Any] = {
       "chip": chip, "chip_name": CHIPS[chip].name, "num_chips": num_chips,

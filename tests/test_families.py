@@ -73,10 +73,14 @@ def checkpoints(tmp_path_factory):
   return out
 
 
+@pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_match_transformers_and_round_trip(case, checkpoints, tmp_path):
+def test_logits_match_transformers_and_round_trip(case, scan, checkpoints, tmp_path):
   ref, path = checkpoints[case]
-  model = hf.load(path, jnp.float32)
+  overrides = {"scan_layers": scan}
+  model = hf.load(path, jnp.float32, config_overrides=overrides)
+  # Layers under scan, except a MoE stack with dense layers (one scanned body cannot hold both).
+  assert model.cfg.scanned == (scan and case != "qwen3-moe-sparse-step")
   tokens = _tokens()
   # Positions offset past the original context of the scaled RoPEs.
   positions = np.broadcast_to(np.arange(40) + 30, tokens.shape).astype(np.int32)
@@ -94,7 +98,7 @@ def test_logits_match_transformers_and_round_trip(case, checkpoints, tmp_path):
   again = _hf_logits(back, tokens, position_ids=torch.tensor(positions.astype(np.int64))).logits
   np.testing.assert_allclose(again.numpy(), ours, atol=1e-4, rtol=0)
   # And k15 reads its own export to the same config.
-  assert hf.load(str(tmp_path / "out"), jnp.float32).cfg == model.cfg
+  assert hf.load(str(tmp_path / "out"), jnp.float32, config_overrides=overrides).cfg == model.cfg
 
 
 def test_rope_scaling_matters_and_config_keeps_it(checkpoints):
@@ -240,7 +244,8 @@ def test_moe_prefill_and_decode_with_cache_match_full_forward():
 @pytest.mark.parametrize("case,dispatch", [
     ("qwen3-moe", "dense"), pytest.param("qwen3-moe", "ragged", marks=pytest.mark.slow),
     ("llama-llama3", None), ("qwen2-yarn", None), ("qwen3", None)])
-def test_greedy_sampling_matches_transformers_generate(case, dispatch, tmp_path):
+@pytest.mark.parametrize("scan", [False, True])
+def test_greedy_sampling_matches_transformers_generate(case, dispatch, scan, tmp_path):
   # The sampler computes a generation's rotary angles itself: with the model's scaling, which
   # matters here since generation runs past the original context of 16 positions. The
   # continuous-batching path runs its own decode step over the paged cache (projections, q/k
@@ -252,8 +257,9 @@ def test_greedy_sampling_matches_transformers_generate(case, dispatch, tmp_path)
     for p in ref.parameters():
       p.mul_(2.0)
   ref.save_pretrained(tmp_path, safe_serialization=True)
-  model = hf.load(str(tmp_path), jnp.float32,
-                  config_overrides={"moe_dispatch": dispatch} if dispatch else None)
+  model = hf.load(str(tmp_path), jnp.float32, config_overrides=dict(
+      {"moe_dispatch": dispatch} if dispatch else {}, scan_layers=scan))
+  assert model.cfg.scanned == scan
   prompts = [[5, 9, 2, 40, 11], [7, 3, 33], [1, 2, 3, 4, 5, 6, 7, 8]]
   n = 24
   res = sampling.generate(model, prompts, max_new_tokens=n, temperature=0.0, eos_id=None)

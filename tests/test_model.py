@@ -49,12 +49,14 @@ HF_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(HF_CASES))
-def test_logits_match_transformers(case, tmp_path):
+@pytest.mark.parametrize("case,scan", [(c, False) for c in sorted(HF_CASES)] + [
+    ("llama-gqa3-untied", True), ("qwen2-bias-theta1e6-tied", True)])
+def test_logits_match_transformers(case, scan, tmp_path):
   family, kw = HF_CASES[case]
   ref = _random_hf_model(family, **kw)
   ref.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
-  model = hf.load(str(tmp_path / "ckpt"), jnp.float32)
+  model = hf.load(str(tmp_path / "ckpt"), jnp.float32, config_overrides={"scan_layers": scan})
+  assert model.cfg.scanned == scan
   tokens = np.random.RandomState(1).randint(0, 97, size=(2, 19)).astype(np.int32)
   ours = np.asarray(model(jnp.asarray(tokens)))
   assert ours.shape == (2, 19, 97) and ours.dtype == np.float32

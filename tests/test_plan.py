@@ -11,7 +11,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -38,36 +37,8 @@ def _config(mesh: dict, **model):
   return c
 
 
-def _scanned_logprobs(model: transformer.Transformer, tokens: jax.Array) -> jax.Array:
-  """token_logprobs with the model's own blocks applied by `lax.scan` under jax.checkpoint.
-
-  A scan fixes where each layer is recomputed (inside its own backward iteration); the
-  unrolled Python loop of the model lets XLA:CPU hoist every layer's recomputation.
-  """
-  cfg = model.cfg
-  b, t = tokens.shape
-  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  seg = jnp.ones((b, t), jnp.int32)
-  block_def = nnx.split(model.layers[0])[0]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(l)[1] for l in model.layers])
-  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-            if cfg.remat == "dots" else None)
-
-  apply = jax.checkpoint(lambda s, x: nnx.merge(block_def, s)(x, pos, seg)[0], policy=policy)
-  x = jnp.take(model.embed[...], tokens, axis=0).astype(transformer.to_dtype(cfg.dtype))
-  x, _ = jax.lax.scan(lambda x, s: (apply(s, x), None), x, stacked)
-  x = model.final_norm(x)
-  logits = jnp.einsum("BTD,DV->BTV", x.astype(jnp.float32), model.embed[...].T)
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-
-
-def _compiled_bytes(config, num_devices: int, scan_layers: bool = False) -> float:
-  """Arguments + temporaries of the compiled train step, per device.
-
-  With scan_layers, less the two copies that `_scanned_logprobs` makes of the layer weights
-  (jnp.stack and its gradient), which a model that keeps its layers stacked would not make.
-  """
+def _compiled_bytes(config, num_devices: int) -> float:
+  """Arguments + temporaries of the compiled train step, per device."""
   cfg = transformer.ModelConfig.from_config(config.model)
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:num_devices])
   with parallel.use_mesh(mesh, config.sharding_rules):
@@ -82,23 +53,14 @@ def _compiled_bytes(config, num_devices: int, scan_layers: bool = False) -> floa
         transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
     def loss_fn(model, batch):
-      lp = (_scanned_logprobs(model, batch["tokens"]) if scan_layers
-            else update.token_logprobs(model, batch["tokens"]))
-      return -jnp.mean(lp), {}
+      return -jnp.mean(update.token_logprobs(model, batch["tokens"])), {}
 
     batch_sh = {"tokens": parallel.sharding(("batch", None), (B, T))}
     step = update.make_train_step(graphdef, loss_fn, optimizer, param_shardings=param_sh,
                                   opt_shardings=opt_sh, batch_shardings=batch_sh)
     tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
     ma = step.lower(params, opt_abstract, {"tokens": tokens}).compile().memory_analysis()
-    stack_copies = 0
-    if scan_layers:
-      layers = jax.tree.leaves(params["layers"], is_leaf=lambda x: isinstance(x, nnx.Variable))
-      stack_copies = 2 * sum(
-          v.get_value().dtype.itemsize * np.prod(s.get_value().shard_shape(v.shape))
-          for v, s in zip(layers, jax.tree.leaves(
-              param_sh["layers"], is_leaf=lambda x: isinstance(x, nnx.Variable))))
-  return ma.argument_size_in_bytes + ma.temp_size_in_bytes - stack_copies
+  return ma.argument_size_in_bytes + ma.temp_size_in_bytes
 
 
 def _predicted(config, num_devices: int) -> float:
@@ -126,10 +88,10 @@ def test_memory_matches_compiled_train_step(mesh, devices, model):
 def test_remat_full_matches_compiled_train_step_with_scanned_layers(mesh, devices):
   # The model's unrolled layer loop does not get remat's saving from XLA:CPU, whose scheduler
   # recomputes every layer before the first backward (1 device: 350 MiB compiled against
-  # 374 MiB without remat); the plan gives what remat is for, which a scan over the same
-  # blocks gets.
-  config = _config(mesh, remat="full")
-  measured = _compiled_bytes(config, devices, scan_layers=True)
+  # 374 MiB without remat); the plan gives what remat is for, which the layers under
+  # `model.scan_layers` get: the scan pins each layer's recomputation to its own backward step.
+  config = _config(mesh, remat="full", scan_layers=True)
+  measured = _compiled_bytes(config, devices)
   predicted = _predicted(config, devices)
   assert abs(predicted - measured) <= 0.2 * measured, (predicted / 2**20, measured / 2**20)
   # The saving is real: under half of the (separately checked) figure without remat.
@@ -236,3 +198,19 @@ def test_cli_warns_and_strict_exits_nonzero():
   r = subprocess.run(args + ["--strict"], cwd=ROOT, env=env, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 1
+
+
+def test_chunked_logits_term_matches_the_compiled_head_backward():
+  # The head's backward in tiles (k15.model.logprobs) against the plan's tile copies: the
+  # head dominates here (4 x 256 x 8192 float32 per tile, against 2 MiB of hidden states).
+  from k15.model import logprobs  # pylint: disable=g-import-not-at-top
+  rows, length, D, V, chunk = 4, 2048, 64, 8192, 256
+  f = lambda x, h, t: jnp.sum(logprobs.chunked_logprobs(x, h, t, chunk)[0])
+  compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(
+      jax.ShapeDtypeStruct((rows, length, D), jnp.float32),
+      jax.ShapeDtypeStruct((D, V), jnp.float32),
+      jax.ShapeDtypeStruct((rows, length), jnp.int32)).compile()
+  measured = compiled.memory_analysis().temp_size_in_bytes
+  config = _config({"data": 1}, vocab_size=V, logits_chunk=chunk)
+  predicted = plan.plan(config, rows, length, "cpu", num_chips=1)["train"]["logits"]
+  assert abs(predicted - measured) <= 0.2 * measured, (predicted / 2**20, measured / 2**20)

@@ -301,6 +301,15 @@ def _mapping(cfg: transformer.ModelConfig) -> dict[tuple, tuple[str, Callable, C
     for path, val in layer.items():
       names = hf + val[0] if isinstance(val[0], str) else tuple(hf + n for n in val[0])
       m[("layers", i) + path] = (names,) + val[1:]
+  if cfg.scanned:
+    # Stacked layers: one k15 array from the L per-layer tensors, read lazily like the experts.
+    L = cfg.num_layers
+    for path in [p[2:] for p in m if p[:2] == ("layers", 0)]:
+      per_layer = [m.pop(("layers", i) + path) for i in range(L)]
+      _, to_k15, to_hf = per_layer[0]
+      m[("layers",) + path] = (tuple(v[0] for v in per_layer),
+                               lambda ws, f=to_k15: _Stacked([f(w) for w in ws]),
+                               lambda w, f=to_hf, L=L: [f(w[i]) for i in range(L)])
   return m
 
 
@@ -312,6 +321,7 @@ class _Stacked:
 
   def __getitem__(self, idx):
     idx = idx if isinstance(idx, tuple) else (idx,)
+    idx = idx or (slice(None),)
     rest = idx[1:]
     return np.stack([np.asarray(self.parts[e][rest]) for e in range(len(self.parts))[idx[0]]])
 
@@ -386,15 +396,15 @@ def load(path: str, dtype=jnp.float32, *, mesh=None, rules=None,
     if key not in mapping:
       raise CheckpointError(f"k15 parameter {'/'.join(map(str, key))} has no checkpoint mapping")
     hf_names, to_k15, to_hf = mapping[key]
-    want = jax.eval_shape(to_hf, jax.ShapeDtypeStruct(var.shape, np.float32))
-    stacked = not isinstance(hf_names, str)  # one k15 array from several tensors (experts)
-    raw = [hf_tensor(n) for n in hf_names] if stacked else [hf_tensor(hf_names)]
-    for hf_name, r, w in zip(hf_names if stacked else [hf_names], raw,
-                             want if stacked else [want]):
+    # hf_names: one name, or (nested) tuples of names that stack into one k15 array (experts,
+    # and the layers of a scanned model); `raw` has the same structure.
+    want = jax.tree.leaves(jax.eval_shape(to_hf, jax.ShapeDtypeStruct(var.shape, np.float32)))
+    raw = jax.tree.map(hf_tensor, hf_names)
+    for hf_name, r, w in zip(jax.tree.leaves(hf_names), jax.tree.leaves(raw), want):
       if tuple(r.shape) != tuple(w.shape):
         raise CheckpointError(f"{location[hf_name]}: tensor {hf_name!r} has shape "
                               f"{tuple(r.shape)}, but config.json implies {tuple(w.shape)}")
-    view = to_k15(raw if stacked else raw[0])
+    view = to_k15(raw)
     sharding = flat_shard[key].value
     arr = jax.make_array_from_callback(
         var.shape, sharding, lambda idx, v=view: np.asarray(v[idx], dtype=np_dtype))
@@ -408,6 +418,16 @@ def _host_array(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class _PerLayer:
+  """A stacked [L, ...] device array whose `[i]` gathers layer i alone to the host."""
+
+  def __init__(self, value: jax.Array):
+    self.value = value
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    return _host_array(self.value[i])
 
 
 def save(model: transformer.Transformer, path: str, *, family: str | None = None,
@@ -439,10 +459,11 @@ def save(model: transformer.Transformer, path: str, *, family: str | None = None
   size = 0
   for key, var in nnx.to_flat_state(state):
     hf_names, _, to_hf = mapping[key]
-    arrs = to_hf(_host_array(var.value))
-    if isinstance(hf_names, str):
-      hf_names, arrs = [hf_names], [arrs]
-    for hf_name, arr in zip(hf_names, arrs):
+    # A scanned model's stacked parameter comes to the host one layer at a time.
+    value = (_PerLayer(var.value) if cfg.scanned and key[0] == "layers"
+             else _host_array(var.value))
+    arrs = to_hf(value)
+    for hf_name, arr in zip(jax.tree.leaves(hf_names), jax.tree.leaves(arrs)):
       arr = np.ascontiguousarray(arr).astype(np_dtype)
       if size and size + arr.nbytes > max_shard_bytes:
         shards.append({})

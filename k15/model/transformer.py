@@ -19,6 +19,7 @@ onto mesh axes with the rules in the config. Activations are constrained by name
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -79,6 +80,10 @@ class ModelConfig:
   attention_block_size: int = 512  # key/query block of the flash-style attention
   remat: str = "none"              # 'none' | 'full' | 'dots': rematerialization of each block
   logits_chunk: int = 0            # log-probs: head in tiles of this many tokens (0: whole rows)
+  # Layers under one scan (parameters and KV cache stacked on a leading 'layers' axis): one
+  # compiled layer body, so compile time stays flat in depth. A model whose layers differ (MoE
+  # with `moe_dense_layers`) runs the Python loop instead (`scan_fallback`).
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -104,6 +109,20 @@ class ModelConfig:
         raise ValueError(f"model.num_experts={self.num_experts} needs model.moe_mlp_dim > 0")
     if self.moe_dispatch not in ("dense", "ragged"):
       raise ValueError(f"model.moe_dispatch={self.moe_dispatch!r}; expected 'dense' or 'ragged'")
+
+  @property
+  def scan_fallback(self) -> str:
+    """Why `scan_layers` is not honoured ('' when it is, or when it is off)."""
+    if self.scan_layers and self.num_experts and self.moe_dense_layers:
+      return (f"model.moe_dense_layers={self.moe_dense_layers}: dense and MoE layers have "
+              "different parameters, which one scanned layer body cannot hold; the layers run "
+              "as a Python loop")
+    return ""
+
+  @property
+  def scanned(self) -> bool:
+    """The layers run under one scan with stacked parameters and a stacked KV cache."""
+    return self.scan_layers and not self.scan_fallback
 
   def is_moe_layer(self, i: int) -> bool:
     return self.num_experts > 0 and i not in self.moe_dense_layers
@@ -307,12 +326,20 @@ class Attention(nnx.Module):
       # decode step touches one slot per row and head, not the whole cache), then attend over
       # the whole cache as it lies: kv heads before length, so each (row, head)'s values are one
       # contiguous [S, H] matrix and its keys one [H, S] matrix (see `init_cache`).
+      # Under the layer scan (`cache["layer"]` set) the arrays are the whole stacked [L, ...]
+      # cache, carried through the scan and updated in place at this layer's index.
+      layer = cache.get("layer")
+      lead = () if layer is None else (layer,)
+      new_k = jnp.einsum("BTKH->BKHT", k).astype(cache["k"].dtype)
+      new_v = jnp.einsum("BTKH->BKTH", v).astype(cache["v"].dtype)
+      if layer is not None:
+        new_k, new_v = new_k[None], new_v[None]
       new_kv = (
-          jax.lax.dynamic_update_slice(cache["k"], jnp.einsum("BTKH->BKHT", k).astype(
-              cache["k"].dtype), (0, 0, 0, cache_index)),
-          jax.lax.dynamic_update_slice(cache["v"], jnp.einsum("BTKH->BKTH", v).astype(
-              cache["v"].dtype), (0, 0, cache_index, 0)))
-      kv_k, kv_v = (c.astype(dt) for c in new_kv)
+          jax.lax.dynamic_update_slice(cache["k"], new_k, lead + (0, 0, 0, cache_index)),
+          jax.lax.dynamic_update_slice(cache["v"], new_v, lead + (0, 0, cache_index, 0)))
+      kv_k, kv_v = new_kv if layer is None else (
+          jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in new_kv)
+      kv_k, kv_v = kv_k.astype(dt), kv_v.astype(dt)
       kv_seg, kv_pos, kv_layout, k_layout = (cache["segment_ids"], cache["positions"], "BKSH",
                                              "BKHS")
 
@@ -561,6 +588,11 @@ class Transformer(nnx.Module):
   (with `hidden=True` too, for the losses that add `load_balancing_loss`), and
   `expert_ids` (the same tuple) routes each MoE layer by the given experts instead of its own
   top-k (routing replay), with gate weights from this model's router at those experts.
+  A scanned model (`ModelConfig.scanned`) also takes `expert_ids` as one stacked [L, B, T, k]
+  array and returns the same per-layer tuples.
+
+  Layers: `layers` is a list of Blocks, or with `scan_layers` one Block whose parameters are
+  stacked on a leading 'layers' axis; `block(i)` gives layer i either way.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -568,8 +600,13 @@ class Transformer(nnx.Module):
     pdt = to_dtype(cfg.param_dtype)
     self.embed = _param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pdt,
                         cfg.embed_dim ** -0.5)
-    self.layers = nnx.List([Block(cfg, rngs=rngs, moe=cfg.is_moe_layer(i))
-                            for i in range(cfg.num_layers)])
+    if cfg.scan_fallback:
+      logging.warning("model.scan_layers: %s", cfg.scan_fallback)
+    if cfg.scanned:
+      self.layers = _stacked_blocks(cfg, rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, rngs=rngs, moe=cfg.is_moe_layer(i))
+                              for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pdt, rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), pdt,
@@ -600,7 +637,7 @@ class Transformer(nnx.Module):
     if expert_ids is not None and len(expert_ids) != len(moe_layers):
       raise ValueError(f"expert_ids has {len(expert_ids)} arrays; the model has "
                        f"{len(moe_layers)} MoE layers")
-    replay = dict(zip(moe_layers, expert_ids or ()))
+    replay = {} if expert_ids is None or cfg.scanned else dict(zip(moe_layers, expert_ids))
 
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)                 # [B, T, D]
     x = parallel.constrain(x, ("batch", "length", "act_embed"))
@@ -608,7 +645,12 @@ class Transformer(nnx.Module):
     if angles is None:
       angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     new_k, new_v, routing = [], [], []
-    for i, block in enumerate(self.layers):
+    if cfg.scanned:
+      x, new_cache, routing = self._scan_layers(x, positions, segment_ids, cache, cache_index,
+                                                angles, expert_ids)
+      if cache is not None:
+        new_k, new_v = new_cache
+    for i, block in enumerate(() if cfg.scanned else self.layers):
       if cache is not None:
         layer_cache = dict(cache, k=cache["k"][i], v=cache["v"][i])
         x, (k, v), route = block(x, positions, segment_ids, layer_cache, cache_index, angles,
@@ -634,9 +676,50 @@ class Transformer(nnx.Module):
       x = self.final_norm(x)
       return (x,) + routed if routed else x
     logits = self.logits(x)
-    out = (logits,) if cache is None else (logits, dict(cache, k=tuple(new_k), v=tuple(new_v)))
+    if cache is not None and not cfg.scanned:
+      new_k, new_v = tuple(new_k), tuple(new_v)
+    out = (logits,) if cache is None else (logits, dict(cache, k=new_k, v=new_v))
     out += routed
     return out[0] if len(out) == 1 else out
+
+  def _scan_layers(self, x, positions, segment_ids, cache, cache_index, angles, expert_ids):
+    """The stacked layers under `jax.lax.scan`: one traced and compiled layer body.
+
+    -> (x, (k, v) stacked caches or None, routing as the loop's: one (router logits, expert
+    ids) per layer for a MoE model). The KV cache rides in the carry, so each layer writes its
+    step in place; the remat policy wraps the body, so the backward pass keeps only each
+    layer's input (for 'full').
+    """
+    cfg = self.cfg
+    graphdef, params = nnx.split(self.layers)
+    if expert_ids is not None and not isinstance(expert_ids, jax.Array):
+      expert_ids = jnp.stack(expert_ids)                                  # [L, B, T, k]
+
+    def layer(carry, xs):
+      x, kv = carry
+      p, i, ids = xs
+      block = nnx.merge(graphdef, p)
+      layer_cache = None if kv is None else dict(cache, k=kv[0], v=kv[1], layer=i)
+      x, new_kv, route = block(x, positions, segment_ids, layer_cache, cache_index, angles, ids)
+      return (x, new_kv), route
+
+    if cache is None and cfg.remat != "none":
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                if cfg.remat == "dots" else None)
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+    kv = None if cache is None else (cache["k"], cache["v"])
+    (x, kv), route = jax.lax.scan(
+        layer, (x, kv), (params, jnp.arange(cfg.num_layers, dtype=jnp.int32), expert_ids))
+    routing = [] if route is None else [(route[0][i], route[1][i])
+                                        for i in range(cfg.num_layers)]
+    return x, kv, routing
+
+  def block(self, i: int) -> Block:
+    """Layer i as a Block (of the stacked parameters when scanned: a slice of each)."""
+    if not self.cfg.scanned:
+      return self.layers[i]
+    graphdef, params = nnx.split(self.layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], params))
 
   def logits(self, x: Array) -> Array:
     """The last block's output [B, T, D] -> float32 logits [B, T, V] (final norm, head)."""
@@ -645,6 +728,22 @@ class Transformer(nnx.Module):
     head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum("BTD,DV->BTV", x.astype(jnp.float32), head.astype(jnp.float32))
     return parallel.constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """One Block whose parameters carry a leading 'layers' axis of size L (each layer with its
+  own random init), for `Transformer._scan_layers`."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers)
+  def create(rngs):
+    return Block(cfg, rngs=rngs, moe=cfg.num_experts > 0)
+
+  blocks = create(rngs)
+  for _, var in nnx.iter_graph(blocks):
+    if isinstance(var, nnx.Param):
+      var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
+  return blocks
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
@@ -656,10 +755,19 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
   attention reads them as they lie, where slicing a layer out of a stacked cache made XLA copy
   and re-lay it out every step (38% of a CPU decode step at 32 rows x 320 slots). Keys are
   stored transposed so that a step's scores are a plain [G, H] x [H, S] product per row and
-  kv head (XLA:CPU computed q . k against [S, H] keys about 2x slower).
+  kv head (XLA:CPU computed q . k against [S, H] keys about 2x slower). A scanned model
+  (`ModelConfig.scanned`) keeps one stacked [L, B, K, H, S] / [L, B, K, S, H] array instead: the
+  layer scan carries it and writes each layer's slot in place.
   """
   dtype = to_dtype(dtype or cfg.dtype)
   K, H, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+  if cfg.scanned:  # One [L, ...] array each, carried through the layer scan.
+    return {
+        "k": jnp.zeros((L, batch, K, H, length), dtype),
+        "v": jnp.zeros((L, batch, K, length, H), dtype),
+        "segment_ids": jnp.zeros((batch, length), jnp.int32),
+        "positions": jnp.zeros((batch, length), jnp.int32),
+    }
   return {
       "k": tuple(jnp.zeros((batch, K, H, length), dtype) for _ in range(L)),
       "v": tuple(jnp.zeros((batch, K, length, H), dtype) for _ in range(L)),
@@ -668,10 +776,17 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
   }
 
 
-# Logical axes of `init_cache`'s arrays (for "k" and "v": of each layer's array).
+# Logical axes of `init_cache`'s arrays (for "k" and "v": of each layer's array; a scanned
+# model's stacked arrays have 'layers' in front, see `cache_axes`).
 CACHE_AXES = {
     "k": ("batch", "kv_heads", "head_dim", "cache_length"),
     "v": ("batch", "kv_heads", "cache_length", "head_dim"),
     "segment_ids": ("batch", "cache_length"),
     "positions": ("batch", "cache_length"),
 }
+
+
+def cache_axes(name: str, array) -> tuple:
+  """The logical axes of cache array `name`, with 'layers' in front for a stacked one."""
+  axes = CACHE_AXES[name]
+  return ("layers",) * (array.ndim - len(axes)) + axes

@@ -147,7 +147,8 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
   angles = transformer.rope_angles(positions[:, None], cfg.head_dim, cfg.rope_theta,
                                      cfg.rope_scaling)
   new_k, new_v = [], []
-  for i, block in enumerate(model.layers):
+  for i in range(cfg.num_layers):
+    block = model.block(i)
     q, k, v = block.attn.project(block.attn_norm(x), angles)          # [S, 1, *, H]
     k_pool = write(pool["k"][i], k[:, 0], write_block, write_offset)
     v_pool = write(pool["v"][i], v[:, 0], write_block, write_offset)

@@ -231,7 +231,7 @@ def default_slots(rows: int) -> int:
 
 def _map_cache(fn, cache: dict) -> dict:
   """fn(array, its logical axes) on every cache array, each layer's k and v included."""
-  return {name: jax.tree.map(lambda a, axes=transformer.CACHE_AXES[name]: fn(a, axes), val)
+  return {name: jax.tree.map(lambda a, name=name: fn(a, transformer.cache_axes(name, a)), val)
           for name, val in cache.items()}
 
 
