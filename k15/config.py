@@ -136,6 +136,12 @@ def rl_block(**overrides: Any) -> ml_collections.ConfigDict:
       dynamic_sampling=False,      # drop groups whose rewards are all equal
       mask_truncated=False,        # drop responses cut at max_new_tokens from the loss
       loss_on_old_segments=False,  # partial rollouts: train on segments of older policies too
+      early_finishers="train",     # partial rollouts: a sample that finished in an earlier
+                                   # iteration than its group's last: 'train' (all its tokens,
+                                   # against pi_i's reference) | 'exclude' (out of the loss and
+                                   # the group baseline); see k15.rl.trainer
+      reference="trainer",         # PMD's pi_i log-probs: 'trainer' (its own forward pass at
+                                   # the start of each iteration) | 'sampler' (as sampled)
       length_weight=0.0,           # length penalty (§2.3.3), its weight ...
       length_warmup_iterations=0,  # ... and the iteration it switches on
       repeat_penalty=0.0,          # subtracted from the reward of a looping response

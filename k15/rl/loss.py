@@ -20,8 +20,9 @@ Shapes (letters used below):
 
 Common arguments:
   logp:          [P, K, L] log pi_theta(y_t | x, y_<t) of the sampled tokens; differentiated.
-  ref_logp:      [P, K, L] the same under the sampling policy pi_i (its log-probs as recorded by
-                 the sampler); a constant (stop_gradient).
+  ref_logp:      [P, K, L] the same under pi_i, the policy that sampled the batch (the RL
+                 trainer computes them with the loss's own forward pass before its first update,
+                 so S - S_ref starts at exactly 0); a constant (stop_gradient).
   mask:          [P, K, L] 1 on response tokens that enter the loss, 0 on padding (bool or float).
   rewards:       [P, K] scalar reward of each response; a constant.
   sample_weight: optional [P, K] weight of each sample, 1 by default. 0 drops a sample: a

@@ -4,17 +4,50 @@ One iteration:
   draw prompts (curriculum / prioritized, k15.data.samplers)
   -> k samples each with the KV-cache sampler, partial rollouts on (k15.sampling.rollout)
   -> rewards: task verifier + length penalty + repeat penalty (k15.rewards)
-  -> ref_logp = the sampler's log-probs under pi_i
+  -> ref_logp = pi_i's log-probs of every packed row, from the trainer's own forward pass
   -> several jitted minibatch steps of the chosen loss (k15.rl.loss) on the same params
   -> pi_{i+1} is the next reference; the optimizer state is reset at the start of each
      iteration, as the paper does (config rl.reset_optimizer), the learning-rate schedule's
      step excepted (it counts the run's optimizer steps, `carry_schedule_step`)
   -> metrics, checkpoint.
 
+The reference pi_i (rl.reference='trainer'). PMD's regulariser is tau (S - S_ref)^2 with S the
+sequence log-prob under the parameters being trained and S_ref the same under pi_i (§2.3.2).
+S_ref is computed by the same jitted code as S (k15.update.logprobs_and_router_aux: the same
+chunked head, dtypes and expert routing) on the same parameters before the first update, so
+S - S_ref is 0 exactly on the iteration's first minibatch and measures the update alone after
+it. The sampler's own log-probs differ from that by its kernels (KV cache, decode attention),
+bf16 rounding, and by temperature and top-p, which change the distribution it draws from.
+Temperature and top-p are handled one way: pi_i is the untempered, untruncated policy, the same
+model the loss evaluates for S, so the two sides of the log-ratio are one distribution; the
+sampler's (tempered, truncated) log-probs are a diagnostic only (rl/sampler_ref_abs_diff_mean
+and _max per token, rl/sampler_ref_seq_abs_diff per sequence, on the tokens it sampled this
+iteration). With temperature != 1 or top_p < 1 the samples come from a tempered pi_i, an
+off-policy correction the paper does not make and neither does k15. rl.reference='sampler'
+keeps the sampler's log-probs as the reference (no extra forward pass, biased as above).
+
 Groups and partial rollouts: a prompt's k samples form its group, and the PMD baseline is
 the group's mean reward, so a group is trained on once all k of its samples have finished.
 Samples that finished while others of their group are still in the replay buffer wait in
-`pending`, which the checkpoint saves with the buffer.
+`pending`, which the checkpoint saves with the buffer. Of a sample that spans iterations only
+the current segment enters the loss (§2.6: "only the current segment is on-policy"), unless
+rl.loss_on_old_segments. A sample that finished in an earlier iteration than its group's last
+(an early finisher, often a short one) has no current segment; rl.early_finishers decides
+what happens to it, so that no sample sits in the group baseline without a gradient (which
+would bias training toward the long samples that finish last):
+  'train' (default): all its tokens enter the loss. They were drawn by an older policy, but
+     S_ref is pi_i's own log-prob of them, so the regulariser pulls the update toward pi_i on
+     them exactly as on the on-policy samples; the off-policy part is only that the sample was
+     drawn from pi_{i-1} (one or a few updates away), the paper's own approximation for the
+     older segments it keeps.
+  'exclude': sample weight 0: out of the loss and out of its group's mean and normaliser, as
+     if it had never been drawn (the group's baseline is the mean of the samples that train).
+docs/rl_notes.md compares the two on a run with partial rollouts on.
+
+Optimizer state. With rl.reset_optimizer (the paper's rule) Adam's moments are created after
+sampling, just before the first update, and dropped after the last one, so they never share
+the devices with the sampler's KV cache; between iterations (and in the checkpoint) only the
+learning-rate schedule's step count is kept.
 """
 
 from __future__ import annotations
@@ -47,6 +80,8 @@ RewardFn = Callable[[Sequence[int], Sequence[np.ndarray]], np.ndarray]
 
 
 GROUP_KEYS = ("rewards", "sample_weight")  # [G, k]; every other batch entry is [G*k, T]
+REFERENCES = ("trainer", "sampler")
+EARLY_FINISHERS = ("train", "exclude")
 
 
 def _bucket(n: int, multiple: int) -> int:
@@ -55,19 +90,28 @@ def _bucket(n: int, multiple: int) -> int:
 
 def build_batch(groups: list[list[sampling.Trajectory]], rewards: np.ndarray, *,
                 num_groups: int, length: int, version: int, loss_on_old_segments: bool,
-                mask_truncated: bool, drop_equal_reward_groups: bool) -> dict[str, np.ndarray]:
+                mask_truncated: bool, drop_equal_reward_groups: bool,
+                early_finishers: str = "train") -> dict[str, np.ndarray]:
   """Packs finished groups into fixed-shape training arrays.
 
   Rows are prompt + response, left-aligned, right-padded to `length`; padding groups (up to
   `num_groups`) get sample_weight 0. mask[t] = 1 where token t is a response token whose
-  log-prob enters the loss; ref_logp[t] is the log-prob the sampler reported for token t.
+  log-prob enters the loss; ref_logp[t] is the log-prob the sampler reported for token t (the
+  trainer replaces it by its own reference pass, see the module docstring); current[t] = 1
+  where token t was sampled by policy `version` (the trainer's diagnostics, not a loss input).
+  A sample without a token of `version` (an early finisher, see the module docstring) trains
+  on all its tokens ('train') or gets sample_weight 0 ('exclude').
   """
+  if early_finishers not in EARLY_FINISHERS:
+    raise ValueError(f"config.rl.early_finishers={early_finishers!r}; expected one of "
+                     f"{EARLY_FINISHERS}")
   k = len(groups[0])
   G = num_groups
   tokens = np.zeros((G * k, length), np.int32)
   positions = np.zeros((G * k, length), np.int32)
   segment_ids = np.zeros((G * k, length), np.int32)
   mask = np.zeros((G * k, length), np.float32)
+  current = np.zeros((G * k, length), np.float32)
   ref_logp = np.zeros((G * k, length), np.float32)
   r = np.zeros((G, k), np.float32)
   weight = np.zeros((G, k), np.float32)
@@ -82,18 +126,40 @@ def build_batch(groups: list[list[sampling.Trajectory]], rewards: np.ndarray, *,
       positions[row, :n] = np.arange(n)
       segment_ids[row, :n] = 1
       resp_slice = slice(len(p), n)
+      cur = (traj.versions[:n - len(p)] == version).astype(np.float32)
+      early = not traj.on_policy_mask(version).any()
       m = np.ones(n - len(p), np.float32)
-      if not loss_on_old_segments:
-        m *= (traj.versions[:n - len(p)] == version)
+      if not loss_on_old_segments and not early:
+        m *= cur
       mask[row, resp_slice] = m
+      current[row, resp_slice] = cur
       ref_logp[row, resp_slice] = traj.logprobs[:n - len(p)]
       r[g, j] = rewards[g, j]
       truncated = traj.finish_reason == sampling.FinishReason.LENGTH
-      weight[g, j] = 0.0 if (mask_truncated and truncated) else 1.0
+      excluded = (mask_truncated and truncated) or (early and early_finishers == "exclude")
+      weight[g, j] = 0.0 if excluded else 1.0
     if drop_equal_reward_groups and equal:
       weight[g] = 0.0
   return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids, "mask": mask,
-          "ref_logp": ref_logp, "rewards": r, "sample_weight": weight}
+          "ref_logp": ref_logp, "rewards": r, "sample_weight": weight, "current": current}
+
+
+def sampler_gap(sampler_logp: np.ndarray, ref_logp: np.ndarray,
+                current: np.ndarray) -> dict[str, float]:
+  """How far the sampler's log-probs are from the reference pass's, on the current tokens.
+
+  All [R, T]; `current` selects the tokens the policy of this iteration sampled (older
+  segments were sampled by another policy, so their gap is not the sampler's). Per token: the
+  mean and max of |sampler - reference|; per sequence: the mean over rows of |sum_t (sampler -
+  reference)|, the error it would put in S_ref.
+  """
+  d = (sampler_logp - ref_logp) * current
+  rows = current.sum(-1) > 0
+  n = max(float(current.sum()), 1.0)
+  return {"rl/sampler_ref_abs_diff_mean": float(np.abs(d).sum() / n),
+          "rl/sampler_ref_abs_diff_max": float(np.abs(d).max()) if d.size else 0.0,
+          "rl/sampler_ref_seq_abs_diff": (float(np.abs(d.sum(-1))[rows].mean())
+                                          if rows.any() else 0.0)}
 
 
 def carry_schedule_step(fresh: Any, old: Any) -> Any:
@@ -105,10 +171,32 @@ def carry_schedule_step(fresh: Any, old: Any) -> Any:
   restart too, and a warm-up would rerun every iteration. Its step is the number of optimizer
   steps taken in the whole run.
   """
-  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
-  counts = iter([x for x in jax.tree.leaves(old, is_leaf=is_schedule) if is_schedule(x)])
-  return jax.tree.map(lambda x: next(counts) if is_schedule(x) else x, fresh,
-                      is_leaf=is_schedule)
+  return with_schedule_counts(fresh, schedule_counts(old))
+
+
+def _is_schedule(x) -> bool:
+  return isinstance(x, optax.ScaleByScheduleState)
+
+
+def schedule_counts(opt_state: Any) -> list[Any]:
+  """The step counts of the learning-rate schedules in `opt_state`, in tree order."""
+  return [x.count for x in jax.tree.leaves(opt_state, is_leaf=_is_schedule) if _is_schedule(x)]
+
+
+def with_schedule_counts(opt_state: Any, counts: list[Any]) -> Any:
+  """`opt_state` with its schedules' step counts replaced by `counts` (`schedule_counts`)."""
+  it = iter(counts)
+  return jax.tree.map(lambda x: x._replace(count=next(it)) if _is_schedule(x) else x,
+                      opt_state, is_leaf=_is_schedule)
+
+
+def _zero_schedule_counts(abstract_opt_state: Any, opt_shardings: Any) -> list[jax.Array]:
+  """Zero schedule counts laid out as in the optimizer state: nothing else of it is created."""
+  counts = schedule_counts(abstract_opt_state)
+  shardings = schedule_counts(jax.tree.map(
+      lambda a, sh: sh, abstract_opt_state, opt_shardings,
+      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)))
+  return [jax.device_put(np.zeros(c.shape, c.dtype), sh) for c, sh in zip(counts, shardings)]
 
 
 def make_loss_fn(rl_cfg: Any, k: int):
@@ -118,7 +206,8 @@ def make_loss_fn(rl_cfg: Any, k: int):
   def loss_fn(model, batch):
     # Log-probs and entropies with the head in tiles (model.logits_chunk), never [R, T, V].
     logp, ent, aux = update.logprobs_and_router_aux(
-        model, batch["tokens"], batch["positions"], batch["segment_ids"])      # [R, T] each
+        model, batch["tokens"], batch["positions"], batch["segment_ids"],
+        batch.get("expert_ids"))                                               # [R, T] each
     R, T = logp.shape
     shape = (R // k, k, T)
     loss, metrics = loss_lib.compute_loss(
@@ -133,6 +222,23 @@ def make_loss_fn(rl_cfg: Any, k: int):
     return update.add_router_aux(model, loss, metrics, aux)
 
   return loss_fn
+
+
+def make_reference_fn(graphdef: nnx.GraphDef, param_shardings: Any = None):
+  """ref(params, batch) -> log pi(token) [R, T] float32: PMD's reference pass.
+
+  The loss's forward (`make_loss_fn`) without the loss: the same `logprobs_and_router_aux`
+  call on the same batch entries (MoE expert ids replayed when the batch holds them), so that
+  at equal parameters the two give the same log-probs and S - S_ref starts at 0.
+  """
+
+  def ref(params, batch):
+    logp, _, _ = update.logprobs_and_router_aux(
+        nnx.merge(graphdef, params), batch["tokens"], batch["positions"],
+        batch["segment_ids"], batch.get("expert_ids"))
+    return logp
+
+  return jax.jit(ref, in_shardings=(param_shardings, None))
 
 
 def data_seed(config: Any) -> int:
@@ -179,8 +285,32 @@ class RLTrainer:
     self.params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params)
     self.param_shardings = parallel.state_shardings(self.params, mesh)
     self.optimizer = update.make_optimizer(config.optimizer)
-    self.opt_state, self.opt_shardings = update.init_optimizer_state(
-        self.optimizer, self.params, self.param_shardings, mesh)
+    self.reference = self.rl.get("reference", "trainer")
+    self.early_finishers = self.rl.get("early_finishers", "train")
+    if self.reference not in REFERENCES:
+      raise ValueError(f"config.rl.reference={self.reference!r}; expected one of {REFERENCES}")
+    if self.early_finishers not in EARLY_FINISHERS:
+      raise ValueError(f"config.rl.early_finishers={self.early_finishers!r}; expected one of "
+                       f"{EARLY_FINISHERS}")
+    if (self.reference == "sampler" and self.rl.segment_budget
+        and (self.early_finishers == "train" or self.rl.loss_on_old_segments)):
+      # Older segments carry the log-probs of the policy that sampled them, not pi_i's.
+      raise ValueError(
+          "config.rl.reference='sampler' with partial rollouts (rl.segment_budget > 0) cannot "
+          "train on tokens of older policies (rl.early_finishers='train' or "
+          "rl.loss_on_old_segments): their sampler log-probs are not pi_i's; use "
+          "rl.reference='trainer' or rl.early_finishers='exclude'")
+    # With the optimizer reset every iteration the moments live only while training (created
+    # in `_train`, dropped after it); between iterations only the schedule's step count stays.
+    self.opt_shardings = update.optimizer_shardings(self.optimizer, self.params,
+                                                    self.param_shardings, mesh)
+    if self.rl.reset_optimizer:
+      self.opt_state = None
+      self.schedule_counts = _zero_schedule_counts(
+          jax.eval_shape(self.optimizer.init, self.params), self.opt_shardings)
+    else:
+      self.opt_state = jax.jit(self.optimizer.init,
+                               out_shardings=self.opt_shardings)(self.params)
     self.k = self.rl.samples_per_prompt
     if self.rl.minibatch_groups % self.rl.microbatches:
       # A group's rewards give its baseline (the PMD mean reward, §2.3.2), so a microbatch holds
@@ -192,6 +322,7 @@ class RLTrainer:
           f"of rl.minibatch_groups")
     self.peak_flops = metrics_lib.peak_flops(mesh.devices.flat)
     self._steps: dict[int, Any] = {}
+    self._ref_fn = None
 
     difficulties = [p.difficulty for p in self.prompts]
     self.sampler = samplers.make_sampler(
@@ -211,8 +342,11 @@ class RLTrainer:
   # --- checkpoint ----------------------------------------------------------------------------
 
   def _arrays(self):
-    return {"params": self.params, "opt_state": self.opt_state,
-            "success_rates": self.success.state_dict()}
+    # With the optimizer reset every iteration its moments are not kept between iterations,
+    # nor saved: only the schedule's step counts are.
+    opt = ({"schedule_counts": self.schedule_counts} if self.rl.reset_optimizer
+           else {"opt_state": self.opt_state})
+    return {"params": self.params, **opt, "success_rates": self.success.state_dict()}
 
   def _meta(self):
     return {"iteration": self.iteration, "buffer": self.buffer.state_dict(),
@@ -226,11 +360,15 @@ class RLTrainer:
     step = self.checkpointer.latest_step()
     if step is None:
       return False
-    target = {"params": ckpt_lib.abstract(self.params),
-              "opt_state": ckpt_lib.abstract(self.opt_state),
-              "success_rates": self.success.state_dict()}  # numpy: restored onto the host
+    target = {key: ckpt_lib.abstract(v) for key, v in self._arrays().items()
+              if key != "success_rates"}
+    target["success_rates"] = self.success.state_dict()  # numpy: restored onto the host
     arrays, meta = self.checkpointer.restore(step, abstract_arrays=target)
-    self.params, self.opt_state = arrays["params"], arrays["opt_state"]
+    self.params = arrays["params"]
+    if self.rl.reset_optimizer:
+      self.schedule_counts = arrays["schedule_counts"]
+    else:
+      self.opt_state = arrays["opt_state"]
     self.success.load_state_dict(arrays["success_rates"])
     self.iteration = int(meta["iteration"])
     self.buffer.load_state_dict(meta["buffer"])
@@ -247,6 +385,33 @@ class RLTrainer:
           self.graphdef, make_loss_fn(self.rl, self.k), self.optimizer, microbatches=mb,
           param_shardings=self.param_shardings, opt_shardings=self.opt_shardings)
     return self._steps[num_rows]
+
+  def _place(self, batch: dict[str, np.ndarray], groups: np.ndarray,
+             keys: Sequence[str] | None = None) -> dict[str, jax.Array]:
+    """The entries `keys` (default all) of `groups`' rows of `batch`, as global device arrays."""
+    rows = (groups[:, None] * self.k + np.arange(self.k)).reshape(-1)
+    out = {}
+    for key in (batch.keys() if keys is None else keys):
+      v = batch[key][groups] if key in GROUP_KEYS else batch[key][rows]
+      # Every host built the same batch; each places only the rows its devices hold.
+      out[key] = parallel.host_to_global(v, parallel.sharding(("batch", None), v.shape,
+                                                              self.mesh))
+    return out
+
+  def _reference_logprobs(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """pi_i's log-probs of every row of `batch` [G*k, T], before any update (module docstring).
+
+    Run in the train step's microbatch shapes, one microbatch of groups at a time, so that its
+    memory is a forward pass of one microbatch and it compiles to the loss's own forward.
+    """
+    if self._ref_fn is None:
+      self._ref_fn = make_reference_fn(self.graphdef, self.param_shardings)
+    keys = [key for key in ("tokens", "positions", "segment_ids", "expert_ids") if key in batch]
+    G = batch["rewards"].shape[0]
+    step = self.rl.minibatch_groups // self.rl.microbatches
+    out = [self._ref_fn(self.params, self._place(batch, np.arange(s, s + step), keys))
+           for s in range(0, G, step)]
+    return np.concatenate(parallel.global_to_host(out), axis=0)
 
   def _collect(self, it: int):
     """Sampling: new prompts this iteration plus continuations from the replay buffer."""
@@ -318,26 +483,31 @@ class RLTrainer:
       batch = build_batch(groups, rewards, num_groups=G, length=T, version=it,
                           loss_on_old_segments=rl.loss_on_old_segments,
                           mask_truncated=rl.mask_truncated,
-                          drop_equal_reward_groups=rl.dynamic_sampling)
+                          drop_equal_reward_groups=rl.dynamic_sampling,
+                          early_finishers=self.early_finishers)
+      current = batch.pop("current")
       t1 = time.perf_counter()
+      if self.reference == "trainer":
+        sampler_logp = batch["ref_logp"]
+        batch["ref_logp"] = self._reference_logprobs(batch)
+        metrics.update(sampler_gap(sampler_logp, batch["ref_logp"], current))
+        metrics["perf/reference_s"] = time.perf_counter() - t1
       if rl.reset_optimizer:
+        # Moments created now, after sampling; dropped after the last update (module docstring).
         fresh = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.params)
-        self.opt_state = carry_schedule_step(fresh, self.opt_state)
+        self.opt_state = with_schedule_counts(fresh, self.schedule_counts)
       rows = rl.minibatch_groups * self.k
       step_fn = self._train_step(rows)
       step_metrics = []
       for p in range(rl.num_passes):
         order = np.random.default_rng([self.config.seed, it, p]).permutation(G)
         for s in range(0, G, rl.minibatch_groups):
-          sel = order[s:s + rl.minibatch_groups]
-          rows_sel = (sel[:, None] * self.k + np.arange(self.k)).reshape(-1)
-          mb = {key: v[sel] if key in GROUP_KEYS else v[rows_sel] for key, v in batch.items()}
-          # Every host built the same batch; each places only the rows its devices hold.
-          mb = {key: parallel.host_to_global(v, parallel.sharding(("batch", None), v.shape,
-                                                                  self.mesh))
-                for key, v in mb.items()}
+          mb = self._place(batch, order[s:s + rl.minibatch_groups])
           self.params, self.opt_state, m = step_fn(self.params, self.opt_state, mb)
           step_metrics.append(m)
+      if rl.reset_optimizer:
+        self.schedule_counts = schedule_counts(self.opt_state)
+        self.opt_state = None
       step_metrics = parallel.global_to_host(step_metrics)
       t_train = time.perf_counter() - t1
       trained_tokens = float(batch["mask"].sum()) * rl.num_passes
