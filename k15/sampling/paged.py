@@ -174,6 +174,15 @@ def pop(free: Array, top: Array, need: Array) -> tuple[Array, Array]:
   return jnp.where(need, ids, SCRATCH), top - jnp.sum(need, dtype=top.dtype)
 
 
+def pop_many(free: Array, top: Array, count: Array, width: int) -> tuple[Array, Array]:
+  """Takes count[q] blocks off the free stack for every q: ([Q, width] ids, SCRATCH past
+  count[q]; new top). count [Q] <= width."""
+  j = jnp.arange(width)[None]
+  rank = (jnp.cumsum(count) - count)[:, None] + j                      # [Q, width]
+  ids = jnp.take(free, jnp.clip(top - 1 - rank, 0, free.shape[0] - 1))
+  return jnp.where(j < count[:, None], ids, SCRATCH), top - jnp.sum(count, dtype=top.dtype)
+
+
 def push(free: Array, top: Array, tables: Array, first: Array, count: Array):
   """Returns blocks tables[s, first[s] : first[s] + count[s]] of every slot to the free stack."""
   S, M = tables.shape

@@ -204,6 +204,8 @@ class _Static:
   slots: int = 0        # continuous batching: rows decoded at once (per device); 0: static
   block_size: int = 16  # continuous batching: tokens per block of the paged KV cache
   paged_impl: str = "gather"  # 'gather' (any backend) or 'tpu' (Pallas paged attention)
+  pool_blocks: int = 0  # continuous batching: blocks in the pool (per device), scratch included
+  prefill_batch: int = 8  # continuous batching: prompts prefilled together in the loop
 
 
 def _phase_bounds(steps: int, phases: int) -> list[int]:
@@ -389,83 +391,115 @@ def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
 
 
 def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
-  """Prefill, then continuous batching over a paged KV cache (`k15.sampling.paged`).
+  """Continuous batching over a paged KV cache (`k15.sampling.paged`), prefill included.
 
   S = static.slots slots decode together. The rows (prompt-major (prompt, sample) pairs, the
   queue) enter the slots in order: whenever a row ends (EOS, its limit, a repeat), its slot
   returns the row's blocks to the free list and takes the next row of the queue in the same
-  loop iteration, until every row is done. The U prompts are prefilled together first, as in
-  the static path, and their keys and values moved into the pool, where the samples of a
-  prompt share its blocks; a slot that takes a row samples its first token from its prompt's
-  logits (its decode starts at the next iteration), so taking a row costs no prefill in the
-  loop. A row draws the same uniforms as in the static path (`_uniforms`), so it samples the
-  same tokens whatever slot it runs in and whenever it starts.
+  loop iteration, until every row is done. A prompt is prefilled inside the loop when its
+  first sample enters a slot (batches of static.prefill_batch prompts, between two decode
+  steps), its keys and values go straight into pool blocks that its samples share, and those
+  blocks return to the free list when its last sample ends; a slot that takes a row samples
+  its first token from its prompt's logits (its decode starts at the next iteration). So the
+  pool holds only the prompts in flight, not all U.
 
-  Per-slot letters: S slots, M block-table width, C block size, F free-list size.
+  Admission: a row enters only when the pool can hold its worst case (its own blocks up to
+  its limit, plus its prompt's blocks if the prompt is new) on top of what the rows and
+  prompts in flight have reserved; otherwise it waits (and the rows behind it, FIFO) until
+  rows end. `generate` refuses a pool that cannot hold some row alone, so the loop always
+  progresses; a pool smaller than S worst-case rows just runs fewer rows at once. A row draws
+  the same uniforms as in the static path (`_uniforms`), so it samples the same tokens whatever
+  slot it runs in and whenever it starts.
+
+  Per-slot letters: S slots, M block-table width, C block size, NB pool blocks, Q prefill
+  batch, PB blocks of the padded prompt length.
   """
   U, P = x["tokens"].shape
   B, N, S, C = x["row_source"].shape[0], static.steps, static.slots, static.block_size
+  NB, Q = static.pool_blocks, min(static.prefill_batch, U)
   model = nnx.merge(graphdef, state)
   cfg = model.cfg
-
-  prompt_logits, cache = _prefill(model, x)                          # [U, V]
-  # Prompts right-aligned to logical tokens 0..len-1 (the prefill cache holds them left-padded
-  # at slots P-len..P-1), padded to PB whole blocks: prompt u's block j is pool block
-  # 1 + u * PB + j (block 0 is the scratch block).
+  K, H = cfg.num_kv_heads, cfg.head_dim
   PB = -(-P // C)
-  lengths = x["lengths"]
-  take_idx = (jnp.arange(PB * C)[None] + P - lengths[:, None]) % P     # [U, PB*C]
-  # Worst case per slot: a row of limit N that starts mid-block holds N // C + 2 blocks of its
-  # own (its copy of the prompt's last block included); a slot returns its blocks before it
-  # takes the next row, so F = S * (N // C + 2) blocks always suffice.
-  per_slot = N // C + 2
-  F = S * per_slot
   M = -(-(P + N) // C) + 1
-  pool = paged.init_pool(cfg, 1 + U * PB + F, C)
+  usable = NB - 1                                                    # block 0 is scratch
 
-  def to_blocks(a, key_major):                                      # -> [K, U*PB, C, H]
-    if key_major:                                                   # k: [U, K, H, P]
-      a = jnp.swapaxes(jnp.take_along_axis(a, take_idx[:, None, None], axis=3), 2, 3)
-    else:                                                           # v: [U, K, P, H]
-      a = jnp.take_along_axis(a, take_idx[:, None, :, None], axis=2)
-    a = a.reshape(U, cfg.num_kv_heads, PB, C, cfg.head_dim)
-    return jnp.swapaxes(a, 0, 1).reshape(cfg.num_kv_heads, U * PB, C, cfg.head_dim)
-
-  pool = {
-      "k": tuple(p.at[:, 1:1 + U * PB].set(to_blocks(c, True).astype(p.dtype))
-                 for p, c in zip(pool["k"], cache["k"])),
-      "v": tuple(p.at[:, 1:1 + U * PB].set(to_blocks(c, False).astype(p.dtype))
-                 for p, c in zip(pool["v"], cache["v"])),
-  }
-  del cache
+  lengths, limits, row_source = x["lengths"], x["limits"], x["row_source"]
+  queue = jnp.sum(limits > 0)                                        # bucket padding rows last
+  prompt_blocks = -(-lengths // C)                                   # [U]
+  samples = jnp.zeros((U,), jnp.int32).at[row_source].add((limits > 0).astype(jnp.int32))
+  plen_row = lengths[row_source]
+  own_row = _own_blocks(plen_row, limits, C)                         # [B] worst case
 
   uniforms = _uniforms(x, N)                                         # [B, N]
-  limits = x["limits"]
-  queue = jnp.sum(limits > 0)                                        # bucket padding rows last
   buckets = tuple(paged.column_buckets(M, C))
   # Slots attend in groups of 4 of similar length (`paged.slot_groups`).
   num_groups = S // 4 if S % 4 == 0 else 1
   cols = jnp.arange(M)[None]                                         # [1, M]
   slot_ids = jnp.arange(S)
 
+  def to_blocks(a, take_idx, key_major):                             # -> [K, Q*PB, C, H]
+    # Prompts right-aligned to logical tokens 0..len-1 (the prefill cache holds them
+    # left-padded at slots P-len..P-1), padded to PB whole blocks.
+    if key_major:                                                    # k: [Q, K, H, P]
+      a = jnp.swapaxes(jnp.take_along_axis(a, take_idx[:, None, None], axis=3), 2, 3)
+    else:                                                            # v: [Q, K, P, H]
+      a = jnp.take_along_axis(a, take_idx[:, None, :, None], axis=2)
+    a = a.reshape(Q, K, PB, C, H)
+    return jnp.swapaxes(a, 0, 1).reshape(K, Q * PB, C, H)
+
+  def prefill(c, end):
+    """Prefills prompts pf .. pf + Q - 1 (those below `end`) into blocks off the free list."""
+    idx = c["pf"] + jnp.arange(Q)
+    valid = idx < end
+    idx_c = jnp.minimum(idx, U - 1)
+    logits, cache = _prefill(model, {k: x[k][idx_c] for k in ("tokens", "positions",
+                                                             "segment_ids")})
+    ids, top = paged.pop_many(c["free"], c["top"], jnp.where(valid, prompt_blocks[idx_c], 0),
+                              PB)
+    take_idx = (jnp.arange(PB * C)[None] + P - lengths[idx_c][:, None]) % P   # [Q, PB*C]
+    flat = ids.reshape(-1)                                           # SCRATCH past a prompt
+    c = dict(c, top=top, pf=jnp.minimum(c["pf"] + Q, end))
+    c["pool"] = {
+        name: tuple(p.at[:, flat].set(to_blocks(a, take_idx, name == "k").astype(p.dtype))
+                    for p, a in zip(c["pool"][name], cache[name]))
+        for name in ("k", "v")}
+    dest = jnp.where(valid, idx, U)                                  # U: dropped
+    c["ptable"] = c["ptable"].at[dest].set(ids, mode="drop")
+    c["plogits"] = c["plogits"].at[dest].set(logits, mode="drop")
+    c["refs"] = c["refs"].at[dest].set(samples[idx_c], mode="drop")
+    return c
+
   def refill(c):
-    """Empty slots take the next rows of the queue, in slot order."""
+    """Empty slots take the next rows of the queue that the pool can hold, in slot order."""
     empty = ~c["active"]
-    row = c["next"] + jnp.cumsum(empty) - 1
-    take = empty & (row < queue)
+    rank = jnp.cumsum(empty) - 1
+    row = c["next"] + rank
+    cand = empty & (row < queue)
+    row = jnp.minimum(row, B - 1)
+    src = row_source[row]
+    # Candidates are consecutive rows; a prompt not yet prefilled is new at its first one.
+    new_prompt = cand & (src >= c["pf"]) & ((rank == 0) | (src != row_source[
+        jnp.maximum(row - 1, 0)]))
+    need = jnp.where(cand, own_row[row] + jnp.where(new_prompt, prompt_blocks[src], 0), 0)
+    take = cand & (jnp.cumsum(need) <= usable - c["committed"])
+    c = dict(c, committed=c["committed"] + jnp.sum(jnp.where(take, need, 0)),
+             next=c["next"] + jnp.sum(take, dtype=jnp.int32))
+    end = jnp.maximum(c["pf"], jnp.max(jnp.where(take, src + 1, 0)))
+    c = jax.lax.while_loop(lambda c: c["pf"] < end, lambda c: prefill(c, end), c)
+
     row = jnp.where(take, row, 0)
-    src = x["row_source"][row]
+    src = row_source[row]
     plen = lengths[src]
     full = plen // C
     partial = plen % C != 0
-    copy, top = paged.pop(c["free"], c["top"], take & partial)
+    copy, c["top"] = paged.pop(c["free"], c["top"], take & partial)
     # Each sample gets its own copy of its prompt's partly filled last block (copy on write).
-    last_block = 1 + src * PB + full
-    c = dict(c, top=top, next=c["next"] + jnp.sum(take, dtype=jnp.int32))
-    c["pool"] = {name: tuple(p.at[:, copy].set(p[:, jnp.where(take & partial, last_block,
-                                                                paged.SCRATCH)])
-                             for p in c["pool"][name]) for name in ("k", "v")}
-    table = jnp.where(cols < full[:, None], 1 + src[:, None] * PB + cols,
+    ptable = jnp.pad(c["ptable"][src], [(0, 0), (0, M - PB)])      # [S, M]
+    last_block = jnp.where(take & partial, ptable[slot_ids, full], paged.SCRATCH)
+    c["pool"] = {name: tuple(p.at[:, copy].set(p[:, last_block]) for p in c["pool"][name])
+                 for name in ("k", "v")}
+    table = jnp.where(cols < full[:, None], ptable,
                       jnp.where((cols == full[:, None]) & partial[:, None], copy[:, None],
                                 paged.SCRATCH))
     c["table"] = jnp.where(take[:, None], table, c["table"])
@@ -473,11 +507,11 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
     c["plen"] = jnp.where(take, plen, c["plen"])
     c["ctx"] = jnp.where(take, plen, c["ctx"])
     c["t"] = jnp.where(take, 0, c["t"])
-    c["logits"] = jnp.where(take[:, None], prompt_logits[src], c["logits"])
+    c["logits"] = jnp.where(take[:, None], c["plogits"][src], c["logits"])
     if static.repeat_ngram:
       c["history"] = jnp.where(take[:, None], x["history"][row], c["history"])
     c["active"] = c["active"] | take
-    return c, take
+    return c
 
   def body(c):
     active, row, t = c["active"], c["row"], c["t"]
@@ -502,16 +536,25 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
 
     def release_and_refill(c):
       # Finished rows return the blocks they own (from their copy of the prompt's last block
-      # on), and their slots take the next rows.
+      # on) and their reservations; a prompt whose last sample ended returns its blocks; then
+      # the slots take the next rows.
       first = c["plen"] // C
       owned = jnp.where(finished, -(-c["ctx"] // C) - first, 0)
       c = dict(c)
       c["free"], c["top"] = paged.push(c["free"], c["top"], c["table"], first, owned)
+      refs = c["refs"].at[jnp.where(finished, row_source[row], U)].add(-1, mode="drop")
+      released = (refs == 0) & (c["refs"] > 0)
+      freed = jnp.where(released, prompt_blocks, 0)
+      c["free"], c["top"] = paged.push(c["free"], c["top"], c["ptable"], jnp.zeros_like(freed),
+                                       freed)
+      c["refs"] = refs
+      c["committed"] = (c["committed"] - jnp.sum(jnp.where(finished, own_row[row], 0))
+                        - jnp.sum(freed))
       c["active"] = cont
-      return refill(c)[0]
+      return refill(c)
 
-    # Most steps end no row (a slot is only ever empty once the queue is): skip the
-    # bookkeeping then.
+    # Most steps end no row (a slot is only ever empty once the queue is, or the pool is
+    # full): skip the bookkeeping then.
     c = jax.lax.cond(jnp.any(finished), release_and_refill, lambda c: c, c)
     # Feed token t of the continuing rows at logical position ctx (a new block when it starts
     # one); the rows that just entered a slot already hold their first logits.
@@ -528,16 +571,21 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
     c["table"] = table
     c["logits"] = jnp.where(cont[:, None], logits, c["logits"])
     c["ctx"] = jnp.where(cont, ctx + 1, ctx)
-    c["peak"] = jnp.maximum(c["peak"], F - c["top"])
+    c["peak"] = jnp.maximum(c["peak"], usable - c["top"])
     return c
 
   c = {
       **_row_outputs(B, N, x["pad_id"]),
-      "pool": pool,
-      "free": jnp.arange(1 + U * PB, 1 + U * PB + F, dtype=jnp.int32),
-      "top": jnp.int32(F),
+      "pool": paged.init_pool(cfg, NB, C),
+      "free": jnp.arange(1, NB, dtype=jnp.int32),
+      "top": jnp.int32(usable),
+      "committed": jnp.int32(0),
       "next": jnp.int32(0),
+      "pf": jnp.int32(0),
       "peak": jnp.int32(0),
+      "ptable": jnp.zeros((U, PB), jnp.int32),
+      "plogits": jnp.zeros((U, cfg.vocab_size), jnp.float32),
+      "refs": jnp.zeros((U,), jnp.int32),
       "active": jnp.zeros((S,), bool),
       "row": jnp.zeros((S,), jnp.int32),
       "t": jnp.zeros((S,), jnp.int32),
@@ -548,12 +596,17 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   }
   if static.repeat_ngram:
     c["history"] = jnp.zeros((S, static.repeat_window), jnp.int32)
-  c, _ = refill(c)
+  c = refill(c)
   c = jax.lax.while_loop(lambda c: jnp.any(c["active"]), body, c)
   out = {k: c[k] for k in ("tokens", "logprobs", "lengths", "reason")}
-  # Blocks in use at most: the prompts' and the rows' own.
-  out["peak_blocks"] = (c["peak"] + U * PB)[None]
+  out["peak_blocks"] = c["peak"][None]                               # blocks in use at most
   return out
+
+
+def _own_blocks(prompt_len, limit, block_size):
+  """The most blocks a row of `limit` new tokens after a `prompt_len`-token prompt holds of
+  its own: from its copy of the prompt's last block (or its first new block) on."""
+  return (prompt_len + limit) // block_size - prompt_len // block_size + 1
 
 
 # Inputs with one entry per prefill sequence or per sample row (split over the batch axes);
@@ -735,6 +788,8 @@ def generate(
     continuous: bool = False,
     slots: int | None = None,
     block_size: int = 16,
+    kv_tokens: int | None = None,
+    prefill_batch: int = 8,
 ) -> SampleResult:
   """Samples continuations of `prompts` with `model`, in one compiled program.
 
@@ -767,6 +822,11 @@ def generate(
       own rows); on a mesh that splits parameters the static path runs.
     slots: rows decoded at once per device (default `default_slots`); static.
     block_size: tokens per block of the paged KV cache; static.
+    kv_tokens: the paged pool's size in tokens, per device (default: enough for `slots` rows
+      of the longest limit, each with its own prompt); static. A row enters a slot only when
+      the pool can hold its prompt and limit on top of the rows in flight, so a smaller pool
+      runs fewer rows at once; one that cannot hold some row alone is refused (ValueError).
+    prefill_batch: prompts prefilled together inside the continuous loop; static.
 
   Returns:
     SampleResult with R = sum of num_samples rows, prompt-major.
@@ -889,22 +949,39 @@ def generate(
     raise ValueError(f"slots={slots} must be >= 1")
   if block_size < 1:
     raise ValueError(f"block_size={block_size} must be >= 1")
+  if prefill_batch < 1:
+    raise ValueError(f"prefill_batch={prefill_batch} must be >= 1")
   S = min(local_rows, slots or default_slots(local_rows)) if continuous else 0
+  C = int(block_size)
+  pool_blocks = 0
+  if S:
+    if kv_tokens is None:
+      pool_blocks = 1 + S * (-(-P // C) + int(_own_blocks(P, N, C)))
+    else:
+      pool_blocks = 1 + int(kv_tokens) // C
+      plen = np.asarray([p.size for p in prompts])
+      need = -(-plen // C) + _own_blocks(plen, np.asarray(limits_u), C)
+      worst = int(np.argmax(need))
+      if need[worst] > pool_blocks - 1:
+        raise ValueError(
+            f"kv_tokens={kv_tokens} ({pool_blocks - 1} blocks of {C} tokens) cannot hold prompt "
+            f"{worst} ({plen[worst]} tokens) with max_new_tokens={limits_u[worst]}: it needs "
+            f"{int(need[worst]) * C} tokens of blocks")
   static = _Static(steps=N, top_k=int(top_k) if top_k < V else 0,
                    use_top_p=top_p < 1.0, repeat_ngram=int(repeat_ngram),
                    repeat_window=int(repeat_window) if repeat_ngram else 0,
                    phases=int(decode_phases or default_phases(N)),
                    layout=_layout_key(), row_axes=row_axes, slots=S,
-                   block_size=int(block_size) if S else 16,
-                   paged_impl="tpu" if S and jax.default_backend() == "tpu" else "gather")
+                   block_size=C if S else 16,
+                   paged_impl="tpu" if S and jax.default_backend() == "tpu" else "gather",
+                   pool_blocks=pool_blocks, prefill_batch=int(prefill_batch) if S else 8)
   out = _run(state, x, graphdef=graphdef, static=static)
   width = max(limits_u)
   per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(
       transformer.to_dtype(cfg.dtype)).itemsize
   if S:
-    C, shards = static.block_size, (_batch_shards() if row_axes else 1)
-    blocks = 1 + len(slots_u) // shards * -(-P // C) + S * (N // C + 2)
-    stats = {"kv_bytes": shards * blocks * C * per_token,
+    shards = _batch_shards() if row_axes else 1
+    stats = {"kv_bytes": shards * pool_blocks * C * per_token,
              "kv_peak_bytes": int(_to_host(out["peak_blocks"]).sum()) * C * per_token}
   else:
     stats = {"kv_bytes": Rb * (P + _phase_bounds(N, static.phases)[-1]) * per_token}
