@@ -59,6 +59,42 @@ def test_rows_equal_each_prompt_sampled_alone(temperature):
     _assert_same_rows(got, alone, slice(start[i], start[i + 1]), f"prompt {i}")
 
 
+def test_pool_by_tokens_queues_rows_and_frees_prompts():
+  # Twelve 22-token prompts (6 blocks of 4 each) prefilled inside the loop as their rows enter
+  # two slots: with the default pool, at most two rows and their prompts are in flight at
+  # once (not all twelve prompts); with a pool of 40 tokens (10 blocks) that holds one row and
+  # its prompt (6 + 3 blocks) but not two, rows wait for the pool and run one at a time. Both
+  # give the static path's rows, whatever the prefill batch.
+  model = _native(seed=8)
+  prompts = [[(7 * i + j) % 120 + 1 for j in range(22)] for i in range(12)]
+  gen = dict(max_new_tokens=8, temperature=1.0, seed=3, eos_id=[5, 6, 7])
+  static = sampling.generate(model, prompts, continuous=False, **gen)
+  per_block = 2 * 1 * 2 * 16 * 4 * 4  # k and v, 1 layer, 2 kv heads, head dim 16, f32, 4 tokens
+  for kv_tokens, prefill_batch, most_blocks in ((None, 8, 2 * (6 + 3)), (40, 1, 6 + 3)):
+    got = sampling.generate(model, prompts, continuous=True, slots=2, block_size=4,
+                            kv_tokens=kv_tokens, prefill_batch=prefill_batch, **gen)
+    _assert_same_rows(got, static, msg=f"kv_tokens={kv_tokens}")
+    assert got.stats["kv_peak_bytes"] <= most_blocks * per_block < 12 * 6 * per_block
+  assert got.stats["kv_bytes"] == (1 + 10) * per_block  # the scratch block and 40 tokens
+
+
+def test_pool_that_cannot_hold_a_row_is_refused():
+  model = _native()
+  with pytest.raises(ValueError, match=r"kv_tokens=32 \(8 blocks of 4 tokens\) cannot hold "
+                                       r"prompt 1 \(9 tokens\) with max_new_tokens=20"):
+    sampling.generate(model, [[1, 2], list(range(1, 10))], max_new_tokens=[4, 20], eos_id=None,
+                      continuous=True, block_size=4, kv_tokens=32)
+
+
+def test_default_rule():
+  # Continuous only where a slot can take a second row and rows can end at different steps.
+  rule = sampler.use_continuous
+  assert rule(64, 32, early_stop=True, same_limits=True)
+  assert rule(64, 32, early_stop=False, same_limits=False)
+  assert not rule(64, 32, early_stop=False, same_limits=True)   # every row runs to its limit
+  assert not rule(32, 32, early_stop=True, same_limits=False)   # no slot takes a second row
+
+
 def test_partial_rollout_segments_equal_static():
   # Continued trajectories: prompt + partial response prefilled as one sequence, the RNG
   # counting response positions from the prefix, a repeat check that sees the prefix, and the

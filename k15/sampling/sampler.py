@@ -231,6 +231,18 @@ def default_slots(rows: int) -> int:
   return min(rows, 32)
 
 
+def use_continuous(rows: int, slots: int, *, early_stop: bool, same_limits: bool) -> bool:
+  """`generate`'s default: continuous batching iff a slot can take a second row (more rows
+  per device than slots) and rows can end at different steps (an EOS list or a repeat check,
+  or different limits).
+
+  Otherwise it cannot save a decode step, and the static path's contiguous cache is cheaper
+  per step: on the uniform workload of benchmarks/sampler.py (16 rows per device, every row
+  to its limit) continuous batching was slower (see benchmarks/README.md).
+  """
+  return rows > slots and (early_stop or not same_limits)
+
+
 def _map_cache(fn, cache: dict) -> dict:
   """fn(array, its logical axes) on every cache array, each layer's k and v included."""
   return {name: jax.tree.map(lambda a, axes=transformer.CACHE_AXES[name]: fn(a, axes), val)
@@ -785,7 +797,7 @@ def generate(
     response_prefix: Sequence[int] | None = None,
     row_seeds: Sequence[int] | None = None,
     decode_phases: int | None = None,
-    continuous: bool = False,
+    continuous: bool | None = None,
     slots: int | None = None,
     block_size: int = 16,
     kv_tokens: int | None = None,
@@ -819,7 +831,8 @@ def generate(
       does not hold up the others. Samples the same rows as the static path (False: one batch
       of all rows, decoded until its last row ends), up to float summation order. Without a
       mesh, or on a mesh that only splits rows (each device then runs its own slots over its
-      own rows); on a mesh that splits parameters the static path runs.
+      own rows); on a mesh that splits parameters the static path runs. None (default):
+      `use_continuous`'s rule, continuous only where it can save steps.
     slots: rows decoded at once per device (default `default_slots`); static.
     block_size: tokens per block of the paged KV cache; static.
     kv_tokens: the paged pool's size in tokens, per device (default: enough for `slots` rows
@@ -943,6 +956,10 @@ def generate(
         history[r, W - tail.size:] = tail
     x["history"] = _put(history, ("batch", None))
   local_rows = Rb // _batch_shards() if row_axes else Rb
+  if continuous is None:
+    continuous = use_continuous(local_rows, slots or default_slots(local_rows),
+                                early_stop=bool(eos) or repeat_ngram > 0,
+                                same_limits=len(set(limits_u)) == 1)
   if continuous and parallel.active_mesh() is not None and not row_axes:
     continuous = False  # a mesh that splits parameters: one SPMD program of the static path
   if slots is not None and slots < 1:
