@@ -241,3 +241,42 @@ def test_paged_program_compiles_for_tpu(monkeypatch):
                        static=static).compile()
   # One Pallas kernel call per layer, in the decode loop.
   assert compiled.as_text().count("tpu_custom_call") == model.cfg.num_layers
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_paged_step_on_fsdp_tensor_mesh_equals_unsharded(kv_heads):
+  # The SPMD paged step (pool and slots split over fsdp, kv heads over tensor when it divides
+  # them, else whole on each tensor shard), with tables that count blocks within each batch
+  # shard, computes what one device computes with the pool's global block ids.
+  S, C, M, shards = 4, 4, 3, 2
+  local_blocks = 1 + S // shards * M                                  # per shard, scratch 0
+  kw = dict(num_heads=8, num_kv_heads=kv_heads)
+  model = _native(seed=9, **kw)
+  cfg = model.cfg
+  rng = np.random.RandomState(1)
+  shape = (cfg.num_kv_heads, shards * local_blocks, C, cfg.head_dim)
+  pool = {n: (jnp.asarray(rng.randn(*shape), jnp.float32),) for n in ("k", "v")}
+  tables = np.stack([1 + np.arange(M) + (s % (S // shards)) * M for s in range(S)])
+  lengths = np.array([3, 9, 12, 1], np.int32)
+  tokens, block = np.array([5, 6, 7, 8], np.int32), np.zeros((S,), np.int32)
+  ctx = lengths - 1
+  for s in range(S):
+    block[s] = tables[s, ctx[s] // C]
+  step = lambda m, pool, tables, block: paged.decode_step(
+      m, jnp.asarray(tokens), jnp.asarray(ctx), pool, jnp.asarray(tables), jnp.asarray(block),
+      jnp.asarray(ctx % C), jnp.asarray(lengths), buckets=(M,), num_groups=1)
+  offset = (np.arange(S) // (S // shards) * local_blocks)[:, None]
+  want_logits, want_pool = step(model, pool, tables + offset, block + offset[:, 0])
+  mesh = parallel.make_mesh({"fsdp": shards, "tensor": 4})
+  with parallel.use_mesh(mesh):
+    sharded = parallel.create_sharded(lambda: _native(seed=9, **kw))
+    specs = paged.pool_specs(cfg, mesh)
+    put = lambda a, spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
+    got_logits, got_pool = jax.jit(step)(
+        sharded, jax.tree.map(lambda a: put(a, specs["pool"]), pool),
+        put(tables, jax.sharding.PartitionSpec(specs["slots"][0], None)),
+        put(block, specs["slots"]))
+  assert (specs["pool"][0] is not None) == (kv_heads == 4)
+  np.testing.assert_allclose(got_logits, want_logits, atol=1e-5)
+  for name in ("k", "v"):
+    np.testing.assert_allclose(got_pool[name][0], want_pool[name][0], atol=1e-6)
