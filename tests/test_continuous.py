@@ -137,10 +137,12 @@ def test_rollout_passes_through():
     assert a.finish_reason == b.finish_reason
 
 
-@pytest.mark.parametrize("mesh_axes", [{"data": 8}, {"data": 2, "tensor": 4}])
+@pytest.mark.parametrize("mesh_axes", [{"data": 8}, {"data": 2, "tensor": 4},
+                                       {"fsdp": 2, "tensor": 4}])
 def test_mesh_equals_unsharded(mesh_axes):
-  # Data parallel: each device runs its own slots over its own rows; a mesh that splits the
-  # parameters falls back to the static path. Both give the unsharded rows.
+  # Data parallel: each device runs its own slots over its own rows; on a mesh that splits the
+  # parameters each batch shard runs its own slots, tensor parallel within. All give the
+  # unsharded rows.
   model = _native(seed=6)
   gen = dict(max_new_tokens=[24, 40, 8, 40, 33], num_samples=[1, 5, 2, 3, 1], temperature=1.0,
              seed=2, eos_id=[3, 40])

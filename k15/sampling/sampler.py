@@ -24,10 +24,13 @@ With `continuous=True` the rows do not decode as one batch: a fixed number of sl
 together, and when a row ends its slot takes the next (prompt, sample) row of the queue in the
 same loop iteration, until every row is done (`_program_continuous`), with keys and values in
 a paged KV cache (`k15.sampling.paged`: a pool of fixed-size blocks and per-row block tables,
-the samples of a prompt sharing its blocks). Long-CoT lengths are long-tailed (§2.6), and a
-static batch runs until its longest row ends while the finished rows keep their slots and
-cache; continuous batching spends its steps on unfinished rows and sizes the cache by slots.
-It samples the same rows (up to float summation order).
+the samples of a prompt sharing its blocks). A prompt is prefilled inside the loop when its
+first sample takes a slot, and its blocks return to the pool with its last sample, so the pool
+is sized by tokens in flight (`kv_tokens`), not by all prompts plus rows x limit. Long-CoT
+lengths are long-tailed (§2.6), and a static batch runs until its longest row ends while the
+finished rows keep their slots and cache; continuous batching spends its steps on unfinished
+rows. It samples the same rows (up to float summation order). By default (`use_continuous`) it
+runs where it can save steps: more rows than slots, and rows that can end early.
 
 Static shapes are bucketed (P to a power of two or a given bucket list; U and B to powers of
 two that the mesh's batch axes divide; N to a power of two; eos ids to 4), so a run compiles a
@@ -201,6 +204,7 @@ class _Static:
   phases: int           # decode phases, each with a longer cache (see `_phase_bounds`)
   layout: Any           # the active mesh and rules (None without a mesh), hashable
   row_axes: tuple = ()  # mesh axes each device samples its own rows over (`_row_axes`)
+  split_params: bool = False  # row_axes of a mesh that splits parameters (`_entry`)
   slots: int = 0        # continuous batching: rows decoded at once (per device); 0: static
   block_size: int = 16  # continuous batching: tokens per block of the paged KV cache
   paged_impl: str = "gather"  # 'gather' (any backend) or 'tpu' (Pallas paged attention)
@@ -443,6 +447,12 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   plen_row = lengths[row_source]
   own_row = _own_blocks(plen_row, limits, C)                         # [B] worst case
 
+  def everywhere(n):
+    """n (an int32 scalar) maxed over the batch shards when they must run in step: with
+    parameters split over other axes, every control-flow decision that encloses a collective
+    (the decode loop, a refill, a prefill) is taken by all batch shards together."""
+    return jax.lax.pmax(n, static.row_axes) if static.split_params else n
+
   uniforms = _uniforms(x, N)                                         # [B, N]
   buckets = tuple(paged.column_buckets(M, C))
   # Slots attend in groups of 4 of similar length (`paged.slot_groups`).
@@ -498,7 +508,8 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
     c = dict(c, committed=c["committed"] + jnp.sum(jnp.where(take, need, 0)),
              next=c["next"] + jnp.sum(take, dtype=jnp.int32))
     end = jnp.maximum(c["pf"], jnp.max(jnp.where(take, src + 1, 0)))
-    c = jax.lax.while_loop(lambda c: c["pf"] < end, lambda c: prefill(c, end), c)
+    batches = everywhere(-(-(end - c["pf"]) // Q))
+    c = jax.lax.fori_loop(0, batches, lambda _, c: prefill(c, end), c)
 
     row = jnp.where(take, row, 0)
     src = row_source[row]
@@ -567,7 +578,8 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
 
     # Most steps end no row (a slot is only ever empty once the queue is, or the pool is
     # full): skip the bookkeeping then.
-    c = jax.lax.cond(jnp.any(finished), release_and_refill, lambda c: c, c)
+    c = jax.lax.cond(everywhere(jnp.any(finished).astype(jnp.int32)) > 0, release_and_refill,
+                     lambda c: c, c)
     # Feed token t of the continuing rows at logical position ctx (a new block when it starts
     # one); the rows that just entered a slot already hold their first logits.
     ctx = c["ctx"]
@@ -609,7 +621,8 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   if static.repeat_ngram:
     c["history"] = jnp.zeros((S, static.repeat_window), jnp.int32)
   c = refill(c)
-  c = jax.lax.while_loop(lambda c: jnp.any(c["active"]), body, c)
+  c = jax.lax.while_loop(lambda c: everywhere(jnp.any(c["active"]).astype(jnp.int32)) > 0,
+                         body, c)
   out = {k: c[k] for k in ("tokens", "logprobs", "lengths", "reason")}
   out["peak_blocks"] = c["peak"][None]                               # blocks in use at most
   return out
@@ -644,10 +657,15 @@ def _entry(state, x: dict, *, graphdef, static: _Static) -> dict:
     with parallel.without_mesh():  # no sharding constraints inside: everything here is local
       return _program(state, x, graphdef=graphdef, static=static)
 
+  # Continuous batching on a mesh that splits parameters (fsdp, tensor): each batch shard runs
+  # its own slots and pool as above, on parameters gathered over the batch axes and still split
+  # over the others, which stay SPMD inside (data parallel across batch shards, tensor
+  # parallel within).
+  manual = {"axis_names": frozenset(static.row_axes)} if static.split_params else {}
   return jax.shard_map(local, mesh=parallel.active_mesh(),
                        in_specs=(PartitionSpec(),
                                  {k: rows if k in _ROW_INPUTS else PartitionSpec() for k in x}),
-                       out_specs=rows, check_vma=False)(state, x)
+                       out_specs=rows, check_vma=False, **manual)(state, x)
 
 
 _run = jax.jit(_entry, static_argnames=("graphdef", "static"))
@@ -830,8 +848,9 @@ def generate(
       rows decode at once and a finished row's slot takes the next row at once, so a long row
       does not hold up the others. Samples the same rows as the static path (False: one batch
       of all rows, decoded until its last row ends), up to float summation order. Without a
-      mesh, or on a mesh that only splits rows (each device then runs its own slots over its
-      own rows); on a mesh that splits parameters the static path runs. None (default):
+      mesh, on a mesh that only splits rows (each device then runs its own slots over its own
+      rows), or on one that splits parameters (each batch shard runs its own slots, on the
+      parameters gathered over the batch axes and split over the others). None (default):
       `use_continuous`'s rule, continuous only where it can save steps.
     slots: rows decoded at once per device (default `default_slots`); static.
     block_size: tokens per block of the paged KV cache; static.
@@ -910,7 +929,18 @@ def generate(
   P = bucket_length(max(p.size for p in prompts), prompt_buckets)
   Rb = _bucket_batch(R)
   N = _next_pow2(max(limits_u), 8)
-  slots_u, slot_of_row = _prefill_slots(row_source, U, Rb, _batch_shards(), bool(row_axes))
+  if slots is not None and slots < 1:
+    raise ValueError(f"slots={slots} must be >= 1")
+  shards = _batch_shards()
+  if continuous is None:
+    continuous = use_continuous(Rb // shards, slots or default_slots(Rb // shards),
+                                early_stop=bool(eos) or repeat_ngram > 0,
+                                same_limits=len(set(limits_u)) == 1)
+  # Continuous batching on a mesh that splits parameters: per batch shard as well (`_entry`).
+  split_params = bool(continuous and not row_axes and _batch_axes())
+  if split_params:
+    row_axes = _batch_axes()
+  slots_u, slot_of_row = _prefill_slots(row_source, U, Rb, shards, bool(row_axes))
 
   tokens = np.full((len(slots_u), P), pad_id, np.int32)
   positions = np.zeros((len(slots_u), P), np.int32)
@@ -955,15 +985,7 @@ def generate(
       if tail.size:
         history[r, W - tail.size:] = tail
     x["history"] = _put(history, ("batch", None))
-  local_rows = Rb // _batch_shards() if row_axes else Rb
-  if continuous is None:
-    continuous = use_continuous(local_rows, slots or default_slots(local_rows),
-                                early_stop=bool(eos) or repeat_ngram > 0,
-                                same_limits=len(set(limits_u)) == 1)
-  if continuous and parallel.active_mesh() is not None and not row_axes:
-    continuous = False  # a mesh that splits parameters: one SPMD program of the static path
-  if slots is not None and slots < 1:
-    raise ValueError(f"slots={slots} must be >= 1")
+  local_rows = Rb // shards if row_axes else Rb
   if block_size < 1:
     raise ValueError(f"block_size={block_size} must be >= 1")
   if prefill_batch < 1:
@@ -988,7 +1010,7 @@ def generate(
                    use_top_p=top_p < 1.0, repeat_ngram=int(repeat_ngram),
                    repeat_window=int(repeat_window) if repeat_ngram else 0,
                    phases=int(decode_phases or default_phases(N)),
-                   layout=_layout_key(), row_axes=row_axes, slots=S,
+                   layout=_layout_key(), row_axes=row_axes, split_params=split_params, slots=S,
                    block_size=C if S else 16,
                    paged_impl="tpu" if S and jax.default_backend() == "tpu" else "gather",
                    pool_blocks=pool_blocks, prefill_batch=int(prefill_batch) if S else 8)
@@ -997,7 +1019,7 @@ def generate(
   per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(
       transformer.to_dtype(cfg.dtype)).itemsize
   if S:
-    shards = _batch_shards() if row_axes else 1
+    shards = shards if row_axes else 1
     stats = {"kv_bytes": shards * pool_blocks * C * per_token,
              "kv_peak_bytes": int(_to_host(out["peak_blocks"]).sum()) * C * per_token}
   else:
