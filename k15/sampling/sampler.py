@@ -932,10 +932,13 @@ def generate(
   if slots is not None and slots < 1:
     raise ValueError(f"slots={slots} must be >= 1")
   shards = _batch_shards()
+  tpu = jax.default_backend() == "tpu"
   if continuous is None:
     continuous = use_continuous(Rb // shards, slots or default_slots(Rb // shards),
                                 early_stop=bool(eos) or repeat_ngram > 0,
                                 same_limits=len(set(limits_u)) == 1)
+    # On TPU a mesh that splits parameters would decode through the gather path (below).
+    continuous &= not (tpu and parallel.active_mesh() is not None and not row_axes)
   # Continuous batching on a mesh that splits parameters: per batch shard as well (`_entry`).
   split_params = bool(continuous and not row_axes and _batch_axes())
   if split_params:
@@ -1012,7 +1015,9 @@ def generate(
                    phases=int(decode_phases or default_phases(N)),
                    layout=_layout_key(), row_axes=row_axes, split_params=split_params, slots=S,
                    block_size=C if S else 16,
-                   paged_impl="tpu" if S and jax.default_backend() == "tpu" else "gather",
+                   # The Pallas kernel is not partitioned over the axes left SPMD inside a
+                   # batch shard (tensor): split_params runs the gather path.
+                   paged_impl="tpu" if S and tpu and not split_params else "gather",
                    pool_blocks=pool_blocks, prefill_batch=int(prefill_batch) if S else 8)
   out = _run(state, x, graphdef=graphdef, static=static)
   width = max(limits_u)
