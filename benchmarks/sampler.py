@@ -88,13 +88,19 @@ def _timed(fn, arg) -> float:
   return time.perf_counter() - t0
 
 
-def _interleaved_best(fns: dict, repeats: int) -> dict:
-  """Best time of each fn over `repeats` rounds, one call of every fn per round."""
-  best = {name: float("inf") for name in fns}
+def _interleaved_times(fns: dict, repeats: int) -> dict:
+  """Every fn's times over `repeats` rounds, one call of every fn per round."""
+  times = {name: [] for name in fns}
   for i in range(repeats):
     for name, fn in fns.items():
-      best[name] = min(best[name], _timed(fn, i))
-  return best
+      times[name].append(_timed(fn, i))
+  return times
+
+
+def _spread(times: list) -> dict:
+  """Best (the figure the tables use), median and the spread of a row's timed runs."""
+  return {"seconds": min(times), "seconds_median": float(np.median(times)),
+          "seconds_max": max(times), "seconds_all": times}
 
 
 def _matmul_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -184,7 +190,9 @@ def _longtail(args, ref, model):
     runs["transformers (1 thr)"] = hf_run
     rows["transformers (1 thr)"] = {"torch_threads": 1}
 
-  for name, seconds in _interleaved_best(runs, args.repeats or 1).items():
+  for name, times in _interleaved_times(runs, args.repeats or 1).items():
+    seconds = min(times)
+    rows[name].update(_spread(times))
     if name.startswith("transformers"):
       lengths = results["transformers"]
       kv = lengths.size * (w["prompt_len"] + int(lengths.max())) * per_token
@@ -194,7 +202,7 @@ def _longtail(args, ref, model):
       lengths = res.lengths
       rows[name].update(kv_bytes=res.stats["kv_bytes"],
                         kv_peak_bytes=res.stats.get("kv_peak_bytes"))
-    rows[name].update(seconds=seconds, useful_tokens=int(lengths.sum()),
+    rows[name].update(useful_tokens=int(lengths.sum()),
                       mean_length=float(lengths.mean()), max_length=int(lengths.max()),
                       tokens_per_s=float(lengths.sum()) / seconds)
   if "k15 static" in results and "k15 continuous" in results:
@@ -204,7 +212,7 @@ def _longtail(args, ref, model):
     print(f"static and continuous sampled the same rows: {same}")
     rows["k15 continuous"]["same_rows_as_static"] = bool(same)
 
-  print(f"\n{'sampler':<24}{'seconds':>9}{'useful tok':>12}{'mean len':>10}{'max len':>9}"
+  print(f"\n{'sampler':<24}{'seconds':>9}{'median':>8}{'max':>8}{'useful tok':>12}{'mean len':>10}{'max len':>9}"
         f"{'tok/s':>9}{'KV MiB':>9}{'KV peak':>9}{'vs static':>11}{'vs transf.':>12}")
   static = rows.get("k15 static", {}).get("tokens_per_s")
   hf_tps = rows.get("transformers (1 thr)", {}).get("tokens_per_s")
@@ -214,7 +222,8 @@ def _longtail(args, ref, model):
     vs_h = f"{r['tokens_per_s'] / hf_tps:.2f}x" if hf_tps else "-"
     r.update(vs_static=r["tokens_per_s"] / static if static else None,
              vs_transformers=r["tokens_per_s"] / hf_tps if hf_tps else None)
-    print(f"{name:<24}{r['seconds']:>9.2f}{r['useful_tokens']:>12}{r['mean_length']:>10.1f}"
+    print(f"{name:<24}{r['seconds']:>9.2f}{r['seconds_median']:>8.2f}{r['seconds_max']:>8.2f}"
+          f"{r['useful_tokens']:>12}{r['mean_length']:>10.1f}"
           f"{r['max_length']:>9}{r['tokens_per_s']:>9.0f}{r['kv_bytes'] / 2**20:>9.1f}"
           f"{(f'{peak / 2**20:.1f}' if peak else '-'):>9}{vs_s:>11}{vs_h:>12}")
   first = ", ".join(f"{name} {r['first_call_s']:.1f} s" for name, r in rows.items()
@@ -272,7 +281,7 @@ def main(argv=None):
   print(f"backend {jax.default_backend()}, {devices} device(s); torch threads "
         f"{torch.get_num_threads()}")
 
-  def k15_runner(mesh):
+  def k15_runner(mesh, continuous=False):
     placed = model
     if mesh is not None:  # parameters replicated on every device once, as training would
       state = nnx.state(model)
@@ -283,17 +292,21 @@ def main(argv=None):
     def run(seed):
       with parallel.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         res = sampler.generate(placed, list(prompts), max_new_tokens=args.new_tokens,
-                               eos_id=None, temperature=1.0, seed=seed)
+                               eos_id=None, temperature=1.0, seed=seed, continuous=continuous)
       assert res.lengths.min() == args.new_tokens
+      kv[continuous] = res.stats["kv_bytes"]
       return res
     return run
 
-  k15_rows = {"k15 (1 device)": None}
+  k15_rows = {"k15 (1 device)": (None, False)}
   if devices > 1:
-    k15_rows[f"k15 (data x{devices})"] = parallel.make_mesh({"data": devices})
-  for name, mesh in k15_rows.items():
-    run = k15_runner(mesh)
+    k15_rows[f"k15 (data x{devices})"] = (parallel.make_mesh({"data": devices}), False)
+    k15_rows[f"k15 continuous (data x{devices})"] = (k15_rows[f"k15 (data x{devices})"][0], True)
+  kv = {}
+  for name, (mesh, continuous) in k15_rows.items():
+    run = k15_runner(mesh, continuous)
     rows[name] = {"first_call_s": _timed(run, 12345), "devices": 1 if mesh is None else devices}
+    rows[name]["kv_bytes"] = kv[continuous]
     runs[name] = lambda i, run=run: run(1000 + i)
 
   if not args.skip_transformers:
@@ -323,8 +336,8 @@ def main(argv=None):
       runs[name](0)  # warm-up
       rows[name] = {"torch_threads": threads}
 
-  for name, seconds in _interleaved_best(runs, args.repeats).items():
-    rows[name].update(seconds=seconds, tokens_per_s=new / seconds)
+  for name, times in _interleaved_times(runs, args.repeats).items():
+    rows[name].update(_spread(times), tokens_per_s=new / min(times))
   if not args.skip_transformers:
     torch.set_num_threads(default_threads)
 
@@ -340,11 +353,13 @@ def main(argv=None):
   print(f"\nbatch {args.batch} x {args.prompt_len}-token prompts, {args.new_tokens} new tokens, "
         f"sampling at temperature 1; params {cfg.num_params():,}; "
         f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3 jnp.dot)\n")
-  print(f"{'sampler':<24}{'seconds':>9}{'new tok/s':>11}{'GFLOP/s':>9}{'% of peak':>11}"
+  print(f"{'sampler':<34}{'seconds':>9}{'median':>8}{'max':>8}{'KV MiB':>8}{'new tok/s':>11}{'GFLOP/s':>9}{'% of peak':>11}"
         f"{'vs best transformers':>22}")
   for name, r in rows.items():
     ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-    print(f"{name:<24}{r['seconds']:>9.3f}{r['tokens_per_s']:>11.0f}{r['gflops']:>9.2f}"
+    kv_mib = f"{r['kv_bytes'] / 2**20:.1f}" if "kv_bytes" in r else "-"
+    print(f"{name:<34}{r['seconds']:>9.3f}{r['seconds_median']:>8.3f}{r['seconds_max']:>8.3f}"
+          f"{kv_mib:>8}{r['tokens_per_s']:>11.0f}{r['gflops']:>9.2f}"
           f"{100 * r['share_of_matmul_peak']:>10.1f}%{ratio:>22}")
   first = ", ".join(f"{name} {r['first_call_s']:.1f} s" for name, r in rows.items()
                     if "first_call_s" in r)

@@ -15,6 +15,10 @@ caches as `jax.ShapeDtypeStruct`s (nothing is allocated, a 7B model included):
   prefill       the sampler's prefill: the sequences of one rollout call (continued rows
                 included) at the longest prompt bucket, filling their KV cache
   decode        one decode step of all sample rows against the full-length cache (donated)
+  decode_paged  one step of continuous batching's decode (k15.sampling.paged): as many slots as
+                `decode` has rows, a block pool (donated) holding each slot's full length,
+                keys and values read through the Pallas paged-attention kernel; pool and slots
+                split over the batch axes, kv heads over tensor (`paged.pool_specs`)
 
 Shapes are `k15.plan`'s worst case for one rollout and one gradient step, and its per-chip
 prediction for each program is printed beside XLA's. Training and sampling use the same
@@ -48,7 +52,7 @@ from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from k15 import parallel, plan as plan_lib, update  # pylint: disable=wrong-import-position
 from k15.model import transformer  # pylint: disable=wrong-import-position
 from k15.rl import trainer  # pylint: disable=wrong-import-position
-from k15.sampling import sampler  # pylint: disable=wrong-import-position
+from k15.sampling import paged, sampler  # pylint: disable=wrong-import-position
 
 GiB = 2**30
 
@@ -129,8 +133,39 @@ def _struct(shape, dtype, axes, mesh) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.sharding(axes, shape, mesh))
 
 
+def _compile_decode_paged(graphdef, params, cfg, mesh, slots: int, length: int, plan_bytes,
+                          block_size: int = 16) -> Program:
+  """One paged decode step: `slots` slots, each with `length` tokens of blocks in the pool.
+
+  Each batch shard's pool holds its slots' blocks and a scratch block; the tables index
+  within the shard (`paged.pool_specs`). Call under `parallel.use_mesh(mesh)`.
+  """
+  sp = paged.pool_specs(cfg, mesh)
+  shards = math.prod(mesh.shape[a] for a in paged._names(sp["slots"][0]))  # pylint: disable=protected-access
+  C, M = block_size, -(-length // block_size) + 1
+  blocks = shards * (1 + slots // shards * -(-length // C))
+  pool_shape = (cfg.num_kv_heads, blocks, C, cfg.head_dim)
+  dtype = transformer.to_dtype(cfg.dtype)
+  pool_sh = jax.sharding.NamedSharding(mesh, sp["pool"])
+  pool = {name: tuple(jax.ShapeDtypeStruct(pool_shape, dtype, sharding=pool_sh)
+                      for _ in range(cfg.num_layers)) for name in ("k", "v")}
+  slot_sh = jax.sharding.NamedSharding(mesh, sp["slots"])
+  vec = lambda: jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=slot_sh)
+  tables = jax.ShapeDtypeStruct((slots, M), jnp.int32, sharding=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(sp["slots"][0], None)))
+
+  def decode_paged(state, pool, tokens, positions, tables, block, offset, lengths):
+    return paged.decode_step(nnx.merge(graphdef, state), tokens, positions, pool, tables, block,
+                             offset, lengths, buckets=(M,), impl="tpu")
+
+  return _compile("decode_paged", f"{slots} slots x {length} tokens, pool {blocks} blocks of {C}",
+                  jax.jit(decode_paged, donate_argnums=1),
+                  (params, pool, vec(), vec(), tables, vec(), vec(), vec()), plan_bytes)
+
+
 def compile_programs(config: Any, topology: str | None = None, *,
-                     programs: tuple[str, ...] = ("train", "ref_logprobs", "prefill", "decode"),
+                     programs: tuple[str, ...] = ("train", "ref_logprobs", "prefill", "decode",
+                                                  "decode_paged"),
                      progress: bool = False, report=None) -> dict[str, Any]:
   """Compiles `programs` of `config` for `topology` (default: config.accelerator_type).
 
@@ -229,9 +264,13 @@ def compile_programs(config: Any, topology: str | None = None, *,
         prog = _compile("decode", f"{Rs} rows, cache {S}", jax.jit(decode, donate_argnums=1),
                         (params, cache, row(), row(), jax.ShapeDtypeStruct((), jnp.int32)),
                         plan_params + s["kv_cache"] + s["decode"])
+      elif name == "decode_paged":
+        s = p["sampling"]
+        prog = _compile_decode_paged(graphdef, params, cfg, mesh, s["rows"], s["cache_length"],
+                                     plan_params + s["kv_cache"] + s["decode"])
       else:
         raise ValueError(f"unknown program {name!r}; known: train, ref_logprobs, prefill, "
-                         f"decode")
+                         f"decode, decode_paged")
       out_programs.append(prog)
       if report is not None:
         report(prog)
@@ -284,7 +323,8 @@ def main(argv=None) -> int:
   topo = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-8, v5p-64 or v5e:2x4; "
                              "default config.accelerator_type.")
   json_path = flags.DEFINE_string("json", None, "Also write the results here as JSON.")
-  only = flags.DEFINE_list("programs", "train,ref_logprobs,prefill,decode", "Programs to compile.")
+  only = flags.DEFINE_list("programs", "train,ref_logprobs,prefill,decode,decode_paged",
+                           "Programs to compile.")
   flags.mark_flag_as_required("config")
 
   def run(args):

@@ -56,3 +56,19 @@ def test_train_step_compiles_for_v5e8_beside_the_plan():
   row = aot.to_json(result)["programs"][0]
   assert row["fits"] and set(row) >= {"name", "memory_gib", "fits", "flops", "bytes",
                                       "compile_s", "plan_gib"}
+
+
+@pytest.mark.slow  # two TPU compiles
+def test_paged_decode_compiles_for_v5e8_beside_the_static_decode():
+  # Continuous batching's decode step on the 2-way FSDP x 4-way tensor mesh: the block pool
+  # split over fsdp (2 kv heads do not split over 4 tensor shards: whole on each), donated,
+  # the Pallas paged-attention kernel per shard; no more memory than the static cache's step.
+  c = _config()
+  result = aot.compile_programs(c, programs=("decode", "decode_paged"))
+  decode, paged_step = result["programs"]
+  s = result["plan"]["sampling"]
+  blocks = 2 * (1 + s["rows"] // 2 * -(-s["cache_length"] // 16))
+  pool_per_chip = 2 * 2 * 2 * blocks * 16 * 128 * 2 // 2  # k, v; 2 layers; 2 kv heads; bf16
+  assert paged_step.memory["aliased"] >= pool_per_chip, (pool_per_chip, paged_step.memory)
+  assert paged_step.total <= decode.total, (paged_step.memory, decode.memory)
+  assert aot.to_json(result)["programs"][1]["fits"]

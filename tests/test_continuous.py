@@ -59,6 +59,42 @@ def test_rows_equal_each_prompt_sampled_alone(temperature):
     _assert_same_rows(got, alone, slice(start[i], start[i + 1]), f"prompt {i}")
 
 
+def test_pool_by_tokens_queues_rows_and_frees_prompts():
+  # Twelve 22-token prompts (6 blocks of 4 each) prefilled inside the loop as their rows enter
+  # two slots: with the default pool, at most two rows and their prompts are in flight at
+  # once (not all twelve prompts); with a pool of 40 tokens (10 blocks) that holds one row and
+  # its prompt (6 + 3 blocks) but not two, rows wait for the pool and run one at a time. Both
+  # give the static path's rows, whatever the prefill batch.
+  model = _native(seed=8)
+  prompts = [[(7 * i + j) % 120 + 1 for j in range(22)] for i in range(12)]
+  gen = dict(max_new_tokens=8, temperature=1.0, seed=3, eos_id=[5, 6, 7])
+  static = sampling.generate(model, prompts, continuous=False, **gen)
+  per_block = 2 * 1 * 2 * 16 * 4 * 4  # k and v, 1 layer, 2 kv heads, head dim 16, f32, 4 tokens
+  for kv_tokens, prefill_batch, most_blocks in ((None, 8, 2 * (6 + 3)), (40, 1, 6 + 3)):
+    got = sampling.generate(model, prompts, continuous=True, slots=2, block_size=4,
+                            kv_tokens=kv_tokens, prefill_batch=prefill_batch, **gen)
+    _assert_same_rows(got, static, msg=f"kv_tokens={kv_tokens}")
+    assert got.stats["kv_peak_bytes"] <= most_blocks * per_block < 12 * 6 * per_block
+  assert got.stats["kv_bytes"] == (1 + 10) * per_block  # the scratch block and 40 tokens
+
+
+def test_pool_that_cannot_hold_a_row_is_refused():
+  model = _native()
+  with pytest.raises(ValueError, match=r"kv_tokens=32 \(8 blocks of 4 tokens\) cannot hold "
+                                       r"prompt 1 \(9 tokens\) with max_new_tokens=20"):
+    sampling.generate(model, [[1, 2], list(range(1, 10))], max_new_tokens=[4, 20], eos_id=None,
+                      continuous=True, block_size=4, kv_tokens=32)
+
+
+def test_default_rule():
+  # Continuous only where a slot can take a second row and rows can end at different steps.
+  rule = sampler.use_continuous
+  assert rule(64, 32, early_stop=True, same_limits=True)
+  assert rule(64, 32, early_stop=False, same_limits=False)
+  assert not rule(64, 32, early_stop=False, same_limits=True)   # every row runs to its limit
+  assert not rule(32, 32, early_stop=True, same_limits=False)   # no slot takes a second row
+
+
 def test_partial_rollout_segments_equal_static():
   # Continued trajectories: prompt + partial response prefilled as one sequence, the RNG
   # counting response positions from the prefix, a repeat check that sees the prefix, and the
@@ -101,10 +137,12 @@ def test_rollout_passes_through():
     assert a.finish_reason == b.finish_reason
 
 
-@pytest.mark.parametrize("mesh_axes", [{"data": 8}, {"data": 2, "tensor": 4}])
+@pytest.mark.parametrize("mesh_axes", [{"data": 8}, {"data": 2, "tensor": 4},
+                                       {"fsdp": 2, "tensor": 4}])
 def test_mesh_equals_unsharded(mesh_axes):
-  # Data parallel: each device runs its own slots over its own rows; a mesh that splits the
-  # parameters falls back to the static path. Both give the unsharded rows.
+  # Data parallel: each device runs its own slots over its own rows; on a mesh that splits the
+  # parameters each batch shard runs its own slots, tensor parallel within. All give the
+  # unsharded rows.
   model = _native(seed=6)
   gen = dict(max_new_tokens=[24, 40, 8, 40, 33], num_samples=[1, 5, 2, 3, 1], temperature=1.0,
              seed=2, eos_id=[3, 40])
@@ -205,3 +243,42 @@ def test_paged_program_compiles_for_tpu(monkeypatch):
                        static=static).compile()
   # One Pallas kernel call per layer, in the decode loop.
   assert compiled.as_text().count("tpu_custom_call") == model.cfg.num_layers
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_paged_step_on_fsdp_tensor_mesh_equals_unsharded(kv_heads):
+  # The SPMD paged step (pool and slots split over fsdp, kv heads over tensor when it divides
+  # them, else whole on each tensor shard), with tables that count blocks within each batch
+  # shard, computes what one device computes with the pool's global block ids.
+  S, C, M, shards = 4, 4, 3, 2
+  local_blocks = 1 + S // shards * M                                  # per shard, scratch 0
+  kw = dict(num_heads=8, num_kv_heads=kv_heads)
+  model = _native(seed=9, **kw)
+  cfg = model.cfg
+  rng = np.random.RandomState(1)
+  shape = (cfg.num_kv_heads, shards * local_blocks, C, cfg.head_dim)
+  pool = {n: (jnp.asarray(rng.randn(*shape), jnp.float32),) for n in ("k", "v")}
+  tables = np.stack([1 + np.arange(M) + (s % (S // shards)) * M for s in range(S)])
+  lengths = np.array([3, 9, 12, 1], np.int32)
+  tokens, block = np.array([5, 6, 7, 8], np.int32), np.zeros((S,), np.int32)
+  ctx = lengths - 1
+  for s in range(S):
+    block[s] = tables[s, ctx[s] // C]
+  step = lambda m, pool, tables, block: paged.decode_step(
+      m, jnp.asarray(tokens), jnp.asarray(ctx), pool, jnp.asarray(tables), jnp.asarray(block),
+      jnp.asarray(ctx % C), jnp.asarray(lengths), buckets=(M,), num_groups=1)
+  offset = (np.arange(S) // (S // shards) * local_blocks)[:, None]
+  want_logits, want_pool = step(model, pool, tables + offset, block + offset[:, 0])
+  mesh = parallel.make_mesh({"fsdp": shards, "tensor": 4})
+  with parallel.use_mesh(mesh):
+    sharded = parallel.create_sharded(lambda: _native(seed=9, **kw))
+    specs = paged.pool_specs(cfg, mesh)
+    put = lambda a, spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
+    got_logits, got_pool = jax.jit(step)(
+        sharded, jax.tree.map(lambda a: put(a, specs["pool"]), pool),
+        put(tables, jax.sharding.PartitionSpec(specs["slots"][0], None)),
+        put(block, specs["slots"]))
+  assert (specs["pool"][0] is not None) == (kv_heads == 4)
+  np.testing.assert_allclose(got_logits, want_logits, atol=1e-5)
+  for name in ("k", "v"):
+    np.testing.assert_allclose(got_pool[name][0], want_pool[name][0], atol=1e-6)

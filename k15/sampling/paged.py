@@ -26,10 +26,13 @@ each row's own blocks only.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from k15 import parallel
 from k15.model import transformer
 
 Array = jax.Array
@@ -127,6 +130,39 @@ def slot_groups(lengths: Array, num_groups: int, buckets: tuple[int, ...], block
   return order, index
 
 
+def pool_specs(cfg: transformer.ModelConfig, mesh) -> dict:
+  """How a pool and its slots lie on an SPMD mesh (`decode_step` under `parallel.use_mesh`).
+
+  The slots and the pool's blocks are split over the 'batch' rule's mesh axes (data, fsdp):
+  each batch shard has its own slots and its own blocks, numbered from 0 (its scratch block) in
+  its tables. The kv heads are split over the 'kv_heads' axis (tensor) when it divides them,
+  and the query heads with them; otherwise pool and queries are whole on every tensor shard
+  (each computes all heads of its slots' attention, as the static cache then is replicated
+  too). Returns PartitionSpecs: 'pool' [K, NB, C, H], 'heads' [S, N or K, H], 'slots' [S, ...].
+  """
+  batch = parallel.logical_to_spec(("batch",), None, mesh)[0]
+  # Query head n uses kv head n // G: contiguous chunks of both heads line up.
+  heads = parallel.logical_to_spec(("kv_heads",), (cfg.num_kv_heads,), mesh)[0]
+  return {"pool": PartitionSpec(heads, batch, None, None),
+          "heads": PartitionSpec(batch, heads, None),
+          "slots": PartitionSpec(batch)}
+
+
+def _write_attend(q, k, v, k_pool, v_pool, tables, write_block, write_offset, lengths, *,
+                  buckets, num_groups, scale, impl):
+  """One layer's paged step for the slots of one batch shard: writes k, v [S, K, H], attends."""
+  k_pool = write(k_pool, k, write_block, write_offset)
+  v_pool = write(v_pool, v, write_block, write_offset)
+  if impl == "tpu":
+    out = attend_tpu(q, k_pool, v_pool, tables, lengths, scale=scale)
+  else:
+    C = k_pool.shape[2]
+    groups = slot_groups(lengths, num_groups, buckets, C)
+    out = _grouped_gather(q, k_pool, v_pool, tables, lengths, groups, buckets=buckets,
+                          scale=scale)
+  return out, k_pool, v_pool
+
+
 def decode_step(model: transformer.Transformer, tokens: Array, positions: Array, pool: dict,
                 tables: Array, write_block: Array, write_offset: Array, lengths: Array,
                 *, buckets: tuple[int, ...], num_groups: int = 1, impl: str = "gather"):
@@ -136,13 +172,30 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
   are written at (write_block, write_offset) before attending, so lengths [S] counts them.
   buckets: the table widths (in blocks) a group of slots may read (`attend_gather`);
   num_groups: groups of slots of similar length that read their own width (`slot_groups`).
+  Under `parallel.use_mesh` (an SPMD program) the pool and the slots are laid out as
+  `pool_specs` says, block ids count within each batch shard, and each layer's write and
+  attention run per shard (`jax.shard_map`); the projections and the MLP stay SPMD.
   Returns (float32 logits [S, V], updated pool).
   """
   cfg = model.cfg
   dt = transformer.to_dtype(cfg.dtype)
   scale = cfg.head_dim ** -0.5
-  C = pool["k"][0].shape[2]
-  groups = slot_groups(lengths, num_groups, buckets, C) if impl != "tpu" else None
+  step = functools.partial(_write_attend, buckets=buckets, scale=scale, impl=impl,
+                           num_groups=num_groups)
+  mesh = parallel.active_mesh()
+  if mesh is not None:
+    sp = pool_specs(cfg, mesh)
+    num_groups_local = num_groups
+    shards = math.prod(mesh.shape[a] for a in _names(sp["slots"][0]))
+    if tables.shape[0] // shards % max(num_groups, 1):
+      num_groups_local = 1
+    local = functools.partial(_write_attend, buckets=buckets, scale=scale, impl=impl,
+                              num_groups=num_groups_local)
+    step = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(sp["heads"], sp["heads"], sp["heads"], sp["pool"], sp["pool"],
+                  PartitionSpec(sp["slots"][0], None), sp["slots"], sp["slots"], sp["slots"]),
+        out_specs=(sp["heads"], sp["pool"], sp["pool"]), check_vma=False)
   x = jnp.take(model.embed[...], tokens[:, None], axis=0).astype(dt)   # [S, 1, D]
   angles = transformer.rope_angles(positions[:, None], cfg.head_dim, cfg.rope_theta,
                                      cfg.rope_scaling)
@@ -150,18 +203,17 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
   for i in range(cfg.num_layers):
     block = model.block(i)
     q, k, v = block.attn.project(block.attn_norm(x), angles)          # [S, 1, *, H]
-    k_pool = write(pool["k"][i], k[:, 0], write_block, write_offset)
-    v_pool = write(pool["v"][i], v[:, 0], write_block, write_offset)
-    if impl == "tpu":
-      out = attend_tpu(q[:, 0], k_pool, v_pool, tables, lengths, scale=scale)
-    else:
-      out = _grouped_gather(q[:, 0], k_pool, v_pool, tables, lengths, groups, buckets=buckets,
-                            scale=scale)
+    out, k_pool, v_pool = step(q[:, 0], k[:, 0], v[:, 0], pool["k"][i], pool["v"][i], tables,
+                               write_block, write_offset, lengths)
     x = x + block.attn.output(out[:, None])
     x, _ = block.feed_forward(x)
     new_k.append(k_pool)
     new_v.append(v_pool)
   return model.logits(x)[:, 0], {"k": tuple(new_k), "v": tuple(new_v)}
+
+
+def _names(entry) -> tuple:
+  return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
 
 def pop(free: Array, top: Array, need: Array) -> tuple[Array, Array]:
@@ -173,6 +225,15 @@ def pop(free: Array, top: Array, need: Array) -> tuple[Array, Array]:
   rank = jnp.cumsum(need) - 1
   ids = jnp.take(free, jnp.clip(top - 1 - rank, 0, free.shape[0] - 1))
   return jnp.where(need, ids, SCRATCH), top - jnp.sum(need, dtype=top.dtype)
+
+
+def pop_many(free: Array, top: Array, count: Array, width: int) -> tuple[Array, Array]:
+  """Takes count[q] blocks off the free stack for every q: ([Q, width] ids, SCRATCH past
+  count[q]; new top). count [Q] <= width."""
+  j = jnp.arange(width)[None]
+  rank = (jnp.cumsum(count) - count)[:, None] + j                      # [Q, width]
+  ids = jnp.take(free, jnp.clip(top - 1 - rank, 0, free.shape[0] - 1))
+  return jnp.where(j < count[:, None], ids, SCRATCH), top - jnp.sum(count, dtype=top.dtype)
 
 
 def push(free: Array, top: Array, tables: Array, first: Array, count: Array):

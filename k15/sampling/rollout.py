@@ -151,7 +151,7 @@ def rollout(
     max_continued: int | None = None,
     prompt_buckets: Sequence[int] | None = None,
     pad_id: int = 0,
-    continuous: bool = False,
+    continuous: bool | None = None,
 ) -> tuple[list[Trajectory], ReplayBuffer]:
   """One iteration of partial rollouts: continue buffered trajectories, start new prompts.
 
@@ -167,7 +167,8 @@ def rollout(
     eos_id, temperature, top_p, top_k, repeat_ngram, repeat_window, prompt_buckets, pad_id: as
       in `sampler.generate` (prompt_buckets bound prompt + partial response).
     max_continued: continue at most this many buffered trajectories (oldest first); None: all.
-    continuous: sample with continuous batching (`sampler.generate`); the same trajectories.
+    continuous: sample with continuous batching (`sampler.generate`; None: its default rule);
+      the same trajectories.
 
   Returns:
     (finished trajectories: continued ones first, then new ones, prompt-major; the buffer, now

@@ -24,10 +24,13 @@ With `continuous=True` the rows do not decode as one batch: a fixed number of sl
 together, and when a row ends its slot takes the next (prompt, sample) row of the queue in the
 same loop iteration, until every row is done (`_program_continuous`), with keys and values in
 a paged KV cache (`k15.sampling.paged`: a pool of fixed-size blocks and per-row block tables,
-the samples of a prompt sharing its blocks). Long-CoT lengths are long-tailed (§2.6), and a
-static batch runs until its longest row ends while the finished rows keep their slots and
-cache; continuous batching spends its steps on unfinished rows and sizes the cache by slots.
-It samples the same rows (up to float summation order).
+the samples of a prompt sharing its blocks). A prompt is prefilled inside the loop when its
+first sample takes a slot, and its blocks return to the pool with its last sample, so the pool
+is sized by tokens in flight (`kv_tokens`), not by all prompts plus rows x limit. Long-CoT
+lengths are long-tailed (§2.6), and a static batch runs until its longest row ends while the
+finished rows keep their slots and cache; continuous batching spends its steps on unfinished
+rows. It samples the same rows (up to float summation order). By default (`use_continuous`) it
+runs where it can save steps: more rows than slots, and rows that can end early.
 
 Static shapes are bucketed (P to a power of two or a given bucket list; U and B to powers of
 two that the mesh's batch axes divide; N to a power of two; eos ids to 4), so a run compiles a
@@ -201,9 +204,12 @@ class _Static:
   phases: int           # decode phases, each with a longer cache (see `_phase_bounds`)
   layout: Any           # the active mesh and rules (None without a mesh), hashable
   row_axes: tuple = ()  # mesh axes each device samples its own rows over (`_row_axes`)
+  split_params: bool = False  # row_axes of a mesh that splits parameters (`_entry`)
   slots: int = 0        # continuous batching: rows decoded at once (per device); 0: static
   block_size: int = 16  # continuous batching: tokens per block of the paged KV cache
   paged_impl: str = "gather"  # 'gather' (any backend) or 'tpu' (Pallas paged attention)
+  pool_blocks: int = 0  # continuous batching: blocks in the pool (per device), scratch included
+  prefill_batch: int = 8  # continuous batching: prompts prefilled together in the loop
 
 
 def _phase_bounds(steps: int, phases: int) -> list[int]:
@@ -227,6 +233,18 @@ def default_slots(rows: int) -> int:
   benchmarks/sampler.py (2 CPU devices, 128 rows each), 32 slots sampled faster than 16 or 64.
   """
   return min(rows, 32)
+
+
+def use_continuous(rows: int, slots: int, *, early_stop: bool, same_limits: bool) -> bool:
+  """`generate`'s default: continuous batching iff a slot can take a second row (more rows
+  per device than slots) and rows can end at different steps (an EOS list or a repeat check,
+  or different limits).
+
+  Otherwise it cannot save a decode step, and the static path's contiguous cache is cheaper
+  per step: on the uniform workload of benchmarks/sampler.py (16 rows per device, every row
+  to its limit) continuous batching was slower (see benchmarks/README.md).
+  """
+  return rows > slots and (early_stop or not same_limits)
 
 
 def _map_cache(fn, cache: dict) -> dict:
@@ -389,83 +407,122 @@ def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
 
 
 def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
-  """Prefill, then continuous batching over a paged KV cache (`k15.sampling.paged`).
+  """Continuous batching over a paged KV cache (`k15.sampling.paged`), prefill included.
 
   S = static.slots slots decode together. The rows (prompt-major (prompt, sample) pairs, the
   queue) enter the slots in order: whenever a row ends (EOS, its limit, a repeat), its slot
   returns the row's blocks to the free list and takes the next row of the queue in the same
-  loop iteration, until every row is done. The U prompts are prefilled together first, as in
-  the static path, and their keys and values moved into the pool, where the samples of a
-  prompt share its blocks; a slot that takes a row samples its first token from its prompt's
-  logits (its decode starts at the next iteration), so taking a row costs no prefill in the
-  loop. A row draws the same uniforms as in the static path (`_uniforms`), so it samples the
-  same tokens whatever slot it runs in and whenever it starts.
+  loop iteration, until every row is done. A prompt is prefilled inside the loop when its
+  first sample enters a slot (batches of static.prefill_batch prompts, between two decode
+  steps), its keys and values go straight into pool blocks that its samples share, and those
+  blocks return to the free list when its last sample ends; a slot that takes a row samples
+  its first token from its prompt's logits (its decode starts at the next iteration). So the
+  pool holds only the prompts in flight, not all U.
 
-  Per-slot letters: S slots, M block-table width, C block size, F free-list size.
+  Admission: a row enters only when the pool can hold its worst case (its own blocks up to
+  its limit, plus its prompt's blocks if the prompt is new) on top of what the rows and
+  prompts in flight have reserved; otherwise it waits (and the rows behind it, FIFO) until
+  rows end. `generate` refuses a pool that cannot hold some row alone, so the loop always
+  progresses; a pool smaller than S worst-case rows just runs fewer rows at once. A row draws
+  the same uniforms as in the static path (`_uniforms`), so it samples the same tokens whatever
+  slot it runs in and whenever it starts.
+
+  Per-slot letters: S slots, M block-table width, C block size, NB pool blocks, Q prefill
+  batch, PB blocks of the padded prompt length.
   """
   U, P = x["tokens"].shape
   B, N, S, C = x["row_source"].shape[0], static.steps, static.slots, static.block_size
+  NB, Q = static.pool_blocks, min(static.prefill_batch, U)
   model = nnx.merge(graphdef, state)
   cfg = model.cfg
-
-  prompt_logits, cache = _prefill(model, x)                          # [U, V]
-  # Prompts right-aligned to logical tokens 0..len-1 (the prefill cache holds them left-padded
-  # at slots P-len..P-1), padded to PB whole blocks: prompt u's block j is pool block
-  # 1 + u * PB + j (block 0 is the scratch block).
+  K, H = cfg.num_kv_heads, cfg.head_dim
   PB = -(-P // C)
-  lengths = x["lengths"]
-  take_idx = (jnp.arange(PB * C)[None] + P - lengths[:, None]) % P     # [U, PB*C]
-  # Worst case per slot: a row of limit N that starts mid-block holds N // C + 2 blocks of its
-  # own (its copy of the prompt's last block included); a slot returns its blocks before it
-  # takes the next row, so F = S * (N // C + 2) blocks always suffice.
-  per_slot = N // C + 2
-  F = S * per_slot
   M = -(-(P + N) // C) + 1
-  pool = paged.init_pool(cfg, 1 + U * PB + F, C)
+  usable = NB - 1                                                    # block 0 is scratch
 
-  def to_blocks(a, key_major):                                      # -> [K, U*PB, C, H]
-    if key_major:                                                   # k: [U, K, H, P]
-      a = jnp.swapaxes(jnp.take_along_axis(a, take_idx[:, None, None], axis=3), 2, 3)
-    else:                                                           # v: [U, K, P, H]
-      a = jnp.take_along_axis(a, take_idx[:, None, :, None], axis=2)
-    a = a.reshape(U, cfg.num_kv_heads, PB, C, cfg.head_dim)
-    return jnp.swapaxes(a, 0, 1).reshape(cfg.num_kv_heads, U * PB, C, cfg.head_dim)
+  lengths, limits, row_source = x["lengths"], x["limits"], x["row_source"]
+  queue = jnp.sum(limits > 0)                                        # bucket padding rows last
+  prompt_blocks = -(-lengths // C)                                   # [U]
+  samples = jnp.zeros((U,), jnp.int32).at[row_source].add((limits > 0).astype(jnp.int32))
+  plen_row = lengths[row_source]
+  own_row = _own_blocks(plen_row, limits, C)                         # [B] worst case
 
-  pool = {
-      "k": tuple(p.at[:, 1:1 + U * PB].set(to_blocks(c, True).astype(p.dtype))
-                 for p, c in zip(pool["k"], cache["k"])),
-      "v": tuple(p.at[:, 1:1 + U * PB].set(to_blocks(c, False).astype(p.dtype))
-                 for p, c in zip(pool["v"], cache["v"])),
-  }
-  del cache
+  def everywhere(n):
+    """n (an int32 scalar) maxed over the batch shards when they must run in step: with
+    parameters split over other axes, every control-flow decision that encloses a collective
+    (the decode loop, a refill, a prefill) is taken by all batch shards together."""
+    return jax.lax.pmax(n, static.row_axes) if static.split_params else n
 
   uniforms = _uniforms(x, N)                                         # [B, N]
-  limits = x["limits"]
-  queue = jnp.sum(limits > 0)                                        # bucket padding rows last
   buckets = tuple(paged.column_buckets(M, C))
   # Slots attend in groups of 4 of similar length (`paged.slot_groups`).
   num_groups = S // 4 if S % 4 == 0 else 1
   cols = jnp.arange(M)[None]                                         # [1, M]
   slot_ids = jnp.arange(S)
 
+  def to_blocks(a, take_idx, key_major):                             # -> [K, Q*PB, C, H]
+    # Prompts right-aligned to logical tokens 0..len-1 (the prefill cache holds them
+    # left-padded at slots P-len..P-1), padded to PB whole blocks.
+    if key_major:                                                    # k: [Q, K, H, P]
+      a = jnp.swapaxes(jnp.take_along_axis(a, take_idx[:, None, None], axis=3), 2, 3)
+    else:                                                            # v: [Q, K, P, H]
+      a = jnp.take_along_axis(a, take_idx[:, None, :, None], axis=2)
+    a = a.reshape(Q, K, PB, C, H)
+    return jnp.swapaxes(a, 0, 1).reshape(K, Q * PB, C, H)
+
+  def prefill(c, end):
+    """Prefills prompts pf .. pf + Q - 1 (those below `end`) into blocks off the free list."""
+    idx = c["pf"] + jnp.arange(Q)
+    valid = idx < end
+    idx_c = jnp.minimum(idx, U - 1)
+    logits, cache = _prefill(model, {k: x[k][idx_c] for k in ("tokens", "positions",
+                                                             "segment_ids")})
+    ids, top = paged.pop_many(c["free"], c["top"], jnp.where(valid, prompt_blocks[idx_c], 0),
+                              PB)
+    take_idx = (jnp.arange(PB * C)[None] + P - lengths[idx_c][:, None]) % P   # [Q, PB*C]
+    flat = ids.reshape(-1)                                           # SCRATCH past a prompt
+    c = dict(c, top=top, pf=jnp.minimum(c["pf"] + Q, end))
+    c["pool"] = {
+        name: tuple(p.at[:, flat].set(to_blocks(a, take_idx, name == "k").astype(p.dtype))
+                    for p, a in zip(c["pool"][name], cache[name]))
+        for name in ("k", "v")}
+    dest = jnp.where(valid, idx, U)                                  # U: dropped
+    c["ptable"] = c["ptable"].at[dest].set(ids, mode="drop")
+    c["plogits"] = c["plogits"].at[dest].set(logits, mode="drop")
+    c["refs"] = c["refs"].at[dest].set(samples[idx_c], mode="drop")
+    return c
+
   def refill(c):
-    """Empty slots take the next rows of the queue, in slot order."""
+    """Empty slots take the next rows of the queue that the pool can hold, in slot order."""
     empty = ~c["active"]
-    row = c["next"] + jnp.cumsum(empty) - 1
-    take = empty & (row < queue)
+    rank = jnp.cumsum(empty) - 1
+    row = c["next"] + rank
+    cand = empty & (row < queue)
+    row = jnp.minimum(row, B - 1)
+    src = row_source[row]
+    # Candidates are consecutive rows; a prompt not yet prefilled is new at its first one.
+    new_prompt = cand & (src >= c["pf"]) & ((rank == 0) | (src != row_source[
+        jnp.maximum(row - 1, 0)]))
+    need = jnp.where(cand, own_row[row] + jnp.where(new_prompt, prompt_blocks[src], 0), 0)
+    take = cand & (jnp.cumsum(need) <= usable - c["committed"])
+    c = dict(c, committed=c["committed"] + jnp.sum(jnp.where(take, need, 0)),
+             next=c["next"] + jnp.sum(take, dtype=jnp.int32))
+    end = jnp.maximum(c["pf"], jnp.max(jnp.where(take, src + 1, 0)))
+    batches = everywhere(-(-(end - c["pf"]) // Q))
+    c = jax.lax.fori_loop(0, batches, lambda _, c: prefill(c, end), c)
+
     row = jnp.where(take, row, 0)
-    src = x["row_source"][row]
+    src = row_source[row]
     plen = lengths[src]
     full = plen // C
     partial = plen % C != 0
-    copy, top = paged.pop(c["free"], c["top"], take & partial)
+    copy, c["top"] = paged.pop(c["free"], c["top"], take & partial)
     # Each sample gets its own copy of its prompt's partly filled last block (copy on write).
-    last_block = 1 + src * PB + full
-    c = dict(c, top=top, next=c["next"] + jnp.sum(take, dtype=jnp.int32))
-    c["pool"] = {name: tuple(p.at[:, copy].set(p[:, jnp.where(take & partial, last_block,
-                                                                paged.SCRATCH)])
-                             for p in c["pool"][name]) for name in ("k", "v")}
-    table = jnp.where(cols < full[:, None], 1 + src[:, None] * PB + cols,
+    ptable = jnp.pad(c["ptable"][src], [(0, 0), (0, M - PB)])      # [S, M]
+    last_block = jnp.where(take & partial, ptable[slot_ids, full], paged.SCRATCH)
+    c["pool"] = {name: tuple(p.at[:, copy].set(p[:, last_block]) for p in c["pool"][name])
+                 for name in ("k", "v")}
+    table = jnp.where(cols < full[:, None], ptable,
                       jnp.where((cols == full[:, None]) & partial[:, None], copy[:, None],
                                 paged.SCRATCH))
     c["table"] = jnp.where(take[:, None], table, c["table"])
@@ -473,11 +530,11 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
     c["plen"] = jnp.where(take, plen, c["plen"])
     c["ctx"] = jnp.where(take, plen, c["ctx"])
     c["t"] = jnp.where(take, 0, c["t"])
-    c["logits"] = jnp.where(take[:, None], prompt_logits[src], c["logits"])
+    c["logits"] = jnp.where(take[:, None], c["plogits"][src], c["logits"])
     if static.repeat_ngram:
       c["history"] = jnp.where(take[:, None], x["history"][row], c["history"])
     c["active"] = c["active"] | take
-    return c, take
+    return c
 
   def body(c):
     active, row, t = c["active"], c["row"], c["t"]
@@ -502,17 +559,27 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
 
     def release_and_refill(c):
       # Finished rows return the blocks they own (from their copy of the prompt's last block
-      # on), and their slots take the next rows.
+      # on) and their reservations; a prompt whose last sample ended returns its blocks; then
+      # the slots take the next rows.
       first = c["plen"] // C
       owned = jnp.where(finished, -(-c["ctx"] // C) - first, 0)
       c = dict(c)
       c["free"], c["top"] = paged.push(c["free"], c["top"], c["table"], first, owned)
+      refs = c["refs"].at[jnp.where(finished, row_source[row], U)].add(-1, mode="drop")
+      released = (refs == 0) & (c["refs"] > 0)
+      freed = jnp.where(released, prompt_blocks, 0)
+      c["free"], c["top"] = paged.push(c["free"], c["top"], c["ptable"], jnp.zeros_like(freed),
+                                       freed)
+      c["refs"] = refs
+      c["committed"] = (c["committed"] - jnp.sum(jnp.where(finished, own_row[row], 0))
+                        - jnp.sum(freed))
       c["active"] = cont
-      return refill(c)[0]
+      return refill(c)
 
-    # Most steps end no row (a slot is only ever empty once the queue is): skip the
-    # bookkeeping then.
-    c = jax.lax.cond(jnp.any(finished), release_and_refill, lambda c: c, c)
+    # Most steps end no row (a slot is only ever empty once the queue is, or the pool is
+    # full): skip the bookkeeping then.
+    c = jax.lax.cond(everywhere(jnp.any(finished).astype(jnp.int32)) > 0, release_and_refill,
+                     lambda c: c, c)
     # Feed token t of the continuing rows at logical position ctx (a new block when it starts
     # one); the rows that just entered a slot already hold their first logits.
     ctx = c["ctx"]
@@ -528,16 +595,21 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
     c["table"] = table
     c["logits"] = jnp.where(cont[:, None], logits, c["logits"])
     c["ctx"] = jnp.where(cont, ctx + 1, ctx)
-    c["peak"] = jnp.maximum(c["peak"], F - c["top"])
+    c["peak"] = jnp.maximum(c["peak"], usable - c["top"])
     return c
 
   c = {
       **_row_outputs(B, N, x["pad_id"]),
-      "pool": pool,
-      "free": jnp.arange(1 + U * PB, 1 + U * PB + F, dtype=jnp.int32),
-      "top": jnp.int32(F),
+      "pool": paged.init_pool(cfg, NB, C),
+      "free": jnp.arange(1, NB, dtype=jnp.int32),
+      "top": jnp.int32(usable),
+      "committed": jnp.int32(0),
       "next": jnp.int32(0),
+      "pf": jnp.int32(0),
       "peak": jnp.int32(0),
+      "ptable": jnp.zeros((U, PB), jnp.int32),
+      "plogits": jnp.zeros((U, cfg.vocab_size), jnp.float32),
+      "refs": jnp.zeros((U,), jnp.int32),
       "active": jnp.zeros((S,), bool),
       "row": jnp.zeros((S,), jnp.int32),
       "t": jnp.zeros((S,), jnp.int32),
@@ -548,12 +620,18 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   }
   if static.repeat_ngram:
     c["history"] = jnp.zeros((S, static.repeat_window), jnp.int32)
-  c, _ = refill(c)
-  c = jax.lax.while_loop(lambda c: jnp.any(c["active"]), body, c)
+  c = refill(c)
+  c = jax.lax.while_loop(lambda c: everywhere(jnp.any(c["active"]).astype(jnp.int32)) > 0,
+                         body, c)
   out = {k: c[k] for k in ("tokens", "logprobs", "lengths", "reason")}
-  # Blocks in use at most: the prompts' and the rows' own.
-  out["peak_blocks"] = (c["peak"] + U * PB)[None]
+  out["peak_blocks"] = c["peak"][None]                               # blocks in use at most
   return out
+
+
+def _own_blocks(prompt_len, limit, block_size):
+  """The most blocks a row of `limit` new tokens after a `prompt_len`-token prompt holds of
+  its own: from its copy of the prompt's last block (or its first new block) on."""
+  return (prompt_len + limit) // block_size - prompt_len // block_size + 1
 
 
 # Inputs with one entry per prefill sequence or per sample row (split over the batch axes);
@@ -579,10 +657,15 @@ def _entry(state, x: dict, *, graphdef, static: _Static) -> dict:
     with parallel.without_mesh():  # no sharding constraints inside: everything here is local
       return _program(state, x, graphdef=graphdef, static=static)
 
+  # Continuous batching on a mesh that splits parameters (fsdp, tensor): each batch shard runs
+  # its own slots and pool as above, on parameters gathered over the batch axes and still split
+  # over the others, which stay SPMD inside (data parallel across batch shards, tensor
+  # parallel within).
+  manual = {"axis_names": frozenset(static.row_axes)} if static.split_params else {}
   return jax.shard_map(local, mesh=parallel.active_mesh(),
                        in_specs=(PartitionSpec(),
                                  {k: rows if k in _ROW_INPUTS else PartitionSpec() for k in x}),
-                       out_specs=rows, check_vma=False)(state, x)
+                       out_specs=rows, check_vma=False, **manual)(state, x)
 
 
 _run = jax.jit(_entry, static_argnames=("graphdef", "static"))
@@ -732,9 +815,11 @@ def generate(
     response_prefix: Sequence[int] | None = None,
     row_seeds: Sequence[int] | None = None,
     decode_phases: int | None = None,
-    continuous: bool = False,
+    continuous: bool | None = None,
     slots: int | None = None,
     block_size: int = 16,
+    kv_tokens: int | None = None,
+    prefill_batch: int = 8,
 ) -> SampleResult:
   """Samples continuations of `prompts` with `model`, in one compiled program.
 
@@ -763,10 +848,17 @@ def generate(
       rows decode at once and a finished row's slot takes the next row at once, so a long row
       does not hold up the others. Samples the same rows as the static path (False: one batch
       of all rows, decoded until its last row ends), up to float summation order. Without a
-      mesh, or on a mesh that only splits rows (each device then runs its own slots over its
-      own rows); on a mesh that splits parameters the static path runs.
+      mesh, on a mesh that only splits rows (each device then runs its own slots over its own
+      rows), or on one that splits parameters (each batch shard runs its own slots, on the
+      parameters gathered over the batch axes and split over the others). None (default):
+      `use_continuous`'s rule, continuous only where it can save steps.
     slots: rows decoded at once per device (default `default_slots`); static.
     block_size: tokens per block of the paged KV cache; static.
+    kv_tokens: the paged pool's size in tokens, per device (default: enough for `slots` rows
+      of the longest limit, each with its own prompt); static. A row enters a slot only when
+      the pool can hold its prompt and limit on top of the rows in flight, so a smaller pool
+      runs fewer rows at once; one that cannot hold some row alone is refused (ValueError).
+    prefill_batch: prompts prefilled together inside the continuous loop; static.
 
   Returns:
     SampleResult with R = sum of num_samples rows, prompt-major.
@@ -837,7 +929,21 @@ def generate(
   P = bucket_length(max(p.size for p in prompts), prompt_buckets)
   Rb = _bucket_batch(R)
   N = _next_pow2(max(limits_u), 8)
-  slots_u, slot_of_row = _prefill_slots(row_source, U, Rb, _batch_shards(), bool(row_axes))
+  if slots is not None and slots < 1:
+    raise ValueError(f"slots={slots} must be >= 1")
+  shards = _batch_shards()
+  tpu = jax.default_backend() == "tpu"
+  if continuous is None:
+    continuous = use_continuous(Rb // shards, slots or default_slots(Rb // shards),
+                                early_stop=bool(eos) or repeat_ngram > 0,
+                                same_limits=len(set(limits_u)) == 1)
+    # On TPU a mesh that splits parameters would decode through the gather path (below).
+    continuous &= not (tpu and parallel.active_mesh() is not None and not row_axes)
+  # Continuous batching on a mesh that splits parameters: per batch shard as well (`_entry`).
+  split_params = bool(continuous and not row_axes and _batch_axes())
+  if split_params:
+    row_axes = _batch_axes()
+  slots_u, slot_of_row = _prefill_slots(row_source, U, Rb, shards, bool(row_axes))
 
   tokens = np.full((len(slots_u), P), pad_id, np.int32)
   positions = np.zeros((len(slots_u), P), np.int32)
@@ -882,29 +988,44 @@ def generate(
       if tail.size:
         history[r, W - tail.size:] = tail
     x["history"] = _put(history, ("batch", None))
-  local_rows = Rb // _batch_shards() if row_axes else Rb
-  if continuous and parallel.active_mesh() is not None and not row_axes:
-    continuous = False  # a mesh that splits parameters: one SPMD program of the static path
-  if slots is not None and slots < 1:
-    raise ValueError(f"slots={slots} must be >= 1")
+  local_rows = Rb // shards if row_axes else Rb
   if block_size < 1:
     raise ValueError(f"block_size={block_size} must be >= 1")
+  if prefill_batch < 1:
+    raise ValueError(f"prefill_batch={prefill_batch} must be >= 1")
   S = min(local_rows, slots or default_slots(local_rows)) if continuous else 0
+  C = int(block_size)
+  pool_blocks = 0
+  if S:
+    if kv_tokens is None:
+      pool_blocks = 1 + S * (-(-P // C) + int(_own_blocks(P, N, C)))
+    else:
+      pool_blocks = 1 + int(kv_tokens) // C
+      plen = np.asarray([p.size for p in prompts])
+      need = -(-plen // C) + _own_blocks(plen, np.asarray(limits_u), C)
+      worst = int(np.argmax(need))
+      if need[worst] > pool_blocks - 1:
+        raise ValueError(
+            f"kv_tokens={kv_tokens} ({pool_blocks - 1} blocks of {C} tokens) cannot hold prompt "
+            f"{worst} ({plen[worst]} tokens) with max_new_tokens={limits_u[worst]}: it needs "
+            f"{int(need[worst]) * C} tokens of blocks")
   static = _Static(steps=N, top_k=int(top_k) if top_k < V else 0,
                    use_top_p=top_p < 1.0, repeat_ngram=int(repeat_ngram),
                    repeat_window=int(repeat_window) if repeat_ngram else 0,
                    phases=int(decode_phases or default_phases(N)),
-                   layout=_layout_key(), row_axes=row_axes, slots=S,
-                   block_size=int(block_size) if S else 16,
-                   paged_impl="tpu" if S and jax.default_backend() == "tpu" else "gather")
+                   layout=_layout_key(), row_axes=row_axes, split_params=split_params, slots=S,
+                   block_size=C if S else 16,
+                   # The Pallas kernel is not partitioned over the axes left SPMD inside a
+                   # batch shard (tensor): split_params runs the gather path.
+                   paged_impl="tpu" if S and tpu and not split_params else "gather",
+                   pool_blocks=pool_blocks, prefill_batch=int(prefill_batch) if S else 8)
   out = _run(state, x, graphdef=graphdef, static=static)
   width = max(limits_u)
   per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(
       transformer.to_dtype(cfg.dtype)).itemsize
   if S:
-    C, shards = static.block_size, (_batch_shards() if row_axes else 1)
-    blocks = 1 + len(slots_u) // shards * -(-P // C) + S * (N // C + 2)
-    stats = {"kv_bytes": shards * blocks * C * per_token,
+    shards = shards if row_axes else 1
+    stats = {"kv_bytes": shards * pool_blocks * C * per_token,
              "kv_peak_bytes": int(_to_host(out["peak_blocks"]).sum()) * C * per_token}
   else:
     stats = {"kv_bytes": Rb * (P + _phase_bounds(N, static.phases)[-1]) * per_token}
