@@ -351,6 +351,8 @@ def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   grain or RL stack).
   """
   c.model_path = ""   # a Hugging Face checkpoint directory to start from; "" = random init
+  # Where a remote model_path (gs://) is copied, once per host; "" = ~/.cache/k15/models.
+  c.model_cache_dir = ""
   c.accelerator_type = ""  # e.g. 'v5p-64', read by k15.plan
   c.smoke = dict(batch=8, length=128)
   c.optimizer = optimizer_block()

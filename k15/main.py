@@ -59,6 +59,7 @@ def main(argv):
   if config.get("model_path"):
     # The checkpoint fixes the architecture; an override on the command line must agree.
     from k15 import hf_policy  # pylint: disable=g-import-not-at-top
+    config.model_path = hf_policy.staged_model_path(config)  # a gs:// checkpoint, copied here
     hf_policy.check_architecture(config.model_path, _explicit_model_keys())
   parallel.maybe_initialize_distributed(config)
   parallel.configure_compilation_cache(config)

@@ -14,13 +14,12 @@ exported to W/export/sft as a Hugging Face checkpoint for the next stage.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
 
-from k15 import hf_policy, parallel, sft, smoke
+from k15 import hf_policy, parallel, sft, smoke, storage
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -48,6 +47,5 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             "final_loss": losses[-1] if losses else None, "export": export_dir}
   if jax.process_index() == 0:
     print(f"[k15 sft] {report}", flush=True)
-    with open(os.path.join(workdir, "sft.json"), "w") as f:
-      json.dump(dict(report, losses=losses), f, indent=2)
+    storage.write_json(os.path.join(workdir, "sft.json"), dict(report, losses=losses))
   return dict(report, model=model, tokenizer=tok)
