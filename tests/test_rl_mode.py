@@ -237,7 +237,8 @@ def test_checkpoint_without_tokenizer_files(tmp_path, qwen_ckpt, data):
 
 
 def test_checkpoint_path_errors(tmp_path, data):
-  with pytest.raises(ValueError, match=r"model_path=gs://b/ckpt: k15 reads checkpoints from local"):
+  # A remote checkpoint is staged (tests/test_epath.py); one that cannot be read is named.
+  with pytest.raises(OSError, match=r"config.model_path=gs://b/ckpt: cannot read it"):
     rl_run.run(_config("gs://b/ckpt", data["train"]), str(tmp_path))
   with pytest.raises(FileNotFoundError, match=r"model_path=.*nowhere: not a directory"):
     rl_run.run(_config(str(tmp_path / "nowhere"), data["train"]), str(tmp_path))
