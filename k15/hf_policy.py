@@ -125,10 +125,13 @@ def instruction(config: Any) -> str:
   return config.data.instruction or verifier.INSTRUCTIONS[config.reward]
 
 
-def check_data_config(config: Any, *, need: Sequence[str]) -> None:
-  """Clear errors for the `data` and `reward` keys before anything slow starts."""
+def check_data_config(config: Any, *, need: Sequence[str],
+                      reads: Sequence[str] = ("train", "eval")) -> None:
+  """Clear errors for the `data` and `reward` keys before anything slow starts: `need`, the
+  prompt files the mode requires; `reads`, those it reads (whose formats are checked)."""
   verifier.check_name(config.reward)
-  for key in ("format", "eval_format"):
+  formats = (["format"] if reads else []) + (["eval_format"] if "eval" in reads else [])
+  for key in formats:
     value = config.data[key]
     if (value or key == "format") and value not in k15_config.DATA_FORMATS:
       raise ValueError(f"unknown config.data.{key}={value!r}; known formats: "

@@ -34,7 +34,7 @@ _BOXED_REWARDS = ("math", "task")
 def run(config: Any, workdir: str) -> dict[str, Any]:
   if not workdir:
     raise ValueError("mode 'curate' needs --workdir")
-  hf_policy.check_data_config(config, need=("train",))
+  hf_policy.check_data_config(config, need=("train",), reads=("train",))
   path = os.path.join(workdir, "curated.jsonl")
   if epath.Path(path).exists():
     records = prompts_lib.load_jsonl(path)[0]

@@ -21,7 +21,7 @@ from k15 import hf_policy, parallel, smoke, storage
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-  hf_policy.check_data_config(config, need=("eval",))
+  hf_policy.check_data_config(config, need=("eval",), reads=("eval",))
   config = hf_policy.with_checkpoint_architecture(config)
   tok = hf_policy.load_tokenizer(config.model_path, hf_policy.instruction(config))
   problems = hf_policy.load_problems(config, "eval")

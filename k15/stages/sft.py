@@ -28,7 +28,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   if not config.sft.data:
     raise ValueError("mode 'sft' on a checkpoint needs --config.sft.data=PAIRS.jsonl "
                      '({"prompt", "response"} lines)')
-  hf_policy.check_data_config(config, need=())
+  hf_policy.check_data_config(config, need=(), reads=())
   config = hf_policy.with_checkpoint_architecture(config)
   tok = hf_policy.load_tokenizer(config.model_path, hf_policy.instruction(config))
   examples = [tok.render_example(q, r) for q, r in sft.load_jsonl(config.sft.data)]
