@@ -34,9 +34,9 @@ ITEMS = ("apples", "pens", "books", "cards", "coins", "shells")
 
 
 def problem(rng: random.Random) -> dict[str, str]:
-  """One word problem: an addition or a subtraction of two numbers below 50."""
+  """One word problem: an addition or a subtraction of two numbers from 1 to 9."""
   name, item = rng.choice(NAMES), rng.choice(ITEMS)
-  a, b = rng.randint(2, 49), rng.randint(2, 49)
+  a, b = rng.randint(1, 9), rng.randint(1, 9)
   if rng.random() < 0.5:
     q = f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?"
     step, ans = f"{a} + {b} = {a + b}", a + b
@@ -113,7 +113,7 @@ def main() -> None:
   p.add_argument("--train", type=int, default=512, help="RL prompts (GSM8K train split)")
   p.add_argument("--eval", type=int, default=64, help="held-out problems")
   p.add_argument("--sft_pairs", type=int, default=256)
-  p.add_argument("--sft_steps", type=int, default=60)
+  p.add_argument("--sft_steps", type=int, default=80)
   p.add_argument("--rl_iterations", type=int, default=40)
   p.add_argument("--eval_every", type=int, default=10)
   p.add_argument("--width", type=int, default=96)

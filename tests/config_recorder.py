@@ -45,7 +45,8 @@ def recording(config: _C) -> Iterator[set]:
         reads.add(p + k)
 
   originals = {n: _C.__dict__[n] for n in ("__getattr__", "__getitem__", "get", "items",
-                                            "to_dict", "values", "__iter__")}
+                                            "to_dict", "values", "__iter__",
+                                            "copy_and_resolve_references")}
   orig_deepcopy = getattr(_C, "__deepcopy__", None)
 
   def getattr_(self, name):
@@ -78,10 +79,17 @@ def recording(config: _C) -> Iterator[set]:
       index(new, paths[id(self)])
     return new
 
+  def copy_(self, *args, **kwargs):  # a copy's reads are the original's
+    new = originals["copy_and_resolve_references"](self, *args, **kwargs)
+    if id(self) in paths:
+      index(new, paths[id(self)])
+    return new
+
   index(config, "")
   patched = {"__getattr__": getattr_, "__getitem__": getitem_, "get": get_,
              "items": whole("items"), "to_dict": whole("to_dict"), "values": whole("values"),
-             "__iter__": whole("__iter__"), "__deepcopy__": deepcopy_}
+             "__iter__": whole("__iter__"), "__deepcopy__": deepcopy_,
+             "copy_and_resolve_references": copy_}
   for n, f in patched.items():
     setattr(_C, n, f)
   try:

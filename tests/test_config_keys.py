@@ -72,6 +72,8 @@ def test_every_table_entry_is_a_config_key():
 # branch; each says which setting reads it.
 CONDITIONAL = {
     "model_cache_dir": "a remote model_path (tests/test_epath.py)",
+    "unread_overrides": "an override the mode does not read (the tests above)",
+    "sft.epochs": "sft.steps=0",
 }
 
 
