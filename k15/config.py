@@ -379,7 +379,7 @@ def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # dotted key, or a block for all of its keys. sft and evaluate on config.model_path are
 # "<mode>:checkpoint" (rl and curate always run on one). tests/test_config_keys.py
 # records what each mode reads on tiny settings and checks this table against it.
-COMMON_KEYS = ("mode", "seed", "mesh", "sharding_rules", "distributed",
+COMMON_KEYS = ("mode", "mesh", "sharding_rules", "distributed",
                "distributed_coordinator_address", "distributed_num_processes",
                "distributed_process_id", "compilation_cache_dir", "unread_overrides",
                # Every mode builds its model from these (a checkpoint fixes the architecture).
@@ -391,19 +391,21 @@ _SFT_SYNTHETIC = ("sft.data", "sft.tokenizer", "sft.vocab_size", "sft.families",
 _SFT_TRAINING = tuple(f"sft.{k}" for k in sft_block().keys() if f"sft.{k}" not in _SFT_SYNTHETIC)
 # The RL trainer (k15.rl.trainer); rl.eval_every is mode rl's own.
 _RL_TRAINING = tuple(f"rl.{k}" for k in rl_block().keys() if k != "eval_every") + (
-    "optimizer", "checkpoint", "data.seed")
+    "seed", "optimizer", "checkpoint", "data.seed")
 # Evaluation on a checkpoint's prompt files (k15.hf_policy.evaluate).
 _EVALUATE_SAMPLING = ("evaluate.num_samples", "evaluate.temperature", "evaluate.top_p",
                       "evaluate.max_new_tokens", "evaluate.batch_size", "evaluate.seed")
 _CHECKPOINT_DATA = ("data.instruction", "data.on_error", "reward", "reward_options")
 MODE_KEYS: dict[str, tuple[str, ...]] = {
-    "smoke": ("smoke",),
-    "sft": ("sft",),
+    "smoke": ("smoke", "seed"),
+    "sft": ("sft", "seed"),
     "sft:checkpoint": _SFT_TRAINING + ("sft.data", "data.instruction", "reward", "export"),
-    "evaluate": tuple(f"evaluate.{k}" for k in evaluate_block().keys() if k != "greedy"),
+    "evaluate": ("seed",) + tuple(f"evaluate.{k}" for k in evaluate_block().keys()
+                                  if k != "greedy"),
     "evaluate:checkpoint": _EVALUATE_SAMPLING + _CHECKPOINT_DATA + (
         "evaluate.greedy", "data.eval", "data.format", "data.eval_format", "data.eval_limit"),
-    "curate": _CHECKPOINT_DATA + ("curate", "data.train", "data.format", "rl.max_new_tokens"),
+    "curate": _CHECKPOINT_DATA + ("seed", "curate", "data.train", "data.format",
+                                  "rl.max_new_tokens"),
     "rl": _RL_TRAINING + _EVALUATE_SAMPLING + _CHECKPOINT_DATA + (
         "rl.eval_every", "evaluate.greedy", "data", "export"),
     "pipeline": _SFT_TRAINING + _RL_TRAINING + ("pipeline", "evaluate.num_samples",

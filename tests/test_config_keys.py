@@ -74,6 +74,7 @@ CONDITIONAL = {
     "model_cache_dir": "a remote model_path (tests/test_epath.py)",
     "unread_overrides": "an override the mode does not read (the tests above)",
     "sft.epochs": "sft.steps=0",
+    "reward_options": "a response that ends within its budget (graded; a cut one scores 0)",
 }
 
 
