@@ -113,9 +113,9 @@ def main() -> None:
   p.add_argument("--train", type=int, default=512, help="RL prompts (GSM8K train split)")
   p.add_argument("--eval", type=int, default=64, help="held-out problems")
   p.add_argument("--sft_pairs", type=int, default=256)
-  p.add_argument("--sft_steps", type=int, default=80)
-  p.add_argument("--rl_iterations", type=int, default=40)
-  p.add_argument("--eval_every", type=int, default=10)
+  p.add_argument("--sft_steps", type=int, default=120)
+  p.add_argument("--rl_iterations", type=int, default=24)
+  p.add_argument("--eval_every", type=int, default=8)
   p.add_argument("--width", type=int, default=96)
   p.add_argument("--layers", type=int, default=3)
   args = p.parse_args()
@@ -126,21 +126,21 @@ def main() -> None:
   data = make_data(w, args.seed, args.train, args.eval, args.sft_pairs)
   ckpt = make_checkpoint(os.path.join(w, "ckpt"), data["texts"], args.seed, args.width,
                          args.layers)
-  common = [f"--config.seed={args.seed}", "--config.reward=math"]
+  common = ["--config.reward=math"]
   k15_main(os.path.join(w, "sft.log"), f"--workdir={w}/sft", "--config.mode=sft",
            f"--config.model_path={ckpt}", f"--config.sft.data={data['pairs']}",
            f"--config.sft.steps={args.sft_steps}", "--config.sft.batch_size=16",
            "--config.sft.seq_len=128", "--config.sft.optimizer.learning_rate=3e-3",
-           "--config.sft.optimizer.warmup_steps=5", *common)
+           "--config.sft.optimizer.warmup_steps=5", f"--config.sft.seed={args.seed}", *common)
   k15_main(os.path.join(w, "rl.log"), f"--workdir={w}/rl", "--config.mode=rl",
            f"--config.model_path={w}/sft/export/sft", f"--config.data.train={data['train']}",
            f"--config.data.eval={data['eval']}", f"--config.rl.iterations={args.rl_iterations}",
            f"--config.rl.eval_every={args.eval_every}", "--config.rl.prompts_per_iteration=8",
            "--config.rl.samples_per_prompt=8", "--config.rl.max_new_tokens=32",
-           "--config.rl.minibatch_groups=4", "--config.optimizer.learning_rate=2e-4",
+           "--config.rl.minibatch_groups=4", "--config.optimizer.learning_rate=5e-5",
            "--config.evaluate.num_samples=4", "--config.evaluate.max_new_tokens=32",
            "--config.evaluate.batch_size=32", "--config.checkpoint.every=10",
-           "--config.data.format=gsm8k", *common)
+           "--config.data.format=gsm8k", f"--config.seed={args.seed}", *common)
 
   rows = [json.loads(l) for l in open(os.path.join(w, "rl", "rl", "metrics.jsonl"))]
   rewards = [r["rl/task_reward"] for r in sorted(rows, key=lambda r: r["step"])
