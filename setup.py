@@ -26,13 +26,16 @@ setuptools.setup(
         "tqdm>=4.66",
         "math-verify[antlr4_13_2]>=0.7",
         "matplotlib>=3.8",
+        "etils[epath]>=1.7",  # every workdir path (local or gs://)
+        "fsspec>=2024.2",
     ],
     extras_require={
         # Reference comparisons against transformers/PyTorch; torch>=2.4 is satisfied by the
         # CPU build CI installs first (see .ci/run).
         "test": ["pytest>=8", "torch>=2.4", "transformers>=4.45", "safetensors>=0.4",
                  "psutil>=5.9", "scipy>=1.11", "nbclient>=0.10", "ipykernel>=6.29"],
-        "tpu": ["jax[tpu]>=0.7"],
+        # gs:// workdirs and checkpoints: etils.epath reads them through fsspec's gcsfs.
+        "tpu": ["jax[tpu]>=0.7", "gcsfs>=2024.2"],
         "hf": ["transformers>=4.45", "safetensors>=0.4"],
     },
 )

@@ -104,6 +104,8 @@ def base(mode: str = "smoke", seed: int = 0) -> ml_collections.ConfigDict:
   # restart (preemption, a new run from a checkpoint) would pay it again; with the cache a
   # restart loads the executables. See k15.parallel.configure_compilation_cache.
   c.compilation_cache_dir = ""
+  # A key set on the command line that the mode does not read (MODE_KEYS): 'error' | 'warn'.
+  c.unread_overrides = "error"
   return c
 
 
@@ -357,6 +359,8 @@ def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   grain or RL stack).
   """
   c.model_path = ""   # a Hugging Face checkpoint directory to start from; "" = random init
+  # Where a remote model_path (gs://) is copied, once per host; "" = ~/.cache/k15/models.
+  c.model_cache_dir = ""
   c.accelerator_type = ""  # e.g. 'v5p-64', read by k15.plan
   c.smoke = dict(batch=8, length=128)
   c.optimizer = optimizer_block()
@@ -374,3 +378,57 @@ def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.reward_options = reward_options_block()
   c.export = dict(dtype="")  # W/export/final's dtype; "" = config.model.param_dtype
   return c
+
+
+# What each mode reads, so that a key set on the command line that the mode about to run never
+# reads is refused (k15.main.check_overrides) instead of silently doing nothing. An entry is a
+# dotted key, or a block for all of its keys. sft and evaluate on config.model_path are
+# "<mode>:checkpoint" (rl and curate always run on one). tests/test_config_keys.py
+# records what each mode reads on tiny settings and checks this table against it.
+COMMON_KEYS = ("mode", "mesh", "sharding_rules", "distributed",
+               "distributed_coordinator_address", "distributed_num_processes",
+               "distributed_process_id", "compilation_cache_dir", "unread_overrides",
+               # Every mode builds its model from these (a checkpoint fixes the architecture).
+               "model", "model_path", "model_cache_dir")
+
+# sft's keys that only mode `sft` on the synthetic tasks reads (the rest train any SFT).
+_SFT_SYNTHETIC = ("sft.data", "sft.tokenizer", "sft.vocab_size", "sft.families",
+                  "sft.num_examples", "sft.difficulties")
+_SFT_TRAINING = tuple(f"sft.{k}" for k in sft_block().keys() if f"sft.{k}" not in _SFT_SYNTHETIC)
+# The RL trainer (k15.rl.trainer); rl.eval_every is mode rl's own.
+_RL_TRAINING = tuple(f"rl.{k}" for k in rl_block().keys() if k != "eval_every") + (
+    "seed", "optimizer", "checkpoint", "data.seed")
+# Evaluation on a checkpoint's prompt files (k15.hf_policy.evaluate).
+_EVALUATE_SAMPLING = ("evaluate.num_samples", "evaluate.temperature", "evaluate.top_p",
+                      "evaluate.max_new_tokens", "evaluate.batch_size", "evaluate.seed")
+_CHECKPOINT_DATA = ("data.instruction", "data.on_error", "reward", "reward_options")
+MODE_KEYS: dict[str, tuple[str, ...]] = {
+    "smoke": ("smoke", "seed"),
+    "sft": ("sft", "seed"),
+    "sft:checkpoint": _SFT_TRAINING + ("sft.data", "data.instruction", "reward", "export"),
+    "evaluate": ("seed",) + tuple(f"evaluate.{k}" for k in evaluate_block().keys()
+                                  if k != "greedy"),
+    "evaluate:checkpoint": _EVALUATE_SAMPLING + _CHECKPOINT_DATA + (
+        "evaluate.greedy", "data.eval", "data.format", "data.eval_format", "data.eval_limit"),
+    "curate": _CHECKPOINT_DATA + ("seed", "curate", "data.train", "data.format",
+                                  "rl.max_new_tokens"),
+    "rl": _RL_TRAINING + _EVALUATE_SAMPLING + _CHECKPOINT_DATA + (
+        "rl.eval_every", "evaluate.greedy", "data", "export"),
+    "pipeline": _SFT_TRAINING + _RL_TRAINING + ("pipeline", "evaluate.num_samples",
+                                                "evaluate.temperature", "evaluate.max_new_tokens",
+                                                "evaluate.batch_size"),
+    "long2short": _SFT_TRAINING + _RL_TRAINING + ("long2short", "evaluate"),
+}
+
+
+def mode_variant(mode: str, from_checkpoint: bool) -> str:
+  """The MODE_KEYS entry of `mode`: '<mode>:checkpoint' when it runs on config.model_path."""
+  return f"{mode}:checkpoint" if from_checkpoint and f"{mode}:checkpoint" in MODE_KEYS else mode
+
+
+def mode_reads(variant: str, key: str) -> bool:
+  """Whether mode `variant` (see mode_variant) reads the dotted config key `key`."""
+  for entry in COMMON_KEYS + MODE_KEYS[variant]:
+    if key == entry or key.startswith(entry + "."):
+      return True
+  return False

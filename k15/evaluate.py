@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from k15 import metrics as metrics_lib
+from k15 import storage
 from k15 import tokenizer as tokenizer_lib
 from k15.model import transformer
 from k15.rewards import finish as finish_lib
@@ -241,7 +242,5 @@ def run(config: Any, workdir: str) -> dict[str, dict[str, Any]]:
   if jax.process_index() == 0:
     print(format_table(results))
     if workdir:
-      os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=2)
+      storage.write_json(os.path.join(workdir, "eval.json"), results)
   return results

@@ -21,7 +21,7 @@ import numpy as np
 
 from k15 import config as k15_config
 from k15 import evaluate as evaluate_lib
-from k15 import hf_tokenizer
+from k15 import hf_tokenizer, storage
 from k15.data import prompts as prompts_lib
 from k15.model import hf, transformer
 from k15.rewards import verifier
@@ -30,6 +30,8 @@ from k15.rewards import verifier
 ARCHITECTURE_KEYS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "mlp_dim", "rope_theta", "norm_eps", "tie_embeddings",
                      "qkv_bias")
+# Where a remote config.model_path is staged when config.model_cache_dir is empty.
+DEFAULT_MODEL_CACHE = "~/.cache/k15/models"
 # One of these makes a directory a tokenizer for transformers.AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -47,9 +49,9 @@ def read_checkpoint_config(model_path: str) -> tuple[transformer.ModelConfig, st
 def read_config_json(model_path: str) -> tuple[dict[str, Any], str]:
   """(`model_path`/config.json as a dict, its path), with errors that name the problem."""
   file = os.path.join(model_path, "config.json")
-  if "://" in model_path:
+  if storage.is_remote(model_path):
     raise ValueError(f"config.model_path={model_path}: k15 reads checkpoints from local disk; "
-                     f"copy it to each host first (gcloud storage cp -r {model_path} /data/)")
+                     "stage it first (hf_policy.staged_model_path, which the modes call)")
   if not os.path.isdir(model_path):
     raise FileNotFoundError(f"config.model_path={model_path}: not a directory")
   if not os.path.isfile(file):
@@ -89,10 +91,22 @@ def check_architecture(model_path: str, explicit: dict[str, Any]) -> None:
           "architecture comes from the checkpoint (drop the override)")
 
 
+def staged_model_path(config: Any) -> str:
+  """config.model_path itself when local; a remote one (gs://) copied once per host to
+  config.model_cache_dir (default DEFAULT_MODEL_CACHE) with a progress bar, and that copy."""
+  if not storage.is_remote(config.model_path):
+    return config.model_path
+  return storage.stage(config.model_path, config.model_cache_dir or DEFAULT_MODEL_CACHE,
+                       what="config.model_path")
+
+
 def with_checkpoint_architecture(config: Any) -> Any:
-  """A copy of `config` whose model block holds the checkpoint's architecture."""
-  cfg, _ = read_checkpoint_config(config.model_path)
+  """A copy of `config` whose model block holds the checkpoint's architecture, and whose
+  model_path is local (a remote checkpoint staged, see `staged_model_path`)."""
+  model_path = staged_model_path(config)
+  cfg, _ = read_checkpoint_config(model_path)
   config = copy.deepcopy(config)
+  config.model_path = model_path
   config.model.update({k: getattr(cfg, k) for k in ARCHITECTURE_KEYS})
   return config
 
@@ -111,10 +125,13 @@ def instruction(config: Any) -> str:
   return config.data.instruction or verifier.INSTRUCTIONS[config.reward]
 
 
-def check_data_config(config: Any, *, need: Sequence[str]) -> None:
-  """Clear errors for the `data` and `reward` keys before anything slow starts."""
+def check_data_config(config: Any, *, need: Sequence[str],
+                      reads: Sequence[str] = ("train", "eval")) -> None:
+  """Clear errors for the `data` and `reward` keys before anything slow starts: `need`, the
+  prompt files the mode requires; `reads`, those it reads (whose formats are checked)."""
   verifier.check_name(config.reward)
-  for key in ("format", "eval_format"):
+  formats = (["format"] if reads else []) + (["eval_format"] if "eval" in reads else [])
+  for key in formats:
     value = config.data[key]
     if (value or key == "format") and value not in k15_config.DATA_FORMATS:
       raise ValueError(f"unknown config.data.{key}={value!r}; known formats: "
@@ -195,11 +212,12 @@ def export(model: transformer.Transformer, tok: hf_tokenizer.HFTokenizer, config
   """Writes `model` as a Hugging Face checkpoint: config.json, safetensors, tokenizer files and
   the source checkpoint's generation_config.json (its stop ids)."""
   _, family = read_checkpoint_config(config.model_path)
-  hf.save(model, directory, family=family,
-          dtype=config.export.dtype or config.model.param_dtype)
-  if jax.process_index() == 0:
-    tok.save(directory)
-    gen = os.path.join(config.model_path, "generation_config.json")
-    if os.path.isfile(gen):
-      shutil.copy(gen, directory)
+  # Written locally (safetensors, save_pretrained), then uploaded when `directory` is remote.
+  with storage.local_dir(directory) as local:
+    hf.save(model, local, family=family, dtype=config.export.dtype or config.model.param_dtype)
+    if jax.process_index() == 0:
+      tok.save(local)
+      gen = os.path.join(config.model_path, "generation_config.json")
+      if os.path.isfile(gen):
+        shutil.copy(gen, local)
   return directory

@@ -62,13 +62,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from k15 import checkpoint as ckpt_lib
 from k15 import config as k15_config
 from k15 import evaluate as evaluate_lib
 from k15 import metrics as metrics_lib
-from k15 import parallel, pipeline, sampling, sft, smoke, update
+from k15 import parallel, pipeline, sampling, sft, smoke, storage, update
 from k15 import tokenizer as tokenizer_lib
 from k15.data import prompts as prompts_lib
 from k15.data import tasks
@@ -616,10 +617,7 @@ def token_efficiency(accuracy: float, mean_tokens: float) -> float:
 
 
 def _atomic_json(obj: Any, path: str) -> None:
-  tmp = f"{path}.tmp{jax.process_index()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(tmp, path)
+  storage.write_json(path, obj)
 
 
 def _require_pipeline(workdir: str) -> dict[str, str]:
@@ -629,7 +627,7 @@ def _require_pipeline(workdir: str) -> dict[str, str]:
            "rl_checkpoints": os.path.join(workdir, "rl", "checkpoints"),
            "eval": os.path.join(workdir, "data", "eval.jsonl")}
   paths.update({name: os.path.join(workdir, "data", f) for name, f in PROMPT_SETS.items()})
-  missing = [p for p in paths.values() if not os.path.exists(p)]
+  missing = [p for p in paths.values() if not epath.Path(p).exists()]
   if missing:
     raise FileNotFoundError(f"mode 'long2short' needs a finished pipeline in {workdir} (run "
                             f"--config.mode=pipeline first); missing: {missing}")
@@ -682,7 +680,7 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
   ax.set_title("long2short: accuracy vs response length")
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  storage.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -705,7 +703,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     raise ValueError(f"long2short.rl.init={c.rl.init!r}; expected one of {list(RL_INITS)}")
   paths = _require_pipeline(workdir)
   out_dir = os.path.join(workdir, "long2short")
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   json_path = os.path.join(workdir, "long2short.json")
 
   # What the stored results were made with; a rerun must match (the methods may change).
@@ -713,9 +711,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       "long2short": {k: v for k, v in c.to_dict().items() if k != "methods"},
       "evaluate": config.evaluate.to_dict(), "seed": config.seed}, default=str))
   results: dict[str, Any] = {}
-  if os.path.exists(json_path):
-    with open(json_path) as f:
-      stored = json.load(f)
+  if epath.Path(json_path).exists():
+    stored = storage.read_json(json_path)
     if stored.get("config") != fingerprint:
       raise ValueError(f"{json_path} was made with another long2short/evaluate config; delete "
                        f"it and {out_dir} to start over, or use the same config")
@@ -745,9 +742,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     def groups_of(source, model=None):
       """n responses per prompt from model `source` (or `model`, filed under `source`)."""
       path = os.path.join(out_dir, f"groups_{source}.json")
-      if os.path.exists(path):
-        with open(path) as f:
-          return [Group.from_json(g) for g in json.load(f)]
+      if epath.Path(path).exists():
+        return [Group.from_json(g) for g in storage.read_json(path)]
       _log(f"sampling {c.rs.samples} responses for each of {len(prompt_records)} prompts "
            f"from the {source} model")
       groups = sample_groups(model_of(source) if model is None else model, prompt_records,

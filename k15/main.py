@@ -10,10 +10,12 @@ that does not exist is an error (the config is locked).
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from k15 import config as k15_config
 from k15 import parallel
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,10 +43,39 @@ CHECKPOINT_MODES = {
 }
 
 
-def _explicit_model_keys() -> dict:
-  """model.<key>=value overrides given on the command line (not the config file's values)."""
-  overrides = config_flags.get_override_values(flags.FLAGS["config"])
-  return {k.partition(".")[2]: v for k, v in overrides.items() if k.startswith("model.")}
+def run(config: Any, workdir: str, overrides: dict[str, Any] | None = None) -> Any:
+  """Runs `config.mode`; `overrides` are the keys set on the command line (dotted -> value)."""
+  overrides = overrides or {}
+  if config.mode not in MODES:
+    raise app.UsageError(f"config.mode={config.mode!r}; expected one of {sorted(MODES)}")
+  from_checkpoint = bool(config.get("model_path")) and config.mode in CHECKPOINT_MODES
+  check_overrides(config, k15_config.mode_variant(config.mode, from_checkpoint), overrides)
+  if config.get("model_path"):
+    # The checkpoint fixes the architecture; an override on the command line must agree.
+    from k15 import hf_policy  # pylint: disable=g-import-not-at-top
+    config.model_path = hf_policy.staged_model_path(config)  # a gs:// checkpoint, copied here
+    hf_policy.check_architecture(config.model_path, {
+        k.partition(".")[2]: v for k, v in overrides.items() if k.startswith("model.")})
+  parallel.maybe_initialize_distributed(config)
+  parallel.configure_compilation_cache(config)
+  logging.info("config:\n%s", config)
+  module = CHECKPOINT_MODES[config.mode] if from_checkpoint else MODES[config.mode]
+  return importlib.import_module(module).run(config, workdir)
+
+
+def check_overrides(config: Any, variant: str, overrides: dict[str, Any]) -> None:
+  """Refuses (config.unread_overrides='error') or warns about ('warn') a key set on the command
+  line that the mode about to run never reads (k15.config.MODE_KEYS): it would do nothing."""
+  unread = [k for k in sorted(overrides) if not k15_config.mode_reads(variant, k)]
+  if not unread:
+    return
+  msg = (f"mode {variant!r} does not read {', '.join(f'config.{k}' for k in unread)}: "
+         "the override would do nothing (k15.config.MODE_KEYS lists what each mode reads)")
+  if config.get("unread_overrides", "error") == "warn":
+    logging.warning("%s", msg)
+    print(f"[k15] warning: {msg}", flush=True)
+    return
+  raise app.UsageError(msg + "; --config.unread_overrides=warn runs anyway")
 
 
 def main(argv):
@@ -53,20 +84,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Library INFO lines (orbax's above all) drown the progress output; -v 0 brings them back.
     logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
-  if config.mode not in MODES:
-    raise app.UsageError(f"config.mode={config.mode!r}; expected one of {sorted(MODES)}")
-  if config.get("model_path"):
-    # The checkpoint fixes the architecture; an override on the command line must agree.
-    from k15 import hf_policy  # pylint: disable=g-import-not-at-top
-    hf_policy.check_architecture(config.model_path, _explicit_model_keys())
-  parallel.maybe_initialize_distributed(config)
-  parallel.configure_compilation_cache(config)
-  logging.info("config:\n%s", config)
-  module = MODES[config.mode]
-  if config.get("model_path") and config.mode in CHECKPOINT_MODES:
-    module = CHECKPOINT_MODES[config.mode]
-  importlib.import_module(module).run(config, _WORKDIR.value)
+  run(_CONFIG.value, _WORKDIR.value, config_flags.get_override_values(flags.FLAGS["config"]))
 
 
 if __name__ == "__main__":

@@ -342,8 +342,8 @@ class _LogProgress:
 
 
 def progress(iterable_or_total: Iterable | int, desc: str = "", *, enabled: bool | None = None,
-             force: bool = False, unit: str = "it", log_every_s: float = 30.0,
-             file: Any = None) -> Any:
+             force: bool = False, unit: str = "it", unit_scale: bool = False,
+             log_every_s: float = 30.0, file: Any = None) -> Any:
   """A progress bar with ETA: wraps an iterable, or counts to a total with `.update(n)`.
 
   On a terminal (or with `force`) a tqdm bar; in a log that is not a terminal (CI, a TPU
@@ -362,5 +362,6 @@ def progress(iterable_or_total: Iterable | int, desc: str = "", *, enabled: bool
     return tqdm.tqdm(iterable, total=total, disable=True)
   is_tty = hasattr(file, "isatty") and file.isatty()
   if is_tty or force:
-    return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, file=file, dynamic_ncols=True)
+    return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,
+                     file=file, dynamic_ncols=True)
   return _LogProgress(iterable, total, desc, unit, log_every_s, file)

@@ -17,18 +17,18 @@ interrupted run continues where it stopped):
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from k15 import evaluate as evaluate_lib
 from k15 import metrics as metrics_lib
-from k15 import parallel, sft, smoke
+from k15 import parallel, sft, smoke, storage
 from k15 import tokenizer as tokenizer_lib
 from k15.data import prompts as prompts_lib
 from k15.data import tasks
@@ -48,13 +48,13 @@ def _log(msg: str) -> None:
 
 def make_data(c: Any, seed: int, data_dir: str) -> dict[str, list[prompts_lib.PromptRecord]]:
   """Generates (or reloads) the SFT set, the RL candidate pool and the held-out set."""
-  os.makedirs(data_dir, exist_ok=True)
+  epath.Path(data_dir).mkdir(parents=True, exist_ok=True)
   specs = {"sft": ("train", c.sft_examples, seed), "rl_pool": ("train", c.rl_pool, seed + 1),
            "eval": ("eval", c.eval_problems, seed + 2)}
   out = {}
   for name, (split, n, s) in specs.items():
     path = os.path.join(data_dir, f"{name}.jsonl")
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
       problems = []
       for family in c.families:
         options = {}
@@ -79,7 +79,7 @@ def _cot(record: prompts_lib.PromptRecord, kind: str) -> str:
 
 def make_tokenizer(records: Sequence[prompts_lib.PromptRecord], path: str,
                    vocab_size: int) -> tokenizer_lib.Tokenizer:
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     return tokenizer_lib.Tokenizer.load(path)
   texts = []
   for r in records:
@@ -123,7 +123,7 @@ def curate(pool: list[prompts_lib.PromptRecord], policy: Policy, c: Any, seed: i
            data_dir: str) -> list[prompts_lib.PromptRecord]:
   """§2.1 on the RL pool with the SFT model: difficulty by pass rate, hackable filter, balance."""
   path = os.path.join(data_dir, "rl_prompts.jsonl")
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     return prompts_lib.load_jsonl(path)[0]
   if not c.curate:
     records = list(pool)[:c.rl_prompts]
@@ -140,8 +140,7 @@ def curate(pool: list[prompts_lib.PromptRecord], policy: Policy, c: Any, seed: i
   if not records:
     raise ValueError(f"curation kept no RL prompts of {len(pool)}: {report}")
   prompts_lib.write_jsonl(records, path)
-  with open(os.path.join(data_dir, "curation.json"), "w") as f:
-    json.dump(report, f, indent=2, default=str)
+  storage.write_json(os.path.join(data_dir, "curation.json"), report)
   return records
 
 
@@ -181,7 +180,7 @@ def plot_curves(rl_dir: str, path: str) -> None:
     ax.set_xlabel("RL iteration")
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  storage.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -247,7 +246,6 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     print(evaluate_lib.format_table({k: v for k, v in results.items() if k in ("sft", "rl")}))
     print(f"RL - SFT accuracy: {100 * (results['rl']['accuracy'] - results['sft']['accuracy']):+.1f}"
           f" points; {results['minutes']} minutes")
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2, default=str)
+    storage.write_json(os.path.join(workdir, "results.json"), results)
     plot_curves(os.path.join(workdir, "rl"), os.path.join(workdir, "rl_curves.png"))
   return results

@@ -40,11 +40,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from k15 import checkpoint as ckpt_lib
 from k15 import metrics as metrics_lib
-from k15 import parallel, update
+from k15 import parallel, storage, update
 from k15 import tokenizer as tokenizer_lib
 from k15.model import transformer
 
@@ -489,7 +490,7 @@ def restore_params(model: transformer.Transformer, directory: str,
 def load_jsonl(path: str) -> list[tuple[str, str]]:
   """(prompt, response) pairs from a JSONL file of {"prompt": ..., "response": ...} lines."""
   out = []
-  with open(path) as f:
+  with epath.Path(path).open(encoding="utf-8") as f:
     for line_no, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -532,7 +533,7 @@ def run(config: Any, workdir: str) -> dict:
     tok = tokenizer_lib.Tokenizer.load(c.tokenizer)
   elif not c.data:
     path = os.path.join(workdir or tempfile.mkdtemp(), tokenizer_lib.MODEL_FILENAME)
-    if os.path.exists(path):  # a rerun: the tokenizer the checkpoints were trained with
+    if epath.Path(path).exists():  # a rerun: the tokenizer the checkpoints were trained with
       tok = tokenizer_lib.Tokenizer.load(path)
     else:
       texts = [tokenizer_lib.PROMPT_TEMPLATE.format(question=q) + " " + r for q, r in pairs]
@@ -556,6 +557,5 @@ def run(config: Any, workdir: str) -> dict:
   if jax.process_index() == 0:
     print(f"k15 sft: {report}")
     if workdir:
-      with open(os.path.join(workdir, "sft.json"), "w") as f:
-        json.dump(dict(report, history=history), f, indent=2)
+      storage.write_json(os.path.join(workdir, "sft.json"), dict(report, history=history))
   return report

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from k15 import parallel
+from k15 import parallel, storage
 from k15.model import hf, transformer
 
 
@@ -80,7 +80,5 @@ def run(config, workdir: str) -> dict:
     for k, v in report.items():
       print(f"  {k:13s} {v}")
     if workdir:
-      os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, "smoke.json"), "w") as f:
-        json.dump(report, f, indent=2)
+      storage.write_json(os.path.join(workdir, "smoke.json"), report)
   return report

@@ -34,7 +34,6 @@ The `length` and `long2short` studies of the paper are not here (they need other
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import sys
@@ -42,6 +41,9 @@ import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
+
+from k15 import storage
 
 # The studies: arm name -> config overrides (dotted keys). The first arm is the reference of
 # the paired differences. '{mid}' in a string value becomes rl.iterations // 2.
@@ -234,7 +236,7 @@ def heldout_set(config: Any, path: str) -> list[Any]:
   """config.study.eval_problems per family from the eval split (written once, then reloaded)."""
   from k15.data import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
   from k15.data import tasks  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     c = config.pipeline
     problems = []
     for family in c.families:
@@ -242,7 +244,6 @@ def heldout_set(config: Any, path: str) -> list[Any]:
       problems += tasks.generate(family, config.study.eval_problems, seed=config.seed + 2,
                                  split="eval", difficulties=list(c.difficulties),
                                  max_cot_tokens=c.max_cot_tokens, **options)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tasks.write_jsonl(problems, path)
   return prompts_lib.load_jsonl(path)[0]
 
@@ -275,8 +276,7 @@ def evaluate_model(config: Any, model: Any, tok: Any, problems: Sequence[Any]) -
 
 def _read(path: str, config: Any = None, n: int = 0) -> Any:
   """A finished evaluation; with `config`, it must have been made with the same settings."""
-  with open(path) as f:
-    r = json.load(f)
+  r = storage.read_json(path)
   if config is not None:
     s = config.study
     want = {"n": n, "samples": s.eval_samples, "k": s.pass_k, "temperature": s.temperature}
@@ -289,11 +289,7 @@ def _read(path: str, config: Any = None, n: int = 0) -> Any:
 
 
 def _write(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=str)
-  os.replace(tmp, path)  # a run counts as done only once its file is whole
+  storage.write_json(path, obj, indent=1)  # whole or absent: a run is done once it is there
 
 
 def run_study(config: Any, study: str, seeds: int, workdir: str,
@@ -325,7 +321,7 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
       bdir = os.path.join(workdir, name)
       _, tok, sft_model, records = pipeline_lib.base_stages(cfg, bdir, mesh)
       sft_path = os.path.join(bdir, "eval_sft.json")
-      if not os.path.exists(sft_path):
+      if not epath.Path(sft_path).exists():
         _write(sft_path, evaluate_model(cfg, sft_model, tok, problems))
       bases[name] = (tok, sft_model, records)
     return bases[name]
@@ -338,7 +334,7 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
       bar.set_postfix(arm=arm, seed=s)
       rdir = os.path.join(workdir, "runs", arm, f"seed{s}")
       path = os.path.join(rdir, "eval.json")
-      if os.path.exists(path):
+      if epath.Path(path).exists():
         skipped += 1
       else:
         tok, sft_model, records = base(arm)
@@ -356,7 +352,7 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
     for arm in arm_overrides:
       name = base_name(config, arm_overrides[arm])
       path = os.path.join(workdir, name, "eval_sft.json")
-      if not os.path.exists(path):
+      if not epath.Path(path).exists():
         base(arm)
       sft[name] = _read(path, config, len(problems))
 
@@ -364,8 +360,7 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
   summary = summarize(config, study, arm_overrides, results, sft, minutes=minutes,
                       skipped=skipped)
   _write(os.path.join(workdir, "study.json"), summary)
-  with open(os.path.join(workdir, "study.md"), "w") as f:
-    f.write(markdown(summary))
+  storage.write_text(os.path.join(workdir, "study.md"), markdown(summary))
   plot(summary, os.path.join(workdir, "study.png"))
   print(markdown(summary))
   print(f"study {study}: {len(runs)} runs ({skipped} reused) in {minutes:.1f} minutes",
@@ -489,7 +484,7 @@ def plot(summary: Mapping[str, Any], path: str) -> None:
   fig.suptitle(f"{summary['study']}: mean and {int(100 * summary['level'])}% t interval over "
                f"{len(summary['seeds'])} seeds")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  storage.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 

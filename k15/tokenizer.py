@@ -31,6 +31,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
+
+from k15 import storage
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 PROMPT_TEMPLATE = "User: {question}\nAssistant:"
@@ -51,15 +54,15 @@ class Tokenizer:
   def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
     """Loads a model file, or `<dir>/tokenizer.model` when `path` is a directory."""
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if epath.Path(path).is_dir():
       path = os.path.join(path, MODEL_FILENAME)
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
       raise FileNotFoundError(
           f"SentencePiece model not found: {path} (train one with "
           "k15.tokenizer.train_tokenizer, or point at an existing tokenizer.model)")
-    processor = spm.SentencePieceProcessor()
     try:
-      processor.Load(path)
+      # Read through epath (the file may be remote), parsed from memory.
+      processor = spm.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes())
     except (OSError, RuntimeError) as e:
       raise ValueError(f"{path} is not a valid SentencePiece model: {e}") from None
     return cls(processor, path)
@@ -136,7 +139,7 @@ def stop_ids(tokenizer: Any) -> tuple[int, ...]:
 
 def _model_path(model_prefix_or_dir: str | os.PathLike[str]) -> str:
   path = os.fspath(model_prefix_or_dir)
-  if os.path.isdir(path) or path.endswith(os.sep):
+  if path.endswith(os.sep) or epath.Path(path).is_dir():
     return os.path.join(path, MODEL_FILENAME)
   return path if path.endswith(".model") else path + ".model"
 
@@ -184,8 +187,5 @@ def train_tokenizer(texts: Iterable[str], model_prefix_or_dir: str | os.PathLike
     raise ValueError(f"SentencePiece training failed (vocab_size={vocab_size}, "
                      f"model_type={model_type}, {len(texts)} texts): {e}") from None
   path = _model_path(model_prefix_or_dir)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "wb") as f:
-    f.write(model.getvalue())
-  os.replace(path + ".tmp", path)
+  storage.write_bytes(path, model.getvalue())
   return Tokenizer(spm.SentencePieceProcessor(model_proto=model.getvalue()), path)

@@ -86,7 +86,7 @@ def test_compilation_cache_config_turns_on_the_persistent_cache(tmp_path, monkey
   assert not parallel.configure_compilation_cache(config)
   assert jax.config.jax_compilation_cache_dir == saved["jax_compilation_cache_dir"]
   # main applies it after the distributed start and before a mode compiles anything.
-  src = inspect.getsource(k15_main.main)
+  src = inspect.getsource(k15_main.run)
   assert (src.index("maybe_initialize_distributed") < src.index("configure_compilation_cache")
           < src.index("import_module"))
   config.compilation_cache_dir = str(tmp_path / "xla_cache")

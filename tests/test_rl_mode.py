@@ -237,7 +237,8 @@ def test_checkpoint_without_tokenizer_files(tmp_path, qwen_ckpt, data):
 
 
 def test_checkpoint_path_errors(tmp_path, data):
-  with pytest.raises(ValueError, match=r"model_path=gs://b/ckpt: k15 reads checkpoints from local"):
+  # A remote checkpoint is staged (tests/test_epath.py); one that cannot be read is named.
+  with pytest.raises(OSError, match=r"config.model_path=gs://b/ckpt: cannot read it"):
     rl_run.run(_config("gs://b/ckpt", data["train"]), str(tmp_path))
   with pytest.raises(FileNotFoundError, match=r"model_path=.*nowhere: not a directory"):
     rl_run.run(_config(str(tmp_path / "nowhere"), data["train"]), str(tmp_path))
@@ -449,3 +450,55 @@ def test_data_seed_fixes_the_prompt_order_apart_from_the_sampling_seed(tmp_path)
 
   assert draws(1, 7) == draws(2, 7)
   assert draws(1, -1) != draws(2, -1)  # -1: the prompt order follows config.seed
+
+
+# About a minute on a 2-core machine (compiling the sampler and the train step).
+@pytest.mark.slow
+def test_code_rl_mode_end_to_end(tmp_path, qwen_ckpt, sandbox, monkeypatch):
+  """mode=rl with data.format=code and reward=code: the reward function the stage builds from
+  the config grades the decoded trajectories, scores a known-correct completion 1 and hostile
+  ones 0; two iterations run, evaluated on a code eval set, and export."""
+  del sandbox
+  from k15.rewards import verifier  # pylint: disable=g-import-not-at-top
+  path = _write_jsonl(tmp_path / "code.jsonl", [dict(r, id=f"{r['id']}{i}") for i in range(2)
+                                                for r in CODE_ROWS])
+  config = _config(qwen_ckpt, path, **{"data.format": "code", "reward": "code",
+                                       "data.eval": path, "rl.max_new_tokens": 24,
+                                       "evaluate.max_new_tokens": 8})
+  built, calls = [], []
+  make = hf_policy.make_reward_fn
+
+  def capture(tok, records, grade):
+    fn = make(tok, records, grade)
+    built.append((fn, tok, records))
+
+    def logged(ids, responses):
+      rewards = fn(ids, responses)
+      calls.append((list(ids), [np.asarray(r) for r in responses], rewards))
+      return rewards
+    return logged
+  monkeypatch.setattr(hf_policy, "make_reward_fn", capture)
+  out = rl_run.run(config, str(tmp_path / "w"))
+  assert out["results"]["iterations"] == 2 and len(built) == 1
+
+  # Every trajectory's reward is the sandbox verdict on its decoded text.
+  fn, tok, records = built[0]
+  grade = verifier.make_grader("code", config.reward_options)
+  assert len(calls) == 2 and all(len(ids) == 4 * 4 for ids, _, _ in calls)  # prompts x k
+  for ids, responses, rewards in calls:
+    texts = [tok.decode(r[r < tok.vocab_size]) for r in responses]
+    np.testing.assert_array_equal(rewards, grade([records[i] for i in ids], texts))
+  rows = [json.loads(l) for l in open(tmp_path / "w" / "rl" / "metrics.jsonl")]
+  assert sorted(r["step"] for r in rows if "rl/task_reward" in r) == [1, 2]
+  assert os.path.isfile(tmp_path / "w" / "export" / "final" / "model.safetensors")
+
+  # The same function on known completions: right = 1, hostile = 0, nothing escapes.
+  ids = lambda text: np.asarray(tok.encode(text) + [tok.eos_id])
+  index = {r.id: i for i, r in enumerate(records)}
+  good = fn([index["add0"], index["double1"]], [ids(GOOD["add"]), ids(GOOD["double"])])
+  assert list(good) == [1.0, 1.0]
+  if os.path.exists("/tmp/k15_hostile_was_here"):
+    os.unlink("/tmp/k15_hostile_was_here")
+  assert list(fn([index["add1"]] * len(HOSTILE), [ids(h) for h in HOSTILE])) == [0.0] * len(
+      HOSTILE)
+  assert not os.path.exists("/tmp/k15_hostile_was_here")

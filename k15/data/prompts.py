@@ -37,6 +37,9 @@ import random
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from etils import epath
+
+from k15 import storage
 from k15.rewards import math as math_reward
 
 Grader = Callable[["PromptRecord", str], float]
@@ -282,13 +285,13 @@ def load_prompts(path: str | os.PathLike[str],
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"prompt file not found: {path}")
   stem = os.path.splitext(os.path.basename(path))[0]
   records: list[PromptRecord] = []
   errors: list[str] = []
   first_line_of_id: dict[str, int] = {}
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open(encoding="utf-8") as f:
     for line_no, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -334,16 +337,9 @@ def load_jsonl(path: str | os.PathLike[str], *,
 
 def write_jsonl(records: Iterable[PromptRecord], path: str | os.PathLike[str]) -> int:
   """Writes records in the k15 schema (atomically: a partial file never appears); returns count."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  count = 0
-  with open(tmp, "w", encoding="utf-8") as f:
-    for record in records:
-      f.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-      count += 1
-  os.replace(tmp, path)
-  return count
+  lines = [json.dumps(record.to_json(), ensure_ascii=False) + "\n" for record in records]
+  storage.write_text(path, "".join(lines))
+  return len(lines)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,13 +17,13 @@ A rerun reuses a finished W/curated.jsonl.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
+from etils import epath
 
-from k15 import hf_policy, parallel, pipeline, smoke
+from k15 import hf_policy, parallel, pipeline, smoke, storage
 from k15.data import prompts as prompts_lib
 from k15.rewards import verifier
 
@@ -34,9 +34,9 @@ _BOXED_REWARDS = ("math", "task")
 def run(config: Any, workdir: str) -> dict[str, Any]:
   if not workdir:
     raise ValueError("mode 'curate' needs --workdir")
-  hf_policy.check_data_config(config, need=("train",))
+  hf_policy.check_data_config(config, need=("train",), reads=("train",))
   path = os.path.join(workdir, "curated.jsonl")
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     records = prompts_lib.load_jsonl(path)[0]
     return {"records": records, "path": path, "reused": True}
   config = hf_policy.with_checkpoint_architecture(config)
@@ -67,8 +67,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     raise ValueError(f"curation kept no prompts of {len(pool)} in {config.data.train}: {report}")
   if jax.process_index() == 0:
     prompts_lib.write_jsonl(records, path)
-    with open(os.path.join(workdir, "curation.json"), "w") as f:
-      json.dump(report, f, indent=2, default=str)
+    storage.write_json(os.path.join(workdir, "curation.json"), report)
     print(f"[k15 curate] kept {len(records)} of {len(pool)} prompts -> {path}; {report}",
           flush=True)
   return {"records": records, "path": path, "report": report, "reused": False}

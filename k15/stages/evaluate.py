@@ -11,18 +11,17 @@ pass_at_k, mean_tokens, truncated, by_difficulty, by_source and per_problem).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
 
 from k15 import evaluate as evaluate_lib
-from k15 import hf_policy, parallel, smoke
+from k15 import hf_policy, parallel, smoke, storage
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-  hf_policy.check_data_config(config, need=("eval",))
+  hf_policy.check_data_config(config, need=("eval",), reads=("eval",))
   config = hf_policy.with_checkpoint_architecture(config)
   tok = hf_policy.load_tokenizer(config.model_path, hf_policy.instruction(config))
   problems = hf_policy.load_problems(config, "eval")
@@ -36,7 +35,5 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       print(f"{name}: pass@1 {100 * r['accuracy']:.1f}%, pass@{r['num_samples']} "
             f"{100 * r['pass_at_k']:.1f}% on {r['n']} problems of {config.data.eval}")
     if workdir:
-      os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
+      storage.write_json(os.path.join(workdir, "eval.json"), results)
   return results

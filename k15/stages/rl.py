@@ -23,7 +23,6 @@ trained again (its evaluation and export are redone).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -32,7 +31,7 @@ import jax
 from flax import nnx
 
 from k15 import evaluate as evaluate_lib
-from k15 import hf_policy, parallel, smoke
+from k15 import hf_policy, parallel, smoke, storage
 from k15.rewards import verifier
 from k15.rl import trainer as trainer_lib
 
@@ -108,7 +107,6 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     if eval_problems:
       print(evaluate_lib.format_table(results["eval"]))
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2, default=str)
+    storage.write_json(os.path.join(workdir, "results.json"), results)
     _log(f"exported the final policy to {export_dir}")
   return {"results": results, "model": final, "tokenizer": tok}

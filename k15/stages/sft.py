@@ -14,13 +14,12 @@ exported to W/export/sft as a Hugging Face checkpoint for the next stage.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
 
-from k15 import hf_policy, parallel, sft, smoke
+from k15 import hf_policy, parallel, sft, smoke, storage
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -29,7 +28,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   if not config.sft.data:
     raise ValueError("mode 'sft' on a checkpoint needs --config.sft.data=PAIRS.jsonl "
                      '({"prompt", "response"} lines)')
-  hf_policy.check_data_config(config, need=())
+  hf_policy.check_data_config(config, need=(), reads=())
   config = hf_policy.with_checkpoint_architecture(config)
   tok = hf_policy.load_tokenizer(config.model_path, hf_policy.instruction(config))
   examples = [tok.render_example(q, r) for q, r in sft.load_jsonl(config.sft.data)]
@@ -48,6 +47,5 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             "final_loss": losses[-1] if losses else None, "export": export_dir}
   if jax.process_index() == 0:
     print(f"[k15 sft] {report}", flush=True)
-    with open(os.path.join(workdir, "sft.json"), "w") as f:
-      json.dump(dict(report, losses=losses), f, indent=2)
+    storage.write_json(os.path.join(workdir, "sft.json"), dict(report, losses=losses))
   return dict(report, model=model, tokenizer=tok)

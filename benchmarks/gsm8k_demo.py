@@ -1,0 +1,165 @@
+r"""RL learns on real-format data: one-step word problems in GSM8K's format, a tiny model.
+
+    python benchmarks/gsm8k_demo.py --workdir=/tmp/k15_gsm8k_demo [--seed=0]
+
+What it does, all from the command line contract of k15.main (the same commands a real
+checkpoint and the real GSM8K files take):
+  1. writes synthetic one-step problems ("Tom has 7 apples and buys 5 more. How many apples
+     does Tom have now?", answer "7 + 5 = 12\n#### 12") as GSM8K train/test JSONL, and SFT
+     pairs (prompt, "7 + 5 = 12. The answer is \boxed{12}.") from part of the train split;
+  2. trains a byte-level BPE tokenizer with a ChatML template and writes a random tiny Qwen2
+     checkpoint with transformers (offline);
+  3. `mode=sft` on the pairs (a short warm-up that leaves room to improve);
+  4. `mode=rl` with `reward=math` from W/sft/export/sft on the train split, evaluated on the
+     test split before RL (step 0), every --eval_every iterations and at the end.
+Prints and writes W/summary.json: eval pass@1 and greedy accuracy after SFT (RL step 0) and
+after RL, and the training reward over the first and last iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/qwen25_1p5b_v5e.py:runlocal=True"
+
+NAMES = ("Tom", "Ana", "Ben", "Mia", "Sam", "Lea", "Max", "Zoe")
+ITEMS = ("apples", "pens", "books", "cards", "coins", "shells")
+
+
+def problem(rng: random.Random) -> dict[str, str]:
+  """One word problem: an addition or a subtraction of two numbers from 1 to 9."""
+  name, item = rng.choice(NAMES), rng.choice(ITEMS)
+  a, b = rng.randint(1, 9), rng.randint(1, 9)
+  if rng.random() < 0.5:
+    q = f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?"
+    step, ans = f"{a} + {b} = {a + b}", a + b
+  else:
+    a, b = max(a, b), min(a, b)
+    q = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?"
+    step, ans = f"{a} - {b} = {a - b}", a - b
+  return {"question": q, "answer": f"{step}\n#### {ans}"}
+
+
+def response(row: dict[str, str]) -> str:
+  step, ans = row["answer"].split("\n#### ")
+  return f"{step}. The answer is \\boxed{{{ans}}}."
+
+
+def write_jsonl(path: str, rows: list[dict]) -> str:
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return path
+
+
+def make_data(d: str, seed: int, n_train: int, n_eval: int, n_sft: int) -> dict[str, str]:
+  rng = random.Random(seed)
+  seen, rows = set(), []
+  while len(rows) < n_train + n_eval:  # train and test share no question
+    r = problem(rng)
+    if r["question"] not in seen:
+      seen.add(r["question"])
+      rows.append(r)
+  train, test = rows[:n_train], rows[n_train:]
+  pairs = [{"prompt": r["question"], "response": response(r)} for r in train[:n_sft]]
+  return {"train": write_jsonl(os.path.join(d, "train.jsonl"), train),
+          "eval": write_jsonl(os.path.join(d, "test.jsonl"), test),
+          "pairs": write_jsonl(os.path.join(d, "pairs.jsonl"), pairs),
+          "texts": [r["question"] + "\n" + response(r) for r in rows]}
+
+
+def make_checkpoint(d: str, texts: list[str], seed: int, width: int, layers: int) -> str:
+  """A random tiny Qwen2 with a byte-level BPE tokenizer and ChatML template (offline)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from k15 import hf_tokenizer  # pylint: disable=g-import-not-at-top
+  from k15.rewards import verifier  # pylint: disable=g-import-not-at-top
+  instruction = verifier.INSTRUCTIONS["math"]
+  tok = hf_tokenizer.train_bpe([instruction.replace("{question}", t) for t in texts], d,
+                               vocab_size=512)
+  torch.manual_seed(seed)
+  cfg = transformers.Qwen2Config(
+      vocab_size=512, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+      rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=True)
+  model = transformers.Qwen2ForCausalLM(cfg)
+  model.generation_config.eos_token_id = [tok.eos_id, tok.pad_id]
+  model.save_pretrained(d)
+  return d
+
+
+def k15_main(log: str, *args: str) -> None:
+  cmd = [sys.executable, "-m", "k15.main", f"--config={CONFIG}", *args]
+  print("$", " ".join(cmd[1:]), flush=True)
+  t = time.time()
+  with open(log, "w") as f:
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=f,
+                       stderr=subprocess.STDOUT, check=False)
+  if r.returncode:
+    sys.exit(f"failed ({r.returncode}); see {log}")
+  print(f"  {time.time() - t:.0f} s, log {log}", flush=True)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--train", type=int, default=512, help="RL prompts (GSM8K train split)")
+  p.add_argument("--eval", type=int, default=64, help="held-out problems")
+  p.add_argument("--sft_pairs", type=int, default=256)
+  p.add_argument("--sft_steps", type=int, default=120)
+  p.add_argument("--rl_iterations", type=int, default=24)
+  p.add_argument("--eval_every", type=int, default=8)
+  p.add_argument("--width", type=int, default=96)
+  p.add_argument("--layers", type=int, default=3)
+  args = p.parse_args()
+
+  w = os.path.abspath(args.workdir)
+  os.makedirs(os.path.join(w, "ckpt"), exist_ok=True)
+  t0 = time.time()
+  data = make_data(w, args.seed, args.train, args.eval, args.sft_pairs)
+  ckpt = make_checkpoint(os.path.join(w, "ckpt"), data["texts"], args.seed, args.width,
+                         args.layers)
+  common = ["--config.reward=math"]
+  k15_main(os.path.join(w, "sft.log"), f"--workdir={w}/sft", "--config.mode=sft",
+           f"--config.model_path={ckpt}", f"--config.sft.data={data['pairs']}",
+           f"--config.sft.steps={args.sft_steps}", "--config.sft.batch_size=16",
+           "--config.sft.seq_len=128", "--config.sft.optimizer.learning_rate=3e-3",
+           "--config.sft.optimizer.warmup_steps=5", f"--config.sft.seed={args.seed}", *common)
+  k15_main(os.path.join(w, "rl.log"), f"--workdir={w}/rl", "--config.mode=rl",
+           f"--config.model_path={w}/sft/export/sft", f"--config.data.train={data['train']}",
+           f"--config.data.eval={data['eval']}", f"--config.rl.iterations={args.rl_iterations}",
+           f"--config.rl.eval_every={args.eval_every}", "--config.rl.prompts_per_iteration=8",
+           "--config.rl.samples_per_prompt=8", "--config.rl.max_new_tokens=32",
+           "--config.rl.minibatch_groups=4", "--config.optimizer.learning_rate=5e-5",
+           "--config.evaluate.num_samples=4", "--config.evaluate.max_new_tokens=32",
+           "--config.evaluate.batch_size=32", "--config.checkpoint.every=10",
+           "--config.data.format=gsm8k", f"--config.seed={args.seed}", *common)
+
+  rows = [json.loads(l) for l in open(os.path.join(w, "rl", "rl", "metrics.jsonl"))]
+  rewards = [r["rl/task_reward"] for r in sorted(rows, key=lambda r: r["step"])
+             if "rl/task_reward" in r]
+  evals = {r["step"]: r for r in rows if "eval/pass_at_1" in r}
+  first, last = evals[min(evals)], evals[max(evals)]
+  k = max(1, len(rewards) // 5)
+  summary = {
+      "seed": args.seed, "minutes": round((time.time() - t0) / 60, 1),
+      "sft_pass_at_1": first["eval/pass_at_1"], "rl_pass_at_1": last["eval/pass_at_1"],
+      "sft_greedy": first.get("eval/greedy_accuracy"), "rl_greedy": last.get("eval/greedy_accuracy"),
+      "eval_curve": {s: round(evals[s]["eval/pass_at_1"], 3) for s in sorted(evals)},
+      f"train_reward_first_{k}": sum(rewards[:k]) / k,
+      f"train_reward_last_{k}": sum(rewards[-k:]) / k,
+      "train_reward": [round(x, 3) for x in rewards], "args": vars(args)}
+  with open(os.path.join(w, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  print(json.dumps({k: v for k, v in summary.items() if k != "train_reward"}, indent=1))
+
+
+if __name__ == "__main__":
+  main()
