@@ -420,7 +420,19 @@ def _countdown_target(rng: random.Random, numbers: Sequence[int], lo: int, hi: i
 
 def _make_countdown(rng: random.Random, level: int, split: str, eval_fraction: float,
                     max_cot_tokens: int, max_number: int = 15,
-                    target_range: Sequence[int] = (10, 99)) -> _Made:
+                    target_range: Sequence[int] = (10, 99), search_cap: int = 0) -> _Made:
+  """A countdown problem whose search (see `_search`) succeeds within max_cot_tokens.
+
+  `search_cap` > 0 models a demonstrator with a short search budget, the SFT data of the
+  length study (the paper's ablation: longer responses, better answers): it writes at most
+  that many search lines. A search that needs more stops after the cap with "stop: no answer in N
+  tries" and no \\boxed{} answer. Such a demonstration still shows the format and the search,
+  and it is kept rather than dropped, for two reasons: like the arithmetic demonstrator's
+  habits, the cap changes demonstrations and never which problems exist (dropping would leave
+  SFT only the problems a short search solves, so the SFT set would be easier than the RL and
+  held-out sets); and it teaches the habit RL is to unlearn, giving up when the budget is
+  spent, so that RL with a longer token budget can find what the short search misses.
+  """
   if not 2 <= level <= 6:
     raise ValueError(f"countdown difficulty (count of numbers) must be in 2..6, got {level}")
   lo, hi = target_range
@@ -443,19 +455,25 @@ def _make_countdown(rng: random.Random, level: int, split: str, eval_fraction: f
     return key, None
   lines, steps, item = found
   shown = " ".join(map(str, numbers))
-  long_cot = "\n".join(
-      [f"Numbers {shown}, target {target}. Try moves closest to {target} first, "
-       "back up at dead ends."]
-      + lines
-      + [f"steps: {', '.join(steps)}", f"so {item.expr}={target}", f"\\boxed{{{item.expr}}}"])
-  if approx_tokens(long_cot) > max_cot_tokens:
+  header = (f"Numbers {shown}, target {target}. Try moves closest to {target} first, "
+            "back up at dead ends.")
+  ending = [f"steps: {', '.join(steps)}", f"so {item.expr}={target}", f"\\boxed{{{item.expr}}}"]
+  if approx_tokens("\n".join([header] + lines + ending)) > max_cot_tokens:
     return key, None
+  if search_cap < 0:
+    raise ValueError(f"countdown option search_cap={search_cap} must be >= 0 (0: no cap)")
+  solved = not search_cap or len(lines) <= search_cap
+  if solved:
+    long_cot = "\n".join([header] + lines + ending)
+  else:  # the capped demonstrator stops where its search budget ends, without an answer
+    long_cot = "\n".join([header] + lines[:search_cap]
+                         + [f"stop: no answer in {search_cap} tries"])
   prompt = (f"Reach {target} with the numbers {shown}, using + - * / and each number at "
             "most once.")
   return key, dict(prompt=prompt, answer=str(target), long_cot=long_cot,
                    short_cot=f"\\boxed{{{item.expr}}}",
                    meta={"numbers": list(numbers), "target": target,
-                         "search_lines": len(lines)})
+                         "search_lines": len(lines), "demo_solved": solved})
 
 
 class _Invalid(Exception):
@@ -534,7 +552,7 @@ _MAKERS: dict[str, Callable[..., _Made]] = {
     "countdown": _make_countdown,
 }
 _OPTIONS = {"arithmetic": ("ops", "carry_slip", "recheck"),
-            "countdown": ("max_number", "target_range")}
+            "countdown": ("max_number", "target_range", "search_cap")}
 
 
 def generate(family: str, n: int, *, seed: int, difficulties: Sequence[int],
@@ -558,7 +576,9 @@ def generate(family: str, n: int, *, seed: int, difficulties: Sequence[int],
       `carry_slip` (default 0: the chance that a demonstration forgets a due carry or borrow;
       `answer` stays right, the demonstrations arrive at the wrong result) and `recheck`
       (default 0: the chance that a column's working is restated once more);
-      countdown `max_number` (default 15), `target_range` (default (10, 99)).
+      countdown `max_number` (default 15), `target_range` (default (10, 99)) and
+      `search_cap` (default 0, none: the most search lines a demonstration writes; see
+      `_make_countdown`).
 
   Returns:
     The problems; ids are "<family>-<split>-<seed>-<index>".
