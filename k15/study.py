@@ -38,6 +38,7 @@ its curves. The `long2short` study of the paper is not here (it needs other stag
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -323,9 +324,13 @@ def accuracy_at_cutoffs(correct: np.ndarray, lengths: np.ndarray,
   return {int(c): (correct & (lengths <= c)).mean(axis=1) for c in cutoffs}
 
 
-def evaluate_length(config: Any, model: Any, tok: Any, problems: Sequence[Any]) -> dict[str, Any]:
-  """`evaluate_model`'s metrics from one sampling pass, plus the accuracy at token cut-offs
-  (`length_cutoffs` of evaluate.max_new_tokens) and length and accuracy per difficulty."""
+def evaluate_sampled(config: Any, model: Any, tok: Any, problems: Sequence[Any], *,
+                     cutoffs: bool = True, slips: bool = False) -> dict[str, Any]:
+  """`evaluate_model`'s metrics (the same samples, so the same values) from one sampling pass
+  whose texts are kept for more: length and accuracy per difficulty; with `cutoffs`, the
+  accuracy at token cut-offs (`length_cutoffs` of evaluate.max_new_tokens: the length study);
+  with `slips`, the carries due and forgotten in the sampled chains of thought
+  (k15.data.tasks.carry_slips: rl_lift's careless demonstrator, before and after RL)."""
   from k15 import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from k15 import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from k15.data import tasks  # pylint: disable=g-import-not-at-top
@@ -334,6 +339,7 @@ def evaluate_length(config: Any, model: Any, tok: Any, problems: Sequence[Any]) 
   n = s.eval_samples
   correct = np.zeros((len(problems), n), bool)
   lengths = np.zeros((len(problems), n), np.float64)
+  carries = np.zeros((len(problems), 2), np.int64)  # due, forgotten
   common = dict(tokenizer=tok, max_new_tokens=ev.max_new_tokens, seed=s.eval_seed,
                 batch_size=ev.batch_size)
   bar = metrics_lib.progress(len(problems), desc="evaluate", unit="problems")
@@ -343,9 +349,12 @@ def evaluate_length(config: Any, model: Any, tok: Any, problems: Sequence[Any]) 
       correct[i, j] = (finish_lib.has_final_answer(resp.finish_reason)
                        and tasks.grade(problems[i], resp.text) > 0.5)
       lengths[i, j] = len(resp.ids)
+      if slips:
+        carries[i] += tasks.carry_slips(resp.text)
     bar.update(1)
   bar.close()
-  cut = accuracy_at_cutoffs(correct, lengths, length_cutoffs(ev.max_new_tokens))
+  cut = (accuracy_at_cutoffs(correct, lengths, length_cutoffs(ev.max_new_tokens)) if cutoffs
+         else {})
   per = {"pass1": correct.mean(axis=1).tolist(),
          "pass_k": pass_at_k(correct.sum(axis=1), n, s.pass_k).tolist(),
          "mean_tokens": lengths.mean(axis=1).tolist(),
@@ -358,11 +367,16 @@ def evaluate_length(config: Any, model: Any, tok: Any, problems: Sequence[Any]) 
   out: dict[str, Any] = {m: float(np.mean(per[m])) for m in METRICS if m in per}
   out.update(
       n=len(problems), samples=n, k=s.pass_k, temperature=float(s.temperature),
-      cutoffs={str(c): float(v.mean()) for c, v in cut.items()},
       by_difficulty={str(d): {"pass1": float(correct[levels == d].mean()),
                               "mean_tokens": float(lengths[levels == d].mean()),
                               "n": int((levels == d).sum())} for d in sorted(set(levels))},
       per_problem=per)
+  if cutoffs:
+    out["cutoffs"] = {str(c): float(v.mean()) for c, v in cut.items()}
+  if slips:
+    due, forgotten = (int(v) for v in carries.sum(axis=0))
+    out["carries"] = {"due": due, "forgotten": forgotten,
+                      "slip_rate": forgotten / due if due else float("nan")}
   return out
 
 
@@ -546,6 +560,31 @@ def plot_length(summary: Mapping[str, Any], path: str) -> None:
   plt.close(fig)
 
 
+def summarize_slips(summary: Mapping[str, Any],
+                    results: Mapping[str, Mapping[int, Mapping[str, Any]]],
+                    sft: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """rl_lift: the share of due carries forgotten in sampled chains of thought, per SFT model
+  and per arm after RL (t interval over seeds), and RL - SFT per arm."""
+  rate = lambda r: r.get("carries", {}).get("slip_rate", float("nan"))
+  out: dict[str, Any] = {"sft": {b: rate(r) for b, r in sft.items()}, "rl": {},
+                         "rl_minus_sft": {}}
+  for arm, runs in results.items():
+    rates = np.array([rate(runs[s]) for s in sorted(runs)])
+    out["rl"][arm] = t_interval(rates)
+    out["rl_minus_sft"][arm] = t_interval(rates - out["sft"][summary["base"][arm]])
+  return out
+
+
+def markdown_slips(summary: Mapping[str, Any]) -> str:
+  s = summary["slips"]
+  lines = ["\n## Carry slips in sampled chains of thought (% of due carries forgotten)\n\n",
+           "| arm | SFT | RL | RL - SFT |\n|---|---|---|---|\n"]
+  for arm in s["rl"]:
+    lines.append(f"| {arm} | {100 * s['sft'][summary['base'][arm]]:.1f} | "
+                 f"{_fmt(s['rl'][arm], 100)} | {_fmt(s['rl_minus_sft'][arm], 100)} |\n")
+  return "".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # The study.
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +637,9 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
                      f"{config.study.eval_samples}: pass@k needs at least k samples")
   t_start = time.time()
   config = study_config(config, study, given)
-  evaluate = evaluate_length if study == "length" else evaluate_model
+  evaluate = {"length": evaluate_sampled,
+              "rl_lift": functools.partial(evaluate_sampled, cutoffs=False, slips=True),
+              }.get(study, evaluate_model)
   arm_overrides = study_arms(config, study, arms)
   problems = heldout_set(config, os.path.join(workdir, "eval.jsonl"))
   runs = [(arm, s) for s in range(seeds) for arm in arm_overrides]  # pair by pair
@@ -654,8 +695,11 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
                       skipped=skipped)
   if study == "length":
     summary["length"] = summarize_length(config, results, sft, workdir)
+  if study == "rl_lift":
+    summary["slips"] = summarize_slips(summary, results, sft)
   _write(os.path.join(workdir, "study.json"), summary)
-  text = markdown(summary) + (markdown_length(summary) if study == "length" else "")
+  text = markdown(summary) + {"length": markdown_length, "rl_lift": markdown_slips}.get(
+      study, lambda _: "")(summary)
   with open(os.path.join(workdir, "study.md"), "w") as f:
     f.write(text)
   plot(summary, os.path.join(workdir, "study.png"))

@@ -173,7 +173,7 @@ def test_level_log_reports_each_iteration_per_difficulty():
 
 
 def _eval(cut, tokens3, seed_noise=0.0):
-  """A fake evaluate_length result on 4 problems (levels 3, 3, 4, 4)."""
+  """A fake evaluate_sampled result on 4 problems (levels 3, 3, 4, 4)."""
   cuts = {str(c): [v + seed_noise] * 4 for c, v in cut.items()}
   return {"cutoffs": {c: float(np.mean(v)) for c, v in cuts.items()},
           "by_difficulty": {"3": {"pass1": cut[320], "mean_tokens": tokens3, "n": 2},

@@ -259,6 +259,36 @@ def grade_arithmetic(answer: str, response: str) -> float:
   return float(int(boxed.strip()) == int(answer))
 
 
+# A column line of the long CoT: "8+5+0=13, carry 1, ..." (also "7*3+0=21, carry 2, ...") and
+# "13-5-0=8, borrow 1, ..." (the leading 1 of "13" marks the borrow that is due).
+_CARRY_LINE = re.compile(r"(\d+)[+*](\d+)\+(\d+)=(\d+), carry (\d+)")
+_BORROW_LINE = re.compile(r"(\d+)-(\d+)-(\d+)=(\d+), borrow (\d+)")
+
+
+def carry_slips(cot: str) -> tuple[int, int]:
+  """(carries due, carries forgotten) in the column lines of an arithmetic chain of thought.
+
+  A carry is due where a column's written value is 10 or more (a borrow, where the column's
+  digit is written with its borrowed 1, "13-5-0"), and forgotten where that line then says
+  "carry 0" ("borrow 0"): the careless demonstrator's slip (option `carry_slip`), counted in
+  what a model writes. Recheck lines restate a column and are not counted again; lines that do
+  not parse (a model's garbled ones) are skipped.
+  """
+  due = forgotten = 0
+  for line in cot.splitlines():
+    m = _CARRY_LINE.match(line)
+    if m:
+      owed, written = int(m[4]) >= 10, int(m[5])
+    else:
+      m = _BORROW_LINE.match(line)
+      if not m:
+        continue
+      owed, written = int(m[1]) >= 10, int(m[5])
+    due += owed
+    forgotten += owed and written == 0
+  return due, forgotten
+
+
 # ---------------------------------------------------------------------------------------------
 # Countdown.
 # ---------------------------------------------------------------------------------------------
