@@ -32,7 +32,9 @@ The `length` study (Countdown; see `STUDY_CONFIG`) has one RL arm against the SF
 evaluates both at token cut-offs: each sampled response is cut at 64, 128, 256, ... tokens and
 graded, and its RL runs log response length and accuracy per task difficulty each iteration
 (W/runs/rl/seedS/rl/metrics.jsonl, `by_level/*`); W/study.md gains its tables, W/length.png
-its curves. The `long2short` study of the paper is not here (it needs other stages).
+its curves. The `rl_lift` study counts, in the same samples, the carries its models forget
+(k15.data.tasks.carry_slips), the careless demonstrator's habit before and after RL. The
+`long2short` study of the paper is not here (it needs other stages).
 """
 
 from __future__ import annotations

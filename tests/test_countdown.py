@@ -249,3 +249,30 @@ def test_real_shrunk_length_study(tmp_path):
     assert {"by_level/d3_tokens", "by_level/d4_tokens"} <= set(rows[-1])
   assert "cut at N tokens" in (tmp_path / "study.md").read_text()
   assert (tmp_path / "length.png").stat().st_size > 0
+
+
+# --- rl_lift's carry slips (arithmetic) --------------------------------------------------------
+
+def test_carry_slips_counts_forgotten_carries_and_borrows():
+  cot = "\n".join([
+      "Add the columns from the right, carrying.",
+      "8+5+0=13, carry 0, so far 3",             # due, forgotten
+      "recheck 8+5+0 is 13, digit 3, carry 0, yes",  # a restatement: not counted again
+      "4+2+0=6, carry 0, so far 63",             # not due
+      "9+9+1=19, carry 1, so far 963",           # due, kept
+      "7*8+3=59, carry 5, so far 9",             # due, kept
+      "12-5-0=7, borrow 0, so far 7",            # due (borrowed 1), forgotten
+      "3-1-0=2, borrow 0, so far 27",            # not due
+      "9+9+0=1x, carry",                         # garbled: skipped
+      "\\boxed{27}"])
+  assert tasks.carry_slips(cot) == (4, 2)
+  assert tasks.carry_slips("\\boxed{5}") == (0, 0)
+
+
+def test_carry_slips_measures_the_demonstrators_slip_rate():
+  kw = dict(seed=0, difficulties=[2, 3, 4], ops=("+", "-", "*"))
+  for slip, lo, hi in ((0.6, 0.5, 0.7), (0.0, 0.0, 0.0)):
+    counts = np.array([tasks.carry_slips(p.long_cot)
+                       for p in tasks.generate("arithmetic", 300, carry_slip=slip, **kw)])
+    due, forgotten = counts.sum(axis=0)
+    assert due > 300 and lo <= forgotten / due <= hi, (slip, due, forgotten)
