@@ -57,7 +57,7 @@ def test_verifier_rejects_wrong_numbers_targets_and_malformed_expressions():
       "15**10": "not allowed",
       "15+10-7.0": "not allowed",
       "abs(15)": "not allowed",
-      "15gyes": "cannot parse",  # a model's garble (and no SyntaxWarning)
+      "15or 10": "not allowed",  # parsed without a SyntaxWarning ("invalid decimal literal")
       "15/7": "not an exact integer division",
       "": "empty",
   }
