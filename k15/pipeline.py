@@ -62,6 +62,8 @@ def make_data(c: Any, seed: int, data_dir: str) -> dict[str, list[prompts_lib.Pr
           options["ops"] = tuple(c.ops)
           if name == "sft":
             options.update(carry_slip=c.sft_carry_slip, recheck=c.sft_recheck)
+        elif family == "countdown" and name == "sft" and c.sft_search_cap:
+          options["search_cap"] = c.sft_search_cap
         problems += tasks.generate(family, n, seed=s, split=split,
                                    difficulties=list(c.difficulties),
                                    max_cot_tokens=c.max_cot_tokens, **options)
@@ -145,19 +147,27 @@ def curate(pool: list[prompts_lib.PromptRecord], policy: Policy, c: Any, seed: i
 
 
 def rl_stage(config: Any, model: transformer.Transformer, records, tok, mesh,
-             workdir: str) -> transformer.Transformer:
-  """RL from `model` on the curated records; returns the final policy."""
+             workdir: str, on_rewards=None, after_iteration=None) -> transformer.Transformer:
+  """RL from `model` on the curated records; returns the final policy.
+
+  on_rewards(ids, responses, rewards), if given, sees each iteration's graded responses, and
+  after_iteration(trainer) may return metrics to log with the iteration's (k15.study's
+  length study logs response length per difficulty this way).
+  """
   prompts = [trainer_lib.Prompt(tokens=tok.render_prompt(r.prompt), difficulty=r.difficulty,
                                 pass_rate=r.pass_rate) for r in records]
 
   def reward_fn(ids, responses):
-    return np.array([tasks.grade(records[i], tok.decode(np.asarray(r)[np.asarray(r) <
-                                                                        tok.vocab_size]))
-                     for i, r in zip(ids, responses)], np.float32)
+    rewards = np.array([tasks.grade(records[i], tok.decode(np.asarray(r)[np.asarray(r) <
+                                                                           tok.vocab_size]))
+                        for i, r in zip(ids, responses)], np.float32)
+    if on_rewards is not None:
+      on_rewards(ids, responses, rewards)
+    return rewards
 
   trainer = trainer_lib.RLTrainer(config, model, prompts, reward_fn, mesh=mesh, workdir=workdir,
                                   eos_id=tok.stop_ids, pad_id=tok.pad_id)
-  trainer.train()
+  trainer.train(after_iteration=after_iteration)
   if trainer.preempted:
     raise SystemExit("preempted during RL (checkpoint saved); rerun the same command to resume")
   return nnx.merge(trainer.graphdef, trainer.params)

@@ -28,12 +28,19 @@ its checkpoint):
                                    a bootstrap interval over seeds x problems; RL - SFT per arm
   W/study.png                      per-arm means with their intervals
 
-The `length` and `long2short` studies of the paper are not here (they need other stages).
+The `length` study (Countdown; see `STUDY_CONFIG`) has one RL arm against the SFT model and
+evaluates both at token cut-offs: each sampled response is cut at 64, 128, 256, ... tokens and
+graded, and its RL runs log response length and accuracy per task difficulty each iteration
+(W/runs/rl/seedS/rl/metrics.jsonl, `by_level/*`); W/study.md gains its tables, W/length.png
+its curves. The `rl_lift` study counts, in the same samples, the carries its models forget
+(k15.data.tasks.carry_slips), the careless demonstrator's habit before and after RL. The
+`long2short` study of the paper is not here (it needs other stages).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import sys
@@ -67,6 +74,25 @@ STUDIES: dict[str, dict[str, dict[str, Any]]] = {
     "rl_lift": {
         "careless": {"pipeline.sft_carry_slip": 0.6},
         "clean": {"pipeline.sft_carry_slip": 0.0},
+    },
+    # The paper's length ablation: RL against its SFT model (evaluated, not an arm), both cut at
+    # token budgets (see `STUDY_CONFIG`).
+    "length": {"rl": {}},
+}
+
+# Settings a study needs whatever the config says (keys given as --config.KEY=... on the
+# command line win). `length`: Countdown, where a longer search with backtracking finds answers
+# that a short one misses. The demonstrator stops its search after 4 lines (k15.data.tasks,
+# `search_cap`; ~90-130 tokens, so a search that needs more stops without an answer), RL and
+# evaluation get 2.5x that (320 tokens), and every problem is solvable within 320 tokens.
+STUDY_CONFIG: dict[str, dict[str, Any]] = {
+    "length": {
+        "pipeline.families": ("countdown",),
+        "pipeline.difficulties": (3, 4),
+        "pipeline.max_cot_tokens": 320,
+        "pipeline.sft_search_cap": 4,
+        "rl.max_new_tokens": 320,
+        "evaluate.max_new_tokens": 320,
     },
 }
 
@@ -170,8 +196,8 @@ def pass_at_k(correct: np.ndarray, n: int, k: int) -> np.ndarray:
 def study_arms(config: Any, study: str, only: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
   """The study's arms (in table order, `only` keeping a subset), '{mid}' filled in."""
   if study not in STUDIES:
-    raise ValueError(f"--study={study!r}; expected one of {sorted(STUDIES)} (the length and "
-                     "long2short studies are not implemented here)")
+    raise ValueError(f"--study={study!r}; expected one of {sorted(STUDIES)} (the "
+                     "long2short study is not implemented here)")
   arms = STUDIES[study]
   unknown = [a for a in only if a not in arms]
   if unknown:
@@ -271,6 +297,298 @@ def evaluate_model(config: Any, model: Any, tok: Any, problems: Sequence[Any]) -
 
 
 # ---------------------------------------------------------------------------------------------
+# The length study: accuracy at token cut-offs, length and accuracy per difficulty.
+# ---------------------------------------------------------------------------------------------
+
+def length_cutoffs(budget: int) -> list[int]:
+  """64, 128, 256, ... below the response budget, then the budget itself."""
+  cuts, c = [], 64
+  while c < budget:
+    cuts.append(c)
+    c *= 2
+  return cuts + [int(budget)]
+
+
+def accuracy_at_cutoffs(correct: np.ndarray, lengths: np.ndarray,
+                        cutoffs: Sequence[int]) -> dict[int, np.ndarray]:
+  """Per problem, the share of its samples still correct when cut at each cut-off.
+
+  correct, lengths: [problems, samples], the graded responses (a response without a final
+  answer is wrong) and their lengths in tokens, the stop token counted. A response cut at c
+  tokens keeps its answer iff it ended by itself within c tokens: a cut response has no final
+  answer (k15.rewards.finish), whatever its first c tokens hold. So the accuracy at c is the
+  one these very samples would have had with a budget of c tokens (decoding does not look
+  ahead at its budget), measured from one sampling pass.
+  """
+  correct, lengths = np.asarray(correct, bool), np.asarray(lengths)
+  if correct.shape != lengths.shape or correct.ndim != 2:
+    raise ValueError(f"accuracy_at_cutoffs: correct {correct.shape} and lengths "
+                     f"{lengths.shape} must both be [problems, samples]")
+  return {int(c): (correct & (lengths <= c)).mean(axis=1) for c in cutoffs}
+
+
+def evaluate_sampled(config: Any, model: Any, tok: Any, problems: Sequence[Any], *,
+                     cutoffs: bool = True, slips: bool = False) -> dict[str, Any]:
+  """`evaluate_model`'s metrics (the same samples, so the same values) from one sampling pass
+  whose texts are kept for more: length and accuracy per difficulty; with `cutoffs`, the
+  accuracy at token cut-offs (`length_cutoffs` of evaluate.max_new_tokens: the length study);
+  with `slips`, the carries due and forgotten in the sampled chains of thought
+  (k15.data.tasks.carry_slips: rl_lift's careless demonstrator, before and after RL)."""
+  from k15 import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from k15 import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from k15.data import tasks  # pylint: disable=g-import-not-at-top
+  from k15.rewards import finish as finish_lib  # pylint: disable=g-import-not-at-top
+  s, ev = config.study, config.evaluate
+  n = s.eval_samples
+  correct = np.zeros((len(problems), n), bool)
+  lengths = np.zeros((len(problems), n), np.float64)
+  carries = np.zeros((len(problems), 2), np.int64)  # due, forgotten
+  common = dict(tokenizer=tok, max_new_tokens=ev.max_new_tokens, seed=s.eval_seed,
+                batch_size=ev.batch_size)
+  bar = metrics_lib.progress(len(problems), desc="evaluate", unit="problems")
+  for i, _, responses in evaluate_lib.sample_responses(
+      model, problems, num_samples=n, temperature=s.temperature, **common):
+    for j, resp in enumerate(responses):
+      correct[i, j] = (finish_lib.has_final_answer(resp.finish_reason)
+                       and tasks.grade(problems[i], resp.text) > 0.5)
+      lengths[i, j] = len(resp.ids)
+      if slips:
+        carries[i] += tasks.carry_slips(resp.text)
+    bar.update(1)
+  bar.close()
+  cut = (accuracy_at_cutoffs(correct, lengths, length_cutoffs(ev.max_new_tokens)) if cutoffs
+         else {})
+  per = {"pass1": correct.mean(axis=1).tolist(),
+         "pass_k": pass_at_k(correct.sum(axis=1), n, s.pass_k).tolist(),
+         "mean_tokens": lengths.mean(axis=1).tolist(),
+         **{f"cut{c}": v.tolist() for c, v in cut.items()}}
+  if s.greedy:
+    g = evaluate_lib.evaluate(model, problems, num_samples=1, temperature=0.0,
+                              grade_fn=tasks.grade, **common)
+    per["greedy"] = [p["accuracy"] for p in g["per_problem"]]
+  levels = np.array([int(p.difficulty) for p in problems])
+  out: dict[str, Any] = {m: float(np.mean(per[m])) for m in METRICS if m in per}
+  out.update(
+      n=len(problems), samples=n, k=s.pass_k, temperature=float(s.temperature),
+      by_difficulty={str(d): {"pass1": float(correct[levels == d].mean()),
+                              "mean_tokens": float(lengths[levels == d].mean()),
+                              "n": int((levels == d).sum())} for d in sorted(set(levels))},
+      per_problem=per)
+  if cutoffs:
+    out["cutoffs"] = {str(c): float(v.mean()) for c, v in cut.items()}
+  if slips:
+    due, forgotten = (int(v) for v in carries.sum(axis=0))
+    out["carries"] = {"due": due, "forgotten": forgotten,
+                      "slip_rate": forgotten / due if due else float("nan")}
+  return out
+
+
+class LevelLog:
+  """Response length and accuracy per task difficulty in each RL iteration, as RL metrics.
+
+  The trainer's metrics pool all prompts, and its difficulty is curation's label; the length
+  study needs the task's own level (count of numbers). The reward function hands each
+  iteration's graded responses to `on_rewards`, and `after_iteration` returns them as
+  `by_level/d<level>_{tokens,accuracy}`, which the trainer writes with the iteration's metrics
+  (so a resumed run keeps them). Accuracy here is the grade of the text, before the rule
+  that a response cut at the budget has no answer.
+  """
+
+  def __init__(self, records: Sequence[Any]):
+    self.levels = [int(r.meta.get("level", r.difficulty)) for r in records]
+    self.batch: tuple | None = None
+
+  def on_rewards(self, ids: Sequence[int], responses: Sequence[Any], rewards: Any) -> None:
+    self.batch = (np.array([self.levels[i] for i in ids]),
+                  np.array([len(r) for r in responses], np.float64), np.asarray(rewards))
+
+  def after_iteration(self, trainer: Any) -> dict[str, float] | None:
+    del trainer
+    if self.batch is None:
+      return None
+    levels, lengths, rewards = self.batch
+    self.batch = None
+    out = {}
+    for level in sorted(set(levels.tolist())):
+      sel = levels == level
+      out[f"by_level/d{level}_tokens"] = float(lengths[sel].mean())
+      out[f"by_level/d{level}_accuracy"] = float((rewards[sel] > 0.5).mean())
+    return out
+
+  def hooks(self) -> dict[str, Any]:
+    return {"on_rewards": self.on_rewards, "after_iteration": self.after_iteration}
+
+
+def _curves(workdir: str, seeds: Sequence[int]) -> dict[str, list[list[float]]]:
+  """`by_level/*` metrics of each seed's RL run: key -> [seed][iteration]."""
+  from k15 import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  out: dict[str, list[list[float]]] = {}
+  for s in seeds:
+    rows = metrics_lib.read_jsonl(os.path.join(workdir, "runs", "rl", f"seed{s}", "rl"))
+    keys = sorted({k for r in rows for k in r if k.startswith("by_level/")})
+    for k in keys:
+      out.setdefault(k, []).append([float(r.get(k, float("nan"))) for r in rows])
+  return out
+
+
+def summarize_length(config: Any, results: Mapping[str, Mapping[int, Mapping[str, Any]]],
+                     sft: Mapping[str, Mapping[str, Any]], workdir: str,
+                     window: int = 5) -> dict[str, Any]:
+  """Accuracy at each cut-off (SFT, RL, RL - SFT), length and accuracy per difficulty, the
+  per-difficulty training curves and the verdict: does RL gain accuracy past the shorter
+  cut-offs where SFT does not?"""
+  seeds = sorted(results["rl"])
+  rl = [results["rl"][s] for s in seeds]
+  s0 = sft["base"]
+  cutoffs = list(s0["cutoffs"])
+  out: dict[str, Any] = {"cutoffs": {}, "by_difficulty": {}}
+  for c in cutoffs:
+    vals = np.array([r["cutoffs"][c] for r in rl])
+    d = t_interval(vals - s0["cutoffs"][c])
+    d["boot_lo"], d["boot_hi"] = bootstrap_interval(
+        np.array([r["per_problem"][f"cut{c}"] for r in rl])
+        - np.array(s0["per_problem"][f"cut{c}"])[None],
+        samples=config.study.bootstrap, seed=config.study.bootstrap_seed)
+    out["cutoffs"][c] = {"sft": s0["cutoffs"][c], "rl": t_interval(vals), "rl_minus_sft": d}
+  for level, row in s0["by_difficulty"].items():
+    out["by_difficulty"][level] = {
+        m: {"sft": row[m], "rl": t_interval([r["by_difficulty"][level][m] for r in rl])}
+        for m in ("pass1", "mean_tokens")}
+    out["by_difficulty"][level]["n"] = row["n"]
+  # The gain from the longest cut-off over the longest one at most half as long.
+  long = cutoffs[-1]
+  short = max((c for c in cutoffs if 2 * int(c) <= int(long)), key=int, default=cutoffs[0])
+  rl_gain = np.array([r["cutoffs"][long] - r["cutoffs"][short] for r in rl])
+  sft_gain = s0["cutoffs"][long] - s0["cutoffs"][short]
+  diff = t_interval(rl_gain - sft_gain)
+  if diff["lo"] is None:
+    verdict = "inconclusive (one seed: no interval)"
+  elif diff["lo"] > 0:
+    verdict = "reproduced"
+  elif diff["hi"] < 0:
+    verdict = "not reproduced (RL gains less from longer responses than SFT)"
+  else:
+    verdict = "inconclusive (the interval of the gain difference contains 0)"
+  out["gain"] = {"short": short, "long": long, "sft": sft_gain, "rl": t_interval(rl_gain),
+                 "rl_minus_sft": diff, "verdict": verdict}
+  curves = _curves(workdir, seeds)
+  out["curves"] = {}
+  for k, per_seed in curves.items():
+    m = min(len(v) for v in per_seed)
+    a = np.array([v[:m] for v in per_seed])
+    w = min(window, m)
+    out["curves"][k] = {"mean": np.nanmean(a, axis=0).tolist(),
+                        "first": t_interval(np.nanmean(a[:, :w], axis=1)),
+                        "last": t_interval(np.nanmean(a[:, -w:], axis=1)),
+                        "last_minus_first": t_interval(np.nanmean(a[:, -w:], axis=1)
+                                                       - np.nanmean(a[:, :w], axis=1))}
+  out["window"] = window
+  return out
+
+
+def markdown_length(summary: Mapping[str, Any]) -> str:
+  """The length study's tables: accuracy at cut-offs, per difficulty, over training."""
+  L = summary["length"]
+  cutoffs = list(L["cutoffs"])
+  lines = ["\n## Accuracy (pass@1 %) of responses cut at N tokens\n\n",
+           "| model | " + " | ".join(f"<= {c}" for c in cutoffs) + " |\n",
+           "|" + "---|" * (len(cutoffs) + 1) + "\n",
+           "| SFT | " + " | ".join(f"{100 * L['cutoffs'][c]['sft']:.1f}" for c in cutoffs)
+           + " |\n",
+           "| RL | " + " | ".join(_fmt(L["cutoffs"][c]["rl"], 100) for c in cutoffs) + " |\n",
+           "| RL - SFT | " + " | ".join(_fmt(L["cutoffs"][c]["rl_minus_sft"], 100, True)
+                                      for c in cutoffs) + " |\n"]
+  g = L["gain"]
+  lines.append(
+      f"\nAccuracy gained from <= {g['short']} to <= {g['long']} tokens: SFT "
+      f"{100 * g['sft']:+.1f}, RL {_fmt(g['rl'], 100)}, RL - SFT "
+      f"{_fmt(g['rl_minus_sft'], 100)} points. Length and accuracy causally linked (RL's "
+      f"accuracy rises with the cut-off more than SFT's): **{g['verdict']}**.\n")
+  lines.append("\n## Per difficulty (count of numbers), held-out\n\n"
+               "| difficulty | problems | SFT tokens | RL tokens | SFT pass@1 % | RL pass@1 % |\n"
+               "|---|---|---|---|---|---|\n")
+  for d, row in L["by_difficulty"].items():
+    lines.append(f"| {d} | {row['n']} | {row['mean_tokens']['sft']:.1f} | "
+                 f"{_fmt(row['mean_tokens']['rl'], 1)} | {100 * row['pass1']['sft']:.1f} | "
+                 f"{_fmt(row['pass1']['rl'], 100)} |\n")
+  if L["curves"]:
+    w = L["window"]
+    lines.append(f"\n## RL training: mean of the first and the last {w} iterations\n\n"
+                 "| metric | first | last | last - first |\n|---|---|---|---|\n")
+    for k, row in L["curves"].items():
+      scale = 1.0 if k.endswith("_tokens") else 100.0
+      lines.append(f"| {k} | {_fmt(row['first'], scale)} | {_fmt(row['last'], scale)} | "
+                   f"{_fmt(row['last_minus_first'], scale)} |\n")
+  return "".join(lines)
+
+
+def plot_length(summary: Mapping[str, Any], path: str) -> None:
+  """Accuracy against the cut-off (SFT, RL with its interval) and per-difficulty response
+  length over RL iterations (mean over seeds; SFT's held-out length dashed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  L = summary["length"]
+  cutoffs = list(L["cutoffs"])
+  x = [int(c) for c in cutoffs]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  ax = axes[0]
+  ax.plot(x, [100 * L["cutoffs"][c]["sft"] for c in cutoffs], "o--", color="gray", label="SFT")
+  rl = [L["cutoffs"][c]["rl"] for c in cutoffs]
+  ax.plot(x, [100 * r["mean"] for r in rl], "o-", color="C0", label="RL")
+  if rl[0]["lo"] is not None:
+    ax.fill_between(x, [100 * r["lo"] for r in rl], [100 * r["hi"] for r in rl], color="C0",
+                    alpha=0.2)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(x, [str(c) for c in x])
+  ax.set_xlabel("response cut at (tokens)")
+  ax.set_ylabel("pass@1 %")
+  ax.set_title("accuracy of responses cut at N tokens")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax = axes[1]
+  for i, d in enumerate(L["by_difficulty"]):
+    key = f"by_level/d{d}_tokens"
+    if key in L["curves"]:
+      ax.plot(L["curves"][key]["mean"], color=f"C{i}", lw=1, label=f"difficulty {d}")
+    ax.axhline(L["by_difficulty"][d]["mean_tokens"]["sft"], ls="--", lw=1, color=f"C{i}")
+  ax.set_xlabel("RL iteration")
+  ax.set_ylabel("mean response tokens")
+  ax.set_title("response length (dashed: SFT, held-out)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.suptitle(f"length: {len(summary['seeds'])} seeds")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def summarize_slips(summary: Mapping[str, Any],
+                    results: Mapping[str, Mapping[int, Mapping[str, Any]]],
+                    sft: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """rl_lift: the share of due carries forgotten in sampled chains of thought, per SFT model
+  and per arm after RL (t interval over seeds), and RL - SFT per arm."""
+  rate = lambda r: r.get("carries", {}).get("slip_rate", float("nan"))
+  out: dict[str, Any] = {"sft": {b: rate(r) for b, r in sft.items()}, "rl": {},
+                         "rl_minus_sft": {}}
+  for arm, runs in results.items():
+    rates = np.array([rate(runs[s]) for s in sorted(runs)])
+    out["rl"][arm] = t_interval(rates)
+    out["rl_minus_sft"][arm] = t_interval(rates - out["sft"][summary["base"][arm]])
+  return out
+
+
+def markdown_slips(summary: Mapping[str, Any]) -> str:
+  s = summary["slips"]
+  lines = ["\n## Carry slips in sampled chains of thought (% of due carries forgotten)\n\n",
+           "| arm | SFT | RL | RL - SFT |\n|---|---|---|---|\n"]
+  for arm in s["rl"]:
+    lines.append(f"| {arm} | {100 * s['sft'][summary['base'][arm]]:.1f} | "
+                 f"{_fmt(s['rl'][arm], 100)} | {_fmt(s['rl_minus_sft'][arm], 100)} |\n")
+  return "".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # The study.
 # ---------------------------------------------------------------------------------------------
 
@@ -292,9 +610,18 @@ def _write(path: str, obj: Any) -> None:
   storage.write_json(path, obj, indent=1)  # whole or absent: a run is done once it is there
 
 
+def study_config(config: Any, study: str, given: Sequence[str] = ()) -> Any:
+  """`config` with the study's STUDY_CONFIG settings, except the keys in `given`."""
+  return with_overrides(config, {k: v for k, v in STUDY_CONFIG.get(study, {}).items()
+                                 if k not in given})
+
+
 def run_study(config: Any, study: str, seeds: int, workdir: str,
-              arms: Sequence[str] = ()) -> dict[str, Any]:
-  """Runs (or resumes) the study; writes W/study.{json,md,png} and returns the summary."""
+              arms: Sequence[str] = (), given: Sequence[str] = ()) -> dict[str, Any]:
+  """Runs (or resumes) the study; writes W/study.{json,md,png} and returns the summary.
+
+  `given`: the config keys set on the command line, which STUDY_CONFIG leaves alone.
+  """
   # Imported here: the statistics above need none of the model stack.
   from k15 import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from k15 import parallel  # pylint: disable=g-import-not-at-top
@@ -307,6 +634,10 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
     raise ValueError(f"config.study.pass_k={config.study.pass_k} > config.study.eval_samples="
                      f"{config.study.eval_samples}: pass@k needs at least k samples")
   t_start = time.time()
+  config = study_config(config, study, given)
+  evaluate = {"length": evaluate_sampled,
+              "rl_lift": functools.partial(evaluate_sampled, cutoffs=False, slips=True),
+              }.get(study, evaluate_model)
   arm_overrides = study_arms(config, study, arms)
   problems = heldout_set(config, os.path.join(workdir, "eval.jsonl"))
   runs = [(arm, s) for s in range(seeds) for arm in arm_overrides]  # pair by pair
@@ -322,7 +653,7 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
       _, tok, sft_model, records = pipeline_lib.base_stages(cfg, bdir, mesh)
       sft_path = os.path.join(bdir, "eval_sft.json")
       if not epath.Path(sft_path).exists():
-        _write(sft_path, evaluate_model(cfg, sft_model, tok, problems))
+        _write(sft_path, evaluate(cfg, sft_model, tok, problems))
       bases[name] = (tok, sft_model, records)
     return bases[name]
 
@@ -339,9 +670,10 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
       else:
         tok, sft_model, records = base(arm)
         cfg = pair_config(config, arm_overrides[arm], s)
+        hooks = LevelLog(records).hooks() if study == "length" else {}
         model = pipeline_lib.rl_stage(cfg, sft_model, records, tok, mesh,
-                                      os.path.join(rdir, "rl"))
-        r = evaluate_model(cfg, model, tok, problems)
+                                      os.path.join(rdir, "rl"), **hooks)
+        r = evaluate(cfg, model, tok, problems)
         r.update(rl_seed=cfg.seed, data_seed=cfg.data.seed,
                  base=base_name(config, arm_overrides[arm]), overrides=arm_overrides[arm])
         _write(path, r)
@@ -359,10 +691,18 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
   minutes = (time.time() - t_start) / 60
   summary = summarize(config, study, arm_overrides, results, sft, minutes=minutes,
                       skipped=skipped)
+  if study == "length":
+    summary["length"] = summarize_length(config, results, sft, workdir)
+  if study == "rl_lift":
+    summary["slips"] = summarize_slips(summary, results, sft)
   _write(os.path.join(workdir, "study.json"), summary)
-  storage.write_text(os.path.join(workdir, "study.md"), markdown(summary))
+  text = markdown(summary) + {"length": markdown_length, "rl_lift": markdown_slips}.get(
+      study, lambda _: "")(summary)
+  storage.write_text(os.path.join(workdir, "study.md"), text)
   plot(summary, os.path.join(workdir, "study.png"))
-  print(markdown(summary))
+  if study == "length":
+    plot_length(summary, os.path.join(workdir, "length.png"))
+  print(text)
   print(f"study {study}: {len(runs)} runs ({skipped} reused) in {minutes:.1f} minutes",
         flush=True)
   return summary
@@ -496,7 +836,8 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   arms = tuple(a for a in f.arms.split(",") if a) if f.arms else ()
-  run_study(f.config, f.study, f.seeds, f.workdir, arms)
+  given = [a[len("--config."):].split("=")[0] for a in sys.argv if a.startswith("--config.")]
+  run_study(f.config, f.study, f.seeds, f.workdir, arms, given)
 
 
 if __name__ == "__main__":

@@ -98,8 +98,9 @@ def test_arms_bases_and_pairs():
   p = study.pair_config(c, {"rl.loss": "rest"}, 3)
   assert (p.rl.loss, p.seed, p.data.seed) == ("rest", c.seed + 3, c.seed + 3)
   assert c.rl.loss == "pmd"  # the caller's config is left alone
-  with pytest.raises(ValueError, match="length"):
-    study.study_arms(c, "length")
+  with pytest.raises(ValueError, match="expected one of"):
+    study.study_arms(c, "nope")
+  assert list(study.study_arms(c, "length")) == ["rl"]
   with pytest.raises(ValueError, match="not arms"):
     study.study_arms(c, "sampling", ["pmd"])
   with pytest.raises(KeyError, match="rl.nope"):
@@ -120,6 +121,7 @@ class _Fakes:
     monkeypatch.setattr(pipeline_lib, "base_stages", self.base_stages)
     monkeypatch.setattr(pipeline_lib, "rl_stage", self.rl_stage)
     monkeypatch.setattr(evaluate_lib, "evaluate", self.evaluate)
+    monkeypatch.setattr(evaluate_lib, "sample_responses", self.sample_responses)
 
   def base_stages(self, config, workdir, mesh):
     del mesh
@@ -133,6 +135,22 @@ class _Fakes:
     self.rl.append(dict(arm=arm, seed=config.seed, data_seed=config.data.seed,
                         loss=config.rl.loss, base=model.base, records=records))
     return types.SimpleNamespace(skill=ARM_SKILL[arm], seed=config.seed, base=model.base)
+
+  @staticmethod
+  def sample_responses(model, problems, *, num_samples, **kwargs):
+    """Texts with `evaluate`'s outcomes (problem i: (skill + seed + i) mod (k + 1) of k
+    correct, 10 * skill + i tokens), each with one column line that is due a carry, which
+    the models of skill < 2 forget."""
+    del kwargs
+    k = num_samples
+    column = "8+5+0=13, carry 0, so far 3" if model.skill < 2 else "8+5+0=13, carry 1, so far 3"
+    for i, p in enumerate(problems):
+      good = (model.skill + model.seed + i) % (k + 1)
+      responses = [evaluate_lib.Response(
+          ids=np.zeros(10 * model.skill + i, np.int32),
+          text=f"{column}\n\\boxed{{{p.answer if j < good else -1}}}",
+          finish_reason=int(evaluate_lib.sampler.FinishReason.EOS)) for j in range(k)]
+      yield i, [2], responses
 
   @staticmethod
   def evaluate(model, problems, *, num_samples, temperature, **kwargs):
@@ -206,6 +224,19 @@ def test_rl_lift_has_a_base_per_demonstrator(tmp_path, monkeypatch):
       ("careless", "base"), ("clean", "base-pipeline.sft_carry_slip=0.0")}
   assert set(out["sft"]) == {"base", "base-pipeline.sft_carry_slip=0.0"}
   assert (tmp_path / "base-pipeline.sft_carry_slip=0.0" / "eval_sft.json").exists()
+  # Sampled once, the texts kept: the same pass@1 as evaluate_model's, and the carry slips.
+  n, k = c.study.eval_problems, c.study.eval_samples
+  want = np.mean([[((ARM_SKILL["clean"] + c.seed + s + i) % (k + 1)) / k for i in range(n)]
+                  for s in range(2)])
+  assert out["summary"]["clean"]["pass1"]["mean"] == pytest.approx(want)
+  slips = out["slips"]
+  assert slips["sft"] == {"base": 1.0, "base-pipeline.sft_carry_slip=0.0": 1.0}
+  assert slips["rl"]["careless"]["mean"] == 1.0 and slips["rl"]["clean"]["mean"] == 0.0
+  assert slips["rl_minus_sft"]["clean"]["mean"] == -1.0
+  run = json.loads((tmp_path / "runs" / "clean" / "seed1" / "eval.json").read_text())
+  assert run["carries"] == {"due": n * k, "forgotten": 0, "slip_rate": 0.0}
+  assert "| clean | 100.0 | 0.0 [0.0, 0.0] | -100.0 [-100.0, -100.0] |" in (
+      tmp_path / "study.md").read_text()
 
 
 @pytest.mark.slow

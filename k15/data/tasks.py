@@ -63,6 +63,7 @@ import hashlib
 import os
 import random
 import re
+import warnings
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from k15 import tokenizer
@@ -259,6 +260,36 @@ def grade_arithmetic(answer: str, response: str) -> float:
   return float(int(boxed.strip()) == int(answer))
 
 
+# A column line of the long CoT: "8+5+0=13, carry 1, ..." (also "7*3+0=21, carry 2, ...") and
+# "13-5-0=8, borrow 1, ..." (the leading 1 of "13" marks the borrow that is due).
+_CARRY_LINE = re.compile(r"(\d+)[+*](\d+)\+(\d+)=(\d+), carry (\d+)")
+_BORROW_LINE = re.compile(r"(\d+)-(\d+)-(\d+)=(\d+), borrow (\d+)")
+
+
+def carry_slips(cot: str) -> tuple[int, int]:
+  """(carries due, carries forgotten) in the column lines of an arithmetic chain of thought.
+
+  A carry is due where a column's written value is 10 or more (a borrow, where the column's
+  digit is written with its borrowed 1, "13-5-0"), and forgotten where that line then says
+  "carry 0" ("borrow 0"): the careless demonstrator's slip (option `carry_slip`), counted in
+  what a model writes. Recheck lines restate a column and are not counted again; lines that do
+  not parse (a model's garbled ones) are skipped.
+  """
+  due = forgotten = 0
+  for line in cot.splitlines():
+    m = _CARRY_LINE.match(line)
+    if m:
+      owed, written = int(m[4]) >= 10, int(m[5])
+    else:
+      m = _BORROW_LINE.match(line)
+      if not m:
+        continue
+      owed, written = int(m[1]) >= 10, int(m[5])
+    due += owed
+    forgotten += owed and written == 0
+  return due, forgotten
+
+
 # ---------------------------------------------------------------------------------------------
 # Countdown.
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +451,19 @@ def _countdown_target(rng: random.Random, numbers: Sequence[int], lo: int, hi: i
 
 def _make_countdown(rng: random.Random, level: int, split: str, eval_fraction: float,
                     max_cot_tokens: int, max_number: int = 15,
-                    target_range: Sequence[int] = (10, 99)) -> _Made:
+                    target_range: Sequence[int] = (10, 99), search_cap: int = 0) -> _Made:
+  """A countdown problem whose search (see `_search`) succeeds within max_cot_tokens.
+
+  `search_cap` > 0 models a demonstrator with a short search budget, the SFT data of the
+  length study (the paper's ablation: longer responses, better answers): it writes at most
+  that many search lines. A search that needs more stops after the cap with "stop: no answer in N
+  tries" and no \\boxed{} answer. Such a demonstration still shows the format and the search,
+  and it is kept rather than dropped, for two reasons: like the arithmetic demonstrator's
+  habits, the cap changes demonstrations and never which problems exist (dropping would leave
+  SFT only the problems a short search solves, so the SFT set would be easier than the RL and
+  held-out sets); and it teaches the habit RL is to unlearn, giving up when the budget is
+  spent, so that RL with a longer token budget can find what the short search misses.
+  """
   if not 2 <= level <= 6:
     raise ValueError(f"countdown difficulty (count of numbers) must be in 2..6, got {level}")
   lo, hi = target_range
@@ -443,19 +486,25 @@ def _make_countdown(rng: random.Random, level: int, split: str, eval_fraction: f
     return key, None
   lines, steps, item = found
   shown = " ".join(map(str, numbers))
-  long_cot = "\n".join(
-      [f"Numbers {shown}, target {target}. Try moves closest to {target} first, "
-       "back up at dead ends."]
-      + lines
-      + [f"steps: {', '.join(steps)}", f"so {item.expr}={target}", f"\\boxed{{{item.expr}}}"])
-  if approx_tokens(long_cot) > max_cot_tokens:
+  header = (f"Numbers {shown}, target {target}. Try moves closest to {target} first, "
+            "back up at dead ends.")
+  ending = [f"steps: {', '.join(steps)}", f"so {item.expr}={target}", f"\\boxed{{{item.expr}}}"]
+  if approx_tokens("\n".join([header] + lines + ending)) > max_cot_tokens:
     return key, None
+  if search_cap < 0:
+    raise ValueError(f"countdown option search_cap={search_cap} must be >= 0 (0: no cap)")
+  solved = not search_cap or len(lines) <= search_cap
+  if solved:
+    long_cot = "\n".join([header] + lines + ending)
+  else:  # the capped demonstrator stops where its search budget ends, without an answer
+    long_cot = "\n".join([header] + lines[:search_cap]
+                         + [f"stop: no answer in {search_cap} tries"])
   prompt = (f"Reach {target} with the numbers {shown}, using + - * / and each number at "
             "most once.")
   return key, dict(prompt=prompt, answer=str(target), long_cot=long_cot,
                    short_cot=f"\\boxed{{{item.expr}}}",
                    meta={"numbers": list(numbers), "target": target,
-                         "search_lines": len(lines)})
+                         "search_lines": len(lines), "demo_solved": solved})
 
 
 class _Invalid(Exception):
@@ -494,7 +543,9 @@ def countdown_error(expression: str, numbers: Sequence[int], target: int) -> str
   if not text or len(text) > 200:
     return "empty or over-long expression"
   try:
-    tree = ast.parse(text, mode="eval")
+    with warnings.catch_warnings():  # a model's "15gyes" would warn "invalid decimal literal"
+      warnings.simplefilter("ignore", SyntaxWarning)
+      tree = ast.parse(text, mode="eval")
   except SyntaxError:
     return f"cannot parse {text!r}"
   used: list[int] = []
@@ -534,7 +585,7 @@ _MAKERS: dict[str, Callable[..., _Made]] = {
     "countdown": _make_countdown,
 }
 _OPTIONS = {"arithmetic": ("ops", "carry_slip", "recheck"),
-            "countdown": ("max_number", "target_range")}
+            "countdown": ("max_number", "target_range", "search_cap")}
 
 
 def generate(family: str, n: int, *, seed: int, difficulties: Sequence[int],
@@ -558,7 +609,9 @@ def generate(family: str, n: int, *, seed: int, difficulties: Sequence[int],
       `carry_slip` (default 0: the chance that a demonstration forgets a due carry or borrow;
       `answer` stays right, the demonstrations arrive at the wrong result) and `recheck`
       (default 0: the chance that a column's working is restated once more);
-      countdown `max_number` (default 15), `target_range` (default (10, 99)).
+      countdown `max_number` (default 15), `target_range` (default (10, 99)) and
+      `search_cap` (default 0, none: the most search lines a demonstration writes; see
+      `_make_countdown`).
 
   Returns:
     The problems; ids are "<family>-<split>-<seed>-<index>".
