@@ -68,12 +68,13 @@ from k15 import checkpoint as ckpt_lib
 from k15 import config as k15_config
 from k15 import evaluate as evaluate_lib
 from k15 import metrics as metrics_lib
-from k15 import parallel, pipeline, sampling, sft, smoke, update
+from k15 import parallel, pipeline, sampling, sft, update
 from k15 import tokenizer as tokenizer_lib
 from k15.data import prompts as prompts_lib
 from k15.data import tasks
-from k15.model import transformer
+from k15.model import build, transformer
 from k15.rewards import finish as finish_lib
+from k15.sampling import text
 
 Example = tuple[list[int], list[int]]  # (prompt ids, response ids incl. eos)
 GradeFn = Callable[[Any, str], float]
@@ -189,7 +190,7 @@ def merge_checkpoints(model_template: transformer.Transformer, dirs: Sequence[st
 
   dirs: checkpoint directories (those holding the step subdirectories, e.g.
   `DIR/sft/sft_checkpoints`, `DIR/rl/checkpoints`); steps: one per dir (default the latest).
-  Each is restored into model_template's layout (`sft.restore_params`) and the result has that
+  Each is restored into model_template's layout (`ckpt_lib.restore_params`) and the result has that
   layout too. All restored models are held on the devices at once (len(dirs) model copies).
   """
   dirs = list(dirs)
@@ -200,7 +201,7 @@ def merge_checkpoints(model_template: transformer.Transformer, dirs: Sequence[st
     raise ValueError(f"merge_checkpoints: {len(dirs)} dirs but {len(weights)} weights")
   with _mesh_context(mesh):
     graphdef = nnx.graphdef(model_template)
-    states = [nnx.state(sft.restore_params(model_template, d, step=s))
+    states = [nnx.state(ckpt_lib.restore_params(model_template, d, step=s))
               for d, s in zip(dirs, steps)]
     return nnx.merge(graphdef, merge(states, weights))
 
@@ -249,8 +250,8 @@ def sample_groups(model: transformer.Transformer, problems: Sequence[Any], *,
   problem i draws from row seed i * n + j, so the groups do not depend on batch_size.
   """
   groups = []
-  for i, prompt, responses in evaluate_lib.sample_responses(
-      model, problems, tokenizer=tokenizer, num_samples=n, batch_size=batch_size,
+  for i, prompt, responses in text.sample_text(
+      model, tokenizer, [p.prompt for p in problems], num_samples=n, batch_size=batch_size,
       max_new_tokens=max_new_tokens, seed=seed, temperature=temperature):
     groups.append(Group(
         prompt=[int(t) for t in prompt], responses=[[int(t) for t in r.ids] for r in responses],
@@ -486,7 +487,7 @@ def train_dpo(model: transformer.Transformer, pairs: Sequence[tuple[Example, Exa
         _, meta = checkpointer.restore(c.steps)
         checkpointer.close()
         logging.info("DPO: reusing the finished run in %s", checkpointer.directory)
-        return (sft.restore_params(model, str(checkpointer.directory), step=c.steps),
+        return (ckpt_lib.restore_params(model, str(checkpointer.directory), step=c.steps),
                 [float(x) for x in meta["history"]])
 
     # --- reference: the starting model's sequence log-probs, once --------------------------
@@ -734,7 +735,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.sharding_rules):
-    template = smoke.build_model(config, mesh)
+    template = build.build_model(config, mesh)
     cache: dict[str, Any] = {}
 
     def model_of(name):  # built on first use: a finished run needs none of them
@@ -778,9 +779,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
     def build(name):
       if name == "long":
-        return sft.restore_params(template, paths["rl_checkpoints"])
+        return ckpt_lib.restore_params(template, paths["rl_checkpoints"])
       if name == "sft":
-        return sft.restore_params(template, paths["sft_checkpoints"])
+        return ckpt_lib.restore_params(template, paths["sft_checkpoints"])
       if name == "short":
         examples = [tok.render_example(r.prompt, r.meta["short_cot"])
                     for r in prompts_lib.load_jsonl(paths["sft"])[0]]

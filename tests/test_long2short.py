@@ -377,7 +377,8 @@ def test_run_chains_rejection_sampling_rounds_and_rl_init(tmp_path, monkeypatch,
   stand-in models (strings)."""
   from k15 import config as k15_config
   from k15 import evaluate as evaluate_lib
-  from k15 import sft, smoke
+  from k15 import sft
+  from k15.model import build
   from k15 import tokenizer as tokenizer_lib
   from k15.data import prompts as prompts_lib
 
@@ -392,8 +393,8 @@ def test_run_chains_rejection_sampling_rounds_and_rl_init(tmp_path, monkeypatch,
                       lambda path: (records[path.rsplit("/", 1)[-1]], None))
   monkeypatch.setattr(tokenizer_lib.Tokenizer, "load",
                       staticmethod(lambda path: types.SimpleNamespace(pad_id=0)))
-  monkeypatch.setattr(smoke, "build_model", lambda config, mesh: "template")
-  monkeypatch.setattr(sft, "restore_params", lambda template, path: "long")
+  monkeypatch.setattr(build, "build_model", lambda config, mesh: "template")
+  monkeypatch.setattr(ckpt_lib, "restore_params", lambda template, path: "long")
   sampled = []
 
   def fake_groups(model, problems, **kw):  # a model named after k fine-tunes answers in 4 - k
