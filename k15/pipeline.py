@@ -23,8 +23,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import numpy as np
-from flax import nnx
 
 from k15 import evaluate as evaluate_lib
 from k15 import metrics as metrics_lib
@@ -33,7 +31,7 @@ from k15 import tokenizer as tokenizer_lib
 from k15.data import prompts as prompts_lib
 from k15.data import tasks
 from k15.model import build, transformer
-from k15.rl import trainer as trainer_lib
+from k15.rl.stage import rl_stage
 from k15.sampling import text
 
 
@@ -112,24 +110,6 @@ def curate(pool: list[prompts_lib.PromptRecord], policy: text.TextSampler, c: An
   with open(os.path.join(data_dir, "curation.json"), "w") as f:
     json.dump(report, f, indent=2, default=str)
   return records
-
-
-def rl_stage(config: Any, model: transformer.Transformer, records, tok, mesh,
-             workdir: str) -> transformer.Transformer:
-  """RL from `model` on the curated records; returns the final policy."""
-  prompts = [trainer_lib.Prompt(tokens=tok.render_prompt(r.prompt), difficulty=r.difficulty,
-                                pass_rate=r.pass_rate) for r in records]
-
-  def reward_fn(ids, responses):
-    return np.array([tasks.grade(records[i], text.decode(tok, r))
-                     for i, r in zip(ids, responses)], np.float32)
-
-  trainer = trainer_lib.RLTrainer(config, model, prompts, reward_fn, mesh=mesh, workdir=workdir,
-                                  eos_id=tok.stop_ids, pad_id=tok.pad_id)
-  trainer.train()
-  if trainer.preempted:
-    raise SystemExit("preempted during RL (checkpoint saved); rerun the same command to resume")
-  return nnx.merge(trainer.graphdef, trainer.params)
 
 
 def plot_curves(rl_dir: str, path: str) -> None:

@@ -74,8 +74,9 @@ def test_default_seeds_match_the_direct_calls_evaluation_made(model):
 
 def test_batch_seeds_match_the_direct_calls_curation_made(model):
   """`batch_seeds=True` with a forced prefix: what pipeline.Policy.sample asked of the sampler
-  (seed + batch start, rows 0.. within the batch, the prefix's tokens after the prompt, no
-  filled-up last batch), as texts; the default tiny run curates this way."""
+  (seed + batch start, rows 0.. within the batch, the prefix's tokens after the prompt, a last
+  batch of its own size: the very same calls), as texts; the default tiny run curates this
+  way, so it draws what it drew before the front end existed."""
   tok, n, bs = _CharTokenizer(), 2, 2
   sampler_ = text.TextSampler(model, tok, max_new_tokens=8, seed=3, batch_size=bs,
                               batch_seeds=True, progress=False)

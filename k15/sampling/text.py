@@ -13,8 +13,8 @@ rows are dropped), so the sampler compiles once per call site, not once per batc
 Seeds: sample j of question i draws from row seed i * num_samples + j under `seed`, so a
 response does not depend on the batch size or on the other questions of its batch.
 `batch_seeds=True` is the older rule of curation (seed + the batch's first index, rows counted
-within the batch): the default tiny run curates with it, and switching would change what it
-draws.
+within the batch, and a last batch of its own size): the default tiny run curates with it, and
+switching would change what it draws.
 
 Stop ids come from the tokenizer (`k15.tokenizer.stop_ids`); ids past the tokenizer's
 vocabulary (a model may pad its embedding table) are dropped before decoding, as they have no
@@ -75,11 +75,11 @@ def sample_text(model: Any, tokenizer: Any, questions: Sequence[str], *, num_sam
   for start in range(0, len(questions), batch_size):
     chunk = questions[start:start + batch_size]
     prompts = [list(tokenizer.render_prompt(q)) + forced for q in chunk]
-    # Fixed shape: the last batch is filled up with copies of its last prompt (rows dropped).
-    prompts += [prompts[-1]] * (full - len(prompts))
     if batch_seeds:
       call_seed, row_seeds = seed + start, np.arange(len(prompts) * k)
     else:
+      # Fixed shape: the last batch is filled up with copies of its last prompt (rows dropped).
+      prompts += [prompts[-1]] * (full - len(prompts))
       call_seed, row_seeds = seed, np.arange(start * k, (start + len(prompts)) * k)
     result = sampler.generate(
         model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

@@ -1,0 +1,40 @@
+"""RL from a model on prompt records of the synthetic tasks, rewarded by their grader: the stage
+that the tiny pipeline, the studies (k15.study) and long2short RL share."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from flax import nnx
+
+from k15.data import prompts as prompts_lib
+from k15.data import tasks
+from k15.model import transformer
+from k15.rl import trainer as trainer_lib
+from k15.sampling import text
+
+
+def rl_stage(config: Any, model: transformer.Transformer,
+             records: Sequence[prompts_lib.PromptRecord], tok: Any, mesh: Any, workdir: str, *,
+             stop_when: Callable[[dict[str, float]], bool] | None = None,
+             ) -> transformer.Transformer:
+  """RL from `model` on the records (config.rl); returns the final policy.
+
+  Resumes from `<workdir>/checkpoints`; stop_when: see `RLTrainer.train`. A preempted run
+  exits (its checkpoint saved) so that no later stage starts from a half-trained policy.
+  """
+  records = list(records)
+  prompts = [trainer_lib.Prompt(tokens=tok.render_prompt(r.prompt), difficulty=r.difficulty,
+                                pass_rate=r.pass_rate) for r in records]
+
+  def reward_fn(ids, responses):
+    return np.array([tasks.grade(records[i], text.decode(tok, r))
+                     for i, r in zip(ids, responses)], np.float32)
+
+  trainer = trainer_lib.RLTrainer(config, model, prompts, reward_fn, mesh=mesh, workdir=workdir,
+                                  eos_id=tok.stop_ids, pad_id=tok.pad_id)
+  trainer.train(stop_when=stop_when)
+  if trainer.preempted:
+    raise SystemExit("preempted during RL (checkpoint saved); rerun the same command to resume")
+  return nnx.merge(trainer.graphdef, trainer.params)
