@@ -110,9 +110,10 @@ class MethodResult:
 class Context:
   """What every method reads: config, tokenizer, data, mesh, the model template, directories."""
   config: Any
-  workdir: epath.Path
+  paths: dict[str, epath.Path]                 # the pipeline outputs (`require_pipeline`)
   out_dir: epath.Path
   tok: Any
+  eval_records: list[prompts_lib.PromptRecord]  # the held-out problems of the table
   prompts: list[prompts_lib.PromptRecord]      # rejection sampling and DPO
   rl_records: list[prompts_lib.PromptRecord]   # long2short RL (the curated RL prompts)
   sft_records: list[prompts_lib.PromptRecord]  # the short model's demonstrations
@@ -136,8 +137,8 @@ def obtain(ctx: Context, name: str) -> Trained:
   return ctx.cache[name]
 
 
-def _restore(ctx: Context, rel: str) -> Trained:
-  return Trained(ckpt_lib.restore_params(ctx.template, str(ctx.workdir / rel)))
+def _restore(ctx: Context, key: str) -> Trained:
+  return Trained(ckpt_lib.restore_params(ctx.template, str(ctx.paths[key])))
 
 
 def _finetune_config(config_sft: Any, steps: int,
@@ -256,8 +257,8 @@ def train_rl(ctx: Context) -> Trained:
 
 
 TRAIN: dict[str, Callable[[Context], Trained]] = {
-    "long": lambda ctx: _restore(ctx, "rl/checkpoints"),
-    "sft": lambda ctx: _restore(ctx, f"sft/{sft.CHECKPOINT_SUBDIR}"),
+    "long": lambda ctx: _restore(ctx, "rl_checkpoints"),
+    "sft": lambda ctx: _restore(ctx, "sft_checkpoints"),
     "short": train_short, "merge": train_merge, "merge_rs": train_merge_rs,
     "shortest_rs": train_shortest_rs, "dpo": train_dpo, "rl": train_rl,
 }
@@ -385,13 +386,19 @@ def check_config(config: Any) -> None:
                      "(0: no budget)")
 
 
-def require_pipeline(workdir: epath.Path) -> dict[str, epath.Path]:
-  """The pipeline outputs mode `long2short` reads; an error lists any that are missing."""
-  paths = {"tokenizer": workdir / tokenizer_lib.MODEL_FILENAME,
-           "sft_checkpoints": workdir / "sft" / sft.CHECKPOINT_SUBDIR,
+def require_pipeline(workdir: epath.Path,
+                     base: epath.Path | None = None) -> dict[str, epath.Path]:
+  """The pipeline outputs mode `long2short` reads; an error lists any that are missing.
+
+  base: where the data, tokenizer and SFT come from when not from `workdir` (a study's shared
+  base stages); the long model is always `workdir`/rl's.
+  """
+  base = workdir if base is None else base
+  paths = {"tokenizer": base / tokenizer_lib.MODEL_FILENAME,
+           "sft_checkpoints": base / "sft" / sft.CHECKPOINT_SUBDIR,
            "rl_checkpoints": workdir / "rl" / "checkpoints",
-           "eval": workdir / "data" / "eval.jsonl"}
-  paths.update({name: workdir / "data" / f for name, f in PROMPT_SETS.items()})
+           "eval": base / "data" / "eval.jsonl"}
+  paths.update({name: base / "data" / f for name, f in PROMPT_SETS.items()})
   missing = [str(p) for p in paths.values() if not p.exists()]
   if missing:
     raise FileNotFoundError(f"mode 'long2short' needs a finished pipeline in {workdir} (run "
@@ -414,6 +421,26 @@ def _methods(c: Any) -> list[str]:
   return names + [m for m in METHODS if m in c.methods]
 
 
+def make_context(config: Any, workdir: str, mesh: Any, *, base: str | None = None) -> Context:
+  """The tokenizer, data and model template of a finished pipeline in `workdir` (data,
+  tokenizer and SFT from `base` if given); the methods' outputs go to `workdir`/long2short.
+  Call inside `parallel.use_mesh(mesh)`."""
+  check_config(config)
+  c = config.long2short
+  root = epath.Path(workdir)
+  paths = require_pipeline(root, epath.Path(base) if base else None)
+  out_dir = root / "long2short"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  load = lambda name: prompts_lib.load_jsonl(str(paths[name]))[0]
+  prompts = load(c.prompt_set)
+  if c.num_prompts:
+    prompts = prompts[:c.num_prompts]
+  return Context(config=config, paths=paths, out_dir=out_dir,
+                 tok=tokenizer_lib.Tokenizer.load(str(paths["tokenizer"])),
+                 eval_records=load("eval"), prompts=prompts, rl_records=load("rl_prompts"),
+                 sft_records=load("sft"), mesh=mesh, template=build.build_model(config, mesh))
+
+
 def run(config: Any, workdir: str) -> dict[str, MethodResult]:
   """Mode `long2short`: the methods of §2.4 from a finished pipeline in `workdir`."""
   if not workdir:
@@ -421,43 +448,30 @@ def run(config: Any, workdir: str) -> dict[str, MethodResult]:
   check_config(config)
   c = config.long2short
   root = epath.Path(workdir)
-  paths = require_pipeline(root)
-  out_dir = root / "long2short"
-  out_dir.mkdir(parents=True, exist_ok=True)
+  require_pipeline(root)  # before anything else: the error names what is missing
 
   # --- stored results (a rerun continues) --------------------------------------------------
   json_path = root / "long2short.json"
   fingerprint = _fingerprint(config)
+  save = lambda: _atomic_write(json_path, {
+      "config": fingerprint, "token_budget": c.token_budget,
+      "results": {k: r.to_json() for k, r in results.items()}})
   results: dict[str, MethodResult] = {}
   if json_path.exists():
     stored = json.loads(json_path.read_text())
     if stored.get("config") != fingerprint:
       raise ValueError(f"{json_path} was made with another long2short/evaluate config; delete "
-                       f"it and {out_dir} to start over, or use the same config")
+                       f"it and {root / 'long2short'} to start over, or use the same config")
     results = {k: MethodResult.from_json(v) for k, v in stored.get("results", {}).items()}
-
-  def save():
-    _atomic_write(json_path, {"config": fingerprint, "token_budget": c.token_budget,
-                              "results": {k: r.to_json() for k, r in results.items()}})
-
-  # --- tokenizer and data -------------------------------------------------------------------
-  tok = tokenizer_lib.Tokenizer.load(str(paths["tokenizer"]))
-  load = lambda name: prompts_lib.load_jsonl(str(paths[name]))[0]
-  eval_records = load("eval")
-  prompts = load(c.prompt_set)
-  if c.num_prompts:
-    prompts = prompts[:c.num_prompts]
 
   # --- the methods, one by one; each model is trained (or reloaded) on first use ----------
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.sharding_rules):
-    ctx = Context(config=config, workdir=root, out_dir=out_dir, tok=tok, prompts=prompts,
-                  rl_records=load("rl_prompts"), sft_records=load("sft"), mesh=mesh,
-                  template=build.build_model(config, mesh))
+    ctx = make_context(config, workdir, mesh)
     for name in _methods(c):
       if name in results:
         continue
-      results[name] = evaluate_method(ctx, name, obtain(ctx, name), eval_records)
+      results[name] = evaluate_method(ctx, name, obtain(ctx, name), ctx.eval_records)
       save()
       if name not in ("long", "short", "merge", c.rl.init):  # no later method starts from it
         ctx.cache.pop(name, None)
