@@ -16,9 +16,10 @@ block is refused (delete DIR/long2short* to start over).
 
 Equal sampled tokens (`long2short.token_budget` > 0): the methods that learn from their own
 samples each spend at most about that many response tokens on sampling (each stops at the
-first sampler batch, or RL iteration, that reaches it): shortest rejection sampling splits it
-evenly over its rounds, DPO samples its pairs' groups with it, long2short RL stops training
-when its rollouts reach it. Merging samples nothing. The table reports what each spent.
+first sampler batch, or RL iteration, that reaches it; a sampler batch then holds at most the
+budget's worth of responses at the token limit): shortest rejection sampling splits it evenly
+over its rounds, DPO samples its pairs' groups with it, long2short RL stops training when its
+rollouts reach it. Merging samples nothing. The table reports what each spent.
 
 Decisions this file makes (the paper leaves them open):
 - The short model is SFT on short-CoT demonstrations: 'concise' (default) the long CoT without
@@ -190,10 +191,14 @@ def groups_of(ctx: Context, tag: str, model: transformer.Transformer,
     return [rejection.Group.from_json(g) for g in json.loads(path.read_text())]
   _log(f"sampling {c.samples} responses per prompt (of {len(ctx.prompts)}) from the {tag} model"
        + (f" up to {token_budget} tokens" if token_budget else ""))
+  max_new_tokens = c.max_new_tokens or ctx.config.rl.max_new_tokens
+  batch_size = ctx.config.evaluate.batch_size
+  if token_budget:  # batches of at most the budget's worth: the overshoot is under one batch
+    batch_size = max(1, min(batch_size, token_budget // (c.samples * max_new_tokens)))
   groups = rejection.sample_groups(
       model, ctx.prompts, tokenizer=ctx.tok, grade_fn=tasks.grade, n=c.samples,
-      temperature=c.temperature, max_new_tokens=c.max_new_tokens or ctx.config.rl.max_new_tokens,
-      seed=ctx.config.seed, batch_size=ctx.config.evaluate.batch_size, token_budget=token_budget)
+      temperature=c.temperature, max_new_tokens=max_new_tokens, seed=ctx.config.seed,
+      batch_size=batch_size, token_budget=token_budget)
   _atomic_write(path, [g.to_json() for g in groups])  # every host: its own copy
   return groups
 
