@@ -44,7 +44,7 @@ def _rows(result, r):
 
 def test_default_seeds_match_the_direct_calls_evaluation_made(model):
   """Row seed i * k + j under `seed`, batches padded with the last prompt: what
-  evaluate.sample_responses asked of the sampler; and the same for every batch size."""
+  evaluation's own sampling loop asked of the sampler; and the same for every batch size."""
   tok, k = _CharTokenizer(), 3
   got = {bs: list(text.sample_text(model, tok, QUESTIONS, num_samples=k, batch_size=bs,
                                    max_new_tokens=10, seed=7))
@@ -73,7 +73,7 @@ def test_default_seeds_match_the_direct_calls_evaluation_made(model):
 
 
 def test_batch_seeds_match_the_direct_calls_curation_made(model):
-  """`batch_seeds=True` with a forced prefix: what pipeline.Policy.sample asked of the sampler
+  """`batch_seeds=True` with a forced prefix: what curation's own loop asked of the sampler
   (seed + batch start, rows 0.. within the batch, the prefix's tokens after the prompt, a last
   batch of its own size: the very same calls), as texts; the default tiny run curates this
   way, so it draws what it drew before the front end existed."""
