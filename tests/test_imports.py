@@ -76,7 +76,7 @@ def test_the_walker_sees_imports_and_finds_a_cycle():
   graph = _graph()
   # The walker resolves `from k15 import x` and function-level imports.
   assert "k15.parallel" in graph["k15.config"]
-  assert "k15.sft" in graph["k15.evaluate"]  # imported inside evaluate.run
+  assert "k15.model.build" in graph["k15.evaluate"]  # imported inside evaluate.run
   assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
   assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
