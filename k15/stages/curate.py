@@ -46,7 +46,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   tok = hf_policy.load_tokenizer(config.model_path, hf_policy.instruction(config))
   pool = hf_policy.load_problems(config, "train")
   grade = verifier.make_grader(config.reward, config.reward_options)
-  grade_one = lambda record, text: float(grade([record], [text])[0])
+  grade_one = lambda record, response: float(grade([record], [response])[0])
 
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.sharding_rules):
