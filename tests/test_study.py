@@ -295,13 +295,14 @@ def test_long2short_study_pairs_the_long_model_and_skips_empty_methods(tmp_path,
 @pytest.mark.slow
 def test_real_shrunk_long2short_study(tmp_path):
   """`--study=long2short` end to end on the runlocal model: 2 seed pairs, merge, DPO and
-  long2short RL at a token budget."""
+  long2short RL at a token budget (DPO may find no pairs with a random model: then it is a
+  skipped arm)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   args = [sys.executable, "-m", "k15.study", "--config=configs/tiny_cpu.py:runlocal=True",
           "--study=long2short", "--arms=merge,dpo,rl", "--seeds=2", f"--workdir={tmp_path}",
           "--config.study.eval_problems=8", "--config.study.eval_samples=2",
           "--config.study.pass_k=2", "--config.study.bootstrap=100",
-          "--config.long2short.token_budget=3000"]
+          "--config.long2short.token_budget=500"]
   r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads((tmp_path / "study.json").read_text())
@@ -312,6 +313,10 @@ def test_real_shrunk_long2short_study(tmp_path):
       run = json.loads((tmp_path / "runs" / "long2short" / f"seed{s}" / "eval" /
                         f"{arm}.json").read_text())
       assert run["rl_seed"] == s and len(run["per_problem"]["pass1"]) == 8
-  # Long2short RL spent about its budget: it stops at the first iteration that reaches it.
-  assert 3000 <= out["sampled_tokens"]["rl"]["mean"] < 3000 + 4 * 4 * 48
+  # Long2short RL stops at the first iteration that reaches the budget (one iteration samples
+  # at most 4 prompts x 4 samples x 48 tokens; the cap is 2 iterations).
+  for s in (0, 1):
+    run = json.loads((tmp_path / "runs" / "long2short" / f"seed{s}" / "eval" / "rl.json"
+                      ).read_text())
+    assert 500 <= run["sampled_tokens"] < 500 + 4 * 4 * 48
   assert out["sampled_tokens"]["merge"]["mean"] == 0  # merging samples nothing
