@@ -52,8 +52,12 @@ def get_config(arg=None):
   # weight 1.0 for 20 iterations at a similar cut (README).
   c.long2short.rl.update(iterations=30, max_new_tokens=200, length_weight=0.5)
   # Shortest rejection sampling in 5 rounds of 32 samples, each from the previous round's model:
-  # the README's long2short run cut 34% of the tokens at -2.2 points this way.
+  # the README's long2short run cut 34% of the tokens at -2.2 points this way, sampling ~11x
+  # the responses long2short RL did (no budget then: --config.long2short.token_budget=0).
   c.long2short.rs.update(samples=32, rounds=5)
+  # The methods at equal cost: each samples at most about this many response tokens, about
+  # what long2short RL's 30 iterations sample (the rejection-sampling rounds share it).
+  c.long2short.token_budget = 500_000
   if arg.runlocal:  # the shrink switch: tests, CI and the notebook's CI run
     c.model.update(num_layers=2, embed_dim=64, mlp_dim=128)
     c.smoke.batch, c.smoke.length = 8, 32
@@ -66,5 +70,5 @@ def get_config(arg=None):
     c.long2short.update(num_prompts=16, short=dict(steps=4),
                         rs=dict(samples=4, sft_steps=3, rounds=2),
                         dpo=dict(steps=3, batch_size=8, seq_len=128, checkpoint_every=3),
-                        rl=dict(iterations=2, max_new_tokens=48))
+                        rl=dict(iterations=2, max_new_tokens=48), token_budget=2000)
   return c

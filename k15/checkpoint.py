@@ -54,6 +54,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -379,3 +380,37 @@ class Checkpointer:
       except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
         return False
     return False
+
+
+def restore_params(model: Any, directory: str, step: int | None = None) -> Any:
+  """`model` with the `params` of a k15 checkpoint (SFT or RL), laid out like model's own.
+
+  `directory` is a checkpoint directory (holding step subdirectories), e.g.
+  `<workdir>/sft_checkpoints`. Restores through host memory, so other items saved beside the
+  params (optimizer state, tables) need no target.
+  """
+  checkpointer = Checkpointer(directory, save_every=1, keep=None, subdir=None)
+  try:
+    named, _ = checkpointer.restore(step)
+  finally:
+    checkpointer.close()
+  if "params" not in named:
+    raise ValueError(f"checkpoint in {directory} has no 'params' item; it has "
+                     f"{sorted(named)}")
+  graphdef, state = nnx.split(model)
+
+  def load(path, leaf):
+    node = named["params"]
+    names = []
+    for entry in path:
+      name = next(str(getattr(entry, a)) for a in ("key", "name", "idx") if hasattr(entry, a))
+      names.append(name)
+      if not isinstance(node, dict) or name not in node:
+        raise ValueError(f"checkpoint in {directory} lacks params/{'/'.join(names)}")
+      node = node[name]
+    if tuple(node.shape) != tuple(leaf.shape):
+      raise ValueError(f"params/{'/'.join(names)}: checkpoint shape {node.shape} != model "
+                       f"shape {leaf.shape}")
+    return jax.device_put(np.asarray(node, leaf.dtype), leaf.sharding)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(load, state))

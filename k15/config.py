@@ -301,7 +301,13 @@ def long2short_block(**overrides: Any) -> ml_collections.ConfigDict:
       num_prompts=256,           # cap on those prompts (0: all)
       # The short-CoT model that `merge` averages with the long one.
       short=dict(init="sft",     # 'sft': from DIR/sft (the long model's parent) | 'long'
+                 # 'concise': the long CoT without its restated columns | 'answer': the
+                 # boxed answer alone (a model that cannot reason, nothing to merge with)
+                 demonstrations="concise",
                  steps=60, learning_rate=3e-4),
+      # Response tokens each method may sample (rejection sampling over all its rounds, DPO,
+      # long2short RL), so that they are compared at equal cost; 0: no budget.
+      token_budget=0,
       merge_weights=(0.5, 0.5),  # (long, short); must sum to 1
       # Shortest rejection sampling: n samples per prompt, SFT on the shortest correct.
       rs=dict(samples=8, temperature=1.0,

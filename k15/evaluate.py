@@ -15,11 +15,10 @@ identical).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import os
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -29,52 +28,9 @@ from k15 import storage
 from k15 import tokenizer as tokenizer_lib
 from k15.model import transformer
 from k15.rewards import finish as finish_lib
-from k15.sampling import sampler
+from k15.sampling import sampler, text
 
 GradeFn = Callable[[Any, str], float]  # (problem, response text) -> score in [0, 1]
-
-
-@dataclasses.dataclass(frozen=True)
-class Response:
-  """One sampled response: its ids (eos included when it ended there), text and finish reason."""
-  ids: np.ndarray
-  text: str
-  finish_reason: int  # a k15.sampling.FinishReason
-
-
-def sample_responses(model: transformer.Transformer, problems: Sequence[Any], *,
-                     tokenizer: tokenizer_lib.Tokenizer, num_samples: int, batch_size: int,
-                     max_new_tokens: int, seed: int = 0, temperature: float = 1.0,
-                     top_p: float = 1.0, top_k: int = 0,
-                     ) -> Iterator[tuple[int, list[int], list[Response]]]:
-  """Yields (index, prompt ids, its `num_samples` responses) for each problem, in order.
-
-  `problem.prompt` is the question; the tokenizer renders it and decodes the responses (ids
-  past its vocabulary, which a model may pad, have no text). Sample j of problem i draws from
-  row seed i * num_samples + j, so the responses do not depend on batch_size.
-  """
-  k = num_samples
-  if k < 1 or batch_size < 1:
-    raise ValueError(f"num_samples={k} and batch_size={batch_size} must be >= 1")
-  vocab = getattr(tokenizer, "vocab_size", None)
-  for start in range(0, len(problems), batch_size):
-    chunk = problems[start:start + batch_size]
-    prompts = [tokenizer.render_prompt(p.prompt) for p in chunk]
-    # The last batch is filled up with copies of its last prompt (their rows are dropped), so
-    # every call has the same shape and the sampler compiles once.
-    prompts += [prompts[-1]] * (min(batch_size, len(problems)) - len(prompts))
-    result = sampler.generate(
-        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        top_k=top_k, seed=seed, eos_id=tokenizer_lib.stop_ids(tokenizer), num_samples=k,
-        pad_id=tokenizer.pad_id, row_seeds=np.arange(start * k, (start + len(prompts)) * k))
-    for i in range(len(chunk)):
-      responses = []
-      for r in range(i * k, (i + 1) * k):  # prompt-major rows
-        ids = np.asarray(result.tokens[r, :int(result.lengths[r])])
-        responses.append(Response(
-            ids=ids, text=tokenizer.decode(ids if vocab is None else ids[ids < vocab]),
-            finish_reason=int(result.finish_reason[r])))
-      yield start + i, list(prompts[i]), responses
 
 
 def _difficulty_key(problem: Any) -> Any:
@@ -125,8 +81,8 @@ def evaluate(model: transformer.Transformer, problems: Sequence[Any], *,
 
   bar = metrics_lib.progress(len(problems), desc="evaluate", unit="problems",
                              enabled=None if progress else False)
-  for i, _, responses in sample_responses(
-      model, problems, tokenizer=tokenizer, num_samples=k, batch_size=batch_size,
+  for i, _, responses in text.sample_text(
+      model, tokenizer, [p.prompt for p in problems], num_samples=k, batch_size=batch_size,
       max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p,
       top_k=top_k):
     for j, resp in enumerate(responses):
@@ -215,7 +171,8 @@ def run(config: Any, workdir: str) -> dict[str, dict[str, Any]]:
   baseline). Prints the table and writes `<workdir>/eval.json`.
   """
   # Imported here: mode modules are imported by name from k15.main, and these pull in more.
-  from k15 import parallel, sft, smoke  # pylint: disable=g-import-not-at-top
+  from k15 import checkpoint, parallel  # pylint: disable=g-import-not-at-top
+  from k15.model import build  # pylint: disable=g-import-not-at-top
   from k15.data import tasks  # pylint: disable=g-import-not-at-top
   c = config.evaluate
   tok_path = c.tokenizer or os.path.join(workdir, tokenizer_lib.MODEL_FILENAME)
@@ -230,9 +187,9 @@ def run(config: Any, workdir: str) -> dict[str, dict[str, Any]]:
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.sharding_rules):
     for name, directory in checkpoints.items():
-      model = smoke.build_model(config, mesh)
+      model = build.build_model(config, mesh)
       if directory:
-        model = sft.restore_params(model, directory)
+        model = checkpoint.restore_params(model, directory)
       logging.info("evaluating %s (%s) on %d problems", name, directory or "initial model",
                    len(problems))
       results[name] = evaluate(

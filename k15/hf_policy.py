@@ -3,7 +3,7 @@ prompt files, evaluation on them, and the export of the result as a checkpoint a
 
 `config.model_path` is a checkpoint directory (config.json, *.safetensors, tokenizer files).
 The architecture comes from its config.json; `config.model` contributes the dtypes, attention
-and remat settings (k15.smoke.build_model). A config file's own architecture keys describe the
+and remat settings (k15.model.build.build_model). A config file's own architecture keys describe the
 model it was sized for (k15.plan reads them), so they give way to the checkpoint's; a key set
 on the command line that contradicts config.json is an error (`check_architecture`).
 """
@@ -25,6 +25,7 @@ from k15 import hf_tokenizer, storage
 from k15.data import prompts as prompts_lib
 from k15.model import hf, transformer
 from k15.rewards import verifier
+from k15.sampling import text
 
 # ModelConfig fields that a checkpoint fixes; the others (dtypes, attention, remat) are ours.
 ARCHITECTURE_KEYS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
@@ -164,7 +165,7 @@ def make_reward_fn(tok: hf_tokenizer.HFTokenizer, records: Sequence[prompts_lib.
 
   def reward_fn(ids, responses):
     # A padded model vocabulary (Qwen2.5) can sample ids the tokenizer has no text for.
-    texts = [tok.decode(np.asarray(r)[np.asarray(r) < tok.vocab_size]) for r in responses]
+    texts = [text.decode(tok, r) for r in responses]
     return np.asarray(grade([records[int(i)] for i in ids], texts), np.float32)
   return reward_fn
 
@@ -173,7 +174,7 @@ def evaluate(model: transformer.Transformer, problems: Sequence[prompts_lib.Prom
              tok: hf_tokenizer.HFTokenizer, config: Any) -> dict[str, Any]:
   """pass@1 over config.evaluate.num_samples samples, and the greedy accuracy, on `problems`."""
   grade = verifier.make_grader(config.reward, config.reward_options)
-  grade_one = lambda problem, text: float(grade([problem], [text])[0])
+  grade_one = lambda problem, response: float(grade([problem], [response])[0])
   ev = config.evaluate
   kwargs = dict(tokenizer=tok, grade_fn=grade_one, max_new_tokens=ev.max_new_tokens,
                 seed=ev.seed, batch_size=ev.batch_size, top_p=ev.top_p)

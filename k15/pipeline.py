@@ -22,19 +22,17 @@ import time
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 from etils import epath
-from flax import nnx
 
 from k15 import evaluate as evaluate_lib
 from k15 import metrics as metrics_lib
-from k15 import parallel, sft, smoke, storage
+from k15 import parallel, sft, storage
 from k15 import tokenizer as tokenizer_lib
 from k15.data import prompts as prompts_lib
 from k15.data import tasks
-from k15.model import transformer
-from k15.rl import trainer as trainer_lib
-from k15.sampling import sampler
+from k15.model import build, transformer
+from k15.rl.stage import rl_stage
+from k15.sampling import text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,38 +88,7 @@ def make_tokenizer(records: Sequence[prompts_lib.PromptRecord], path: str,
   return tokenizer_lib.train_tokenizer(texts, path, vocab_size)
 
 
-class Policy:
-  """Text in, text out, over the sampler: what curation and grading need of a model."""
-
-  def __init__(self, model: transformer.Transformer, tok: tokenizer_lib.Tokenizer, *,
-               max_new_tokens: int, seed: int, batch_size: int = 64):
-    self.model, self.tok = model, tok
-    self.max_new_tokens, self.seed, self.batch_size = max_new_tokens, seed, batch_size
-
-  def _decode(self, ids: np.ndarray) -> str:
-    return self.tok.decode(ids[ids < self.tok.vocab_size])
-
-  def sample(self, questions: list[str], n: int, temperature: float = 1.0, *,
-             prefix: str = "", max_new_tokens: int | None = None) -> list[list[str]]:
-    """n responses per question; `prefix` is forced as the start of each response."""
-    forced = self.tok.encode(prefix) if prefix else []
-    out = []
-    bar = metrics_lib.progress(len(questions), desc=f"sample x{n}", unit="prompts")
-    for start in range(0, len(questions), self.batch_size):
-      chunk = questions[start:start + self.batch_size]
-      prompts = [self.tok.render_prompt(q) + forced for q in chunk]
-      res = sampler.generate(self.model, prompts, temperature=temperature, seed=self.seed + start,
-                             max_new_tokens=max_new_tokens or self.max_new_tokens,
-                             eos_id=self.tok.stop_ids, num_samples=n, pad_id=self.tok.pad_id)
-      for i in range(len(chunk)):
-        rows = range(i * n, (i + 1) * n)
-        out.append([prefix + self._decode(res.tokens[r, :res.lengths[r]]) for r in rows])
-      bar.update(len(chunk))
-    bar.close()
-    return out
-
-
-def curate(pool: list[prompts_lib.PromptRecord], policy: Policy, c: Any, seed: int,
+def curate(pool: list[prompts_lib.PromptRecord], policy: text.TextSampler, c: Any, seed: int,
            data_dir: str) -> list[prompts_lib.PromptRecord]:
   """§2.1 on the RL pool with the SFT model: difficulty by pass rate, hackable filter, balance."""
   path = os.path.join(data_dir, "rl_prompts.jsonl")
@@ -144,33 +111,6 @@ def curate(pool: list[prompts_lib.PromptRecord], policy: Policy, c: Any, seed: i
   prompts_lib.write_jsonl(records, path)
   storage.write_json(os.path.join(data_dir, "curation.json"), report)
   return records
-
-
-def rl_stage(config: Any, model: transformer.Transformer, records, tok, mesh,
-             workdir: str, on_rewards=None, after_iteration=None) -> transformer.Transformer:
-  """RL from `model` on the curated records; returns the final policy.
-
-  on_rewards(ids, responses, rewards), if given, sees each iteration's graded responses, and
-  after_iteration(trainer) may return metrics to log with the iteration's (k15.study's
-  length study logs response length per difficulty this way).
-  """
-  prompts = [trainer_lib.Prompt(tokens=tok.render_prompt(r.prompt), difficulty=r.difficulty,
-                                pass_rate=r.pass_rate) for r in records]
-
-  def reward_fn(ids, responses):
-    rewards = np.array([tasks.grade(records[i], tok.decode(np.asarray(r)[np.asarray(r) <
-                                                                           tok.vocab_size]))
-                        for i, r in zip(ids, responses)], np.float32)
-    if on_rewards is not None:
-      on_rewards(ids, responses, rewards)
-    return rewards
-
-  trainer = trainer_lib.RLTrainer(config, model, prompts, reward_fn, mesh=mesh, workdir=workdir,
-                                  eos_id=tok.stop_ids, pad_id=tok.pad_id)
-  trainer.train(after_iteration=after_iteration)
-  if trainer.preempted:
-    raise SystemExit("preempted during RL (checkpoint saved); rerun the same command to resume")
-  return nnx.merge(trainer.graphdef, trainer.params)
 
 
 def plot_curves(rl_dir: str, path: str) -> None:
@@ -214,7 +154,7 @@ def base_stages(config: Any, workdir: str, mesh) -> tuple[
                      f"is {config.model.vocab_size}")
   _log(f"tokenizer: {tok.vocab_size} pieces")
 
-  model = smoke.build_model(config, mesh)
+  model = build.build_model(config, mesh)
   examples = [tok.render_example(r.prompt, _cot(r, c.sft_cot)) for r in data["sft"]]
   _log(f"SFT on {len(examples)} {c.sft_cot}-CoT examples")
   sft_model, losses = sft.train_sft(model, examples, config.sft, mesh=mesh,
@@ -224,7 +164,9 @@ def base_stages(config: Any, workdir: str, mesh) -> tuple[
     raise SystemExit(f"SFT stopped at step {len(losses)} of {config.sft.steps} (checkpoint "
                      "saved); rerun the same command to resume")
 
-  policy = Policy(sft_model, tok, max_new_tokens=config.rl.max_new_tokens, seed=config.seed)
+  # batch_seeds: the seeding this run's curation has always used (k15.sampling.text).
+  policy = text.TextSampler(sft_model, tok, max_new_tokens=config.rl.max_new_tokens,
+                            seed=config.seed, batch_seeds=True)
   records = curate(data["rl_pool"], policy, c, config.seed, data_dir)
   _log(f"curated RL prompts: {len(records)}")
   return data, tok, sft_model, records

@@ -448,41 +448,6 @@ def train_sft(model: transformer.Transformer, examples: Sequence[Example], confi
   return nnx.merge(graphdef, params), history
 
 
-def restore_params(model: transformer.Transformer, directory: str,
-                   step: int | None = None) -> transformer.Transformer:
-  """`model` with the `params` of a k15 checkpoint (SFT or RL), laid out like model's own.
-
-  `directory` is a checkpoint directory (holding step subdirectories), e.g.
-  `<workdir>/sft_checkpoints`. Restores through host memory, so other items saved beside the
-  params (optimizer state, tables) need no target.
-  """
-  checkpointer = ckpt_lib.Checkpointer(directory, save_every=1, keep=None, subdir=None)
-  try:
-    named, _ = checkpointer.restore(step)
-  finally:
-    checkpointer.close()
-  if "params" not in named:
-    raise ValueError(f"checkpoint in {directory} has no 'params' item; it has "
-                     f"{sorted(named)}")
-  graphdef, state = nnx.split(model)
-
-  def load(path, leaf):
-    node = named["params"]
-    names = []
-    for entry in path:
-      name = next(str(getattr(entry, a)) for a in ("key", "name", "idx") if hasattr(entry, a))
-      names.append(name)
-      if not isinstance(node, dict) or name not in node:
-        raise ValueError(f"checkpoint in {directory} lacks params/{'/'.join(names)}")
-      node = node[name]
-    if tuple(node.shape) != tuple(leaf.shape):
-      raise ValueError(f"params/{'/'.join(names)}: checkpoint shape {node.shape} != model "
-                       f"shape {leaf.shape}")
-    return jax.device_put(np.asarray(node, leaf.dtype), leaf.sharding)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(load, state))
-
-
 # ---------------------------------------------------------------------------------------------
 # Mode `sft`.
 # ---------------------------------------------------------------------------------------------
@@ -523,7 +488,7 @@ def synthetic_pairs(config_sft: Any, seed: int) -> list[tuple[str, str]]:
 
 def run(config: Any, workdir: str) -> dict:
   """Mode `sft`: fine-tune `config.model` (or `config.model_path`) on `config.sft`'s data."""
-  from k15 import smoke  # pylint: disable=g-import-not-at-top
+  from k15.model import build  # pylint: disable=g-import-not-at-top
   c = config.sft
   if c.data:
     pairs = load_jsonl(c.data)
@@ -548,7 +513,7 @@ def run(config: Any, workdir: str) -> dict:
 
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.sharding_rules):
-    model = smoke.build_model(config, mesh)
+    model = build.build_model(config, mesh)
     model, history = train_sft(model, examples, c, mesh=mesh, workdir=workdir or None,
                                pad_id=tok.pad_id)
   report = {"examples": len(examples), "steps": len(history),

@@ -6,7 +6,6 @@ every host of a pod slice.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -16,30 +15,14 @@ import numpy as np
 from flax import nnx
 
 from k15 import parallel, storage
-from k15.model import hf, transformer
-
-
-def build_model(config, mesh) -> transformer.Transformer:
-  """The policy: from `config.model_path` (a Hugging Face checkpoint) if set, else random."""
-  model_path = config.get("model_path", "")
-  if model_path:
-    # The keys that are ours, not the checkpoint's: how the model computes, not what it is.
-    overrides = {k: v for k, v in config.model.items()
-                 if k in ("dtype", "attention_impl", "attention_block_size", "remat",
-                          "logits_chunk", "scan_layers", "moe_dispatch")}
-    return hf.load(model_path, transformer.to_dtype(config.model.param_dtype), mesh=mesh,
-                   rules=config.sharding_rules, config_overrides=overrides)
-  cfg = transformer.ModelConfig.from_config(config.model)
-  return parallel.create_sharded(
-      lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(config.seed)), mesh,
-      config.sharding_rules)
+from k15.model import build
 
 
 def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.sharding_rules):
     t0 = time.perf_counter()
-    model = build_model(config, mesh)
+    model = build.build_model(config, mesh)
     jax.block_until_ready(nnx.state(model))
     t_init = time.perf_counter() - t0
 

@@ -33,8 +33,11 @@ evaluates both at token cut-offs: each sampled response is cut at 64, 128, 256, 
 graded, and its RL runs log response length and accuracy per task difficulty each iteration
 (W/runs/rl/seedS/rl/metrics.jsonl, `by_level/*`); W/study.md gains its tables, W/length.png
 its curves. The `rl_lift` study counts, in the same samples, the carries its models forget
-(k15.data.tasks.carry_slips), the careless demonstrator's habit before and after RL. The
-`long2short` study of the paper is not here (it needs other stages).
+(k15.data.tasks.carry_slips), the careless demonstrator's habit before and after RL.
+
+`--study=long2short` (`run_long2short_study`) pairs differently: per seed pair, one long RL
+model from the shared SFT model, then each long2short method (k15.long2short) from it, every
+method at `long2short.token_budget` sampled tokens; its arms are `long` and the methods.
 """
 
 from __future__ import annotations
@@ -95,6 +98,10 @@ STUDY_CONFIG: dict[str, dict[str, Any]] = {
         "evaluate.max_new_tokens": 320,
     },
 }
+
+# The long2short study's base: the README's long2short demonstrator, who forgets no carries and
+# restates 75% of the columns (redundant tokens for the methods to trim).
+LONG2SHORT_BASE = {"pipeline.sft_carry_slip": 0.0, "pipeline.sft_recheck": 0.75}
 
 # Overrides under these keys change what the base stages (data, tokenizer, SFT, curation) make;
 # curation samples up to rl.max_new_tokens tokens.
@@ -196,8 +203,8 @@ def pass_at_k(correct: np.ndarray, n: int, k: int) -> np.ndarray:
 def study_arms(config: Any, study: str, only: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
   """The study's arms (in table order, `only` keeping a subset), '{mid}' filled in."""
   if study not in STUDIES:
-    raise ValueError(f"--study={study!r}; expected one of {sorted(STUDIES)} (the "
-                     "long2short study is not implemented here)")
+    raise ValueError(f"--study={study!r}; expected one of {sorted(STUDIES)} or 'long2short' "
+                     "(run_long2short_study)")
   arms = STUDIES[study]
   unknown = [a for a in only if a not in arms]
   if unknown:
@@ -595,7 +602,7 @@ def markdown_slips(summary: Mapping[str, Any]) -> str:
 def _read(path: str, config: Any = None, n: int = 0) -> Any:
   """A finished evaluation; with `config`, it must have been made with the same settings."""
   r = storage.read_json(path)
-  if config is not None:
+  if config is not None and "skipped" not in r:
     s = config.study
     want = {"n": n, "samples": s.eval_samples, "k": s.pass_k, "temperature": s.temperature}
     got = {key: r.get(key) for key in want}
@@ -705,6 +712,94 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
   print(text)
   print(f"study {study}: {len(runs)} runs ({skipped} reused) in {minutes:.1f} minutes",
         flush=True)
+  return summary
+
+
+def run_long2short_study(config: Any, seeds: int, workdir: str,
+                         arms: Sequence[str] = ()) -> dict[str, Any]:
+  """The `long2short` study: per seed pair s, long RL from the shared SFT model (arm `long`, the
+  reference), then each method of config.long2short.methods from that long model
+  (k15.long2short.driver, each at long2short.token_budget sampled tokens), all evaluated on the
+  held-out set like `run_study`'s arms. Within a pair every arm shares the long model and the
+  sampling seed (config.seed + s). W/runs/long2short/seedS/ holds the long RL run (rl/), the
+  methods' outputs (long2short/) and one evaluation per arm (eval/ARM.json). A method that
+  trained nothing in some pair (e.g. no correct samples) leaves the tables, named in
+  `skipped_arms`. Writes W/study.{json,md,png} like `run_study`."""
+  from k15 import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from k15 import parallel  # pylint: disable=g-import-not-at-top
+  from k15 import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from k15.long2short import driver  # pylint: disable=g-import-not-at-top
+  if not workdir:
+    raise ValueError("k15.study needs --workdir")
+  if seeds < 1:
+    raise ValueError(f"--seeds={seeds}: need at least 1 (2 for an interval)")
+  driver.check_config(config)
+  names = ["long"] + [m for m in driver.METHODS if m in config.long2short.methods]
+  unknown = [a for a in arms if a not in names]
+  if unknown:
+    raise ValueError(f"--arms: {unknown} are not arms of study 'long2short': {names}")
+  names = [a for a in names if a == "long" or not arms or a in arms]  # long: the reference
+  t_start = time.time()
+  base_cfg = with_overrides(config, LONG2SHORT_BASE)
+  bname = base_name(config, LONG2SHORT_BASE)
+  bdir = os.path.join(workdir, bname)
+  problems = heldout_set(config, os.path.join(workdir, "eval.jsonl"))
+  results: dict[str, dict[int, dict]] = {a: {} for a in names}
+  reused = 0
+  mesh = parallel.make_mesh(config.mesh)
+  with parallel.use_mesh(mesh, config.sharding_rules):
+    _, tok, sft_model, records = pipeline_lib.base_stages(base_cfg, bdir, mesh)
+    sft_path = os.path.join(bdir, "eval_sft.json")
+    if not os.path.exists(sft_path):
+      _write(sft_path, evaluate_model(base_cfg, sft_model, tok, problems))
+    bar = metrics_lib.progress(seeds * len(names), desc="study long2short", unit="runs")
+    for s in range(seeds):
+      cfg = pair_config(base_cfg, {}, s)
+      sdir = os.path.join(workdir, "runs", "long2short", f"seed{s}")
+      ctx = None  # the pair's long model and methods, made when a run is missing
+      for arm in names:
+        bar.set_postfix(arm=arm, seed=s)
+        path = os.path.join(sdir, "eval", f"{arm}.json")
+        if os.path.exists(path):
+          reused += 1
+        else:
+          if ctx is None:
+            pipeline_lib.rl_stage(cfg, sft_model, records, tok, mesh, os.path.join(sdir, "rl"))
+            ctx = driver.make_context(cfg, sdir, mesh, base=bdir)
+          trained = driver.obtain(ctx, arm)
+          r = {"skipped": trained.info.get("skipped", "nothing trained")}
+          if trained.model is not None:
+            r = evaluate_model(cfg, trained.model, tok, problems)
+          r.update(sampled_tokens=trained.sampled_tokens, rl_seed=cfg.seed, base=bname)
+          _write(path, r)
+        results[arm][s] = _read(path, config, len(problems))
+        bar.update(1)
+    bar.close()
+    sft = {bname: _read(sft_path, config, len(problems))}
+
+  skipped_arms = {a: {s: r["skipped"] for s, r in results[a].items() if "skipped" in r}
+                  for a in names}
+  skipped_arms = {a: v for a, v in skipped_arms.items() if v}
+  kept = [a for a in names if a not in skipped_arms]
+  if "long" not in kept:
+    raise ValueError(f"the long models were not evaluated: {skipped_arms}")
+  minutes = (time.time() - t_start) / 60
+  summary = summarize(config, "long2short", {a: LONG2SHORT_BASE for a in kept},
+                      {a: results[a] for a in kept}, sft, minutes=minutes, skipped=reused)
+  summary.update(token_budget=config.long2short.token_budget, skipped_arms=skipped_arms,
+                 sampled_tokens={a: t_interval([results[a][s]["sampled_tokens"]
+                                                for s in range(seeds)]) for a in kept})
+  _write(os.path.join(workdir, "study.json"), summary)
+  md = markdown(summary) + "\n## Response tokens each arm sampled (mean over seeds)\n\n"
+  md += "".join(f"- {a}: {summary['sampled_tokens'][a]['mean']:,.0f}\n" for a in kept)
+  md += f"\nBudget per method: {config.long2short.token_budget or 'none'}.\n"
+  md += "".join(f"- {a} skipped: {v}\n" for a, v in skipped_arms.items())
+  with open(os.path.join(workdir, "study.md"), "w") as f:
+    f.write(md)
+  plot(summary, os.path.join(workdir, "study.png"))
+  print(md)
+  print(f"study long2short: {seeds * len(names)} runs ({reused} reused) in {minutes:.1f} "
+        "minutes", flush=True)
   return summary
 
 
@@ -837,7 +932,10 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   arms = tuple(a for a in f.arms.split(",") if a) if f.arms else ()
   given = [a[len("--config."):].split("=")[0] for a in sys.argv if a.startswith("--config.")]
-  run_study(f.config, f.study, f.seeds, f.workdir, arms, given)
+  if f.study == "long2short":
+    run_long2short_study(f.config, f.seeds, f.workdir, arms)
+  else:
+    run_study(f.config, f.study, f.seeds, f.workdir, arms, given)
 
 
 if __name__ == "__main__":
@@ -846,7 +944,7 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", "configs/tiny_cpu.py",
                                   "Path to an ml-collections config file[:args].",
                                   lock_config=True)
-  flags.DEFINE_string("study", "", f"One of {sorted(STUDIES)}.")
+  flags.DEFINE_string("study", "", f"One of {sorted(STUDIES) + ['long2short']}.")
   flags.DEFINE_integer("seeds", 4, "Seed pairs (>= 2 for an interval).")
   flags.DEFINE_string("workdir", "", "Where the base, the runs and the tables go.")
   flags.DEFINE_string("arms", "", "Comma-separated subset of the study's arms (default all).")

@@ -76,7 +76,7 @@ def test_the_walker_sees_imports_and_finds_a_cycle():
   graph = _graph()
   # The walker resolves `from k15 import x` and function-level imports.
   assert "k15.parallel" in graph["k15.config"]
-  assert "k15.sft" in graph["k15.evaluate"]  # imported inside evaluate.run
+  assert "k15.model.build" in graph["k15.evaluate"]  # imported inside evaluate.run
   assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
   assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -99,3 +99,18 @@ def test_config_imports_no_stage():
                      env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.strip() == "[]"
+
+
+def test_long2short_does_not_depend_on_the_pipeline():
+  """long2short composes the shared stages (k15.rl.stage, k15.sft, k15.evaluate) and reads a
+  finished pipeline's files; no module of it reaches k15.pipeline, directly or through others."""
+  graph = _graph()
+  start = [m for m in graph if m == "k15.long2short" or m.startswith("k15.long2short.")]
+  assert len(start) >= 5  # the package, merge, rejection, dpo, rl, driver
+  seen, todo = set(), list(start)
+  while todo:
+    m = todo.pop()
+    if m not in seen:
+      seen.add(m)
+      todo.extend(graph[m])
+  assert "k15.rl.stage" in seen and "k15.pipeline" not in seen

@@ -14,7 +14,11 @@ from flax import nnx
 
 from k15 import config as k15_config
 from k15 import checkpoint as ckpt_lib
-from k15 import long2short, parallel, pipeline, sampling
+from k15 import long2short, parallel, sampling
+from k15.long2short import dpo as dpo_lib
+from k15.long2short import driver, rejection
+from k15.long2short import rl as l2s_rl
+from k15.rl import stage as rl_stage_lib
 from k15.model import transformer
 
 L2S = long2short
@@ -63,23 +67,24 @@ def test_build_dpo_pairs_rules():
   groups = [
       # chosen: index 1 (len 4, the first of the two shortest correct); index 3 ties with it
       # and is excluded; index 2 (len 6 = 1.5x) is not longer than 1.5x: excluded; index 4
-      # (len 7 > 6) is a correct-but-long negative; index 0 and 5 are wrong: negatives, even
-      # the short one.
-      _group([9, 4, 6, 4, 7, 2], [False, True, True, True, True, False]),
+      # (len 7 > 6) is a correct-but-long negative; index 0 (wrong, len 9) is a negative;
+      # the wrong ones no longer than the chosen (index 5, len 2; index 6, len 4) are not.
+      _group([9, 4, 6, 4, 7, 2, 4], [False, True, True, True, True, False, False]),
       _group([3, 5, 8], [False, False, False], prompt=(2, 8)),  # no correct response: no pairs
       _group([5], [True], prompt=(2, 9)),                        # correct alone: no pairs
   ]
   pairs = L2S.build_dpo_pairs(groups)
   chosen = ([2, 7], [11] * 4)
-  assert [c for c, _ in pairs] == [chosen] * 3
-  assert [r for _, r in pairs] == [([2, 7], [10] * 9), ([2, 7], [14] * 7), ([2, 7], [15] * 2)]
+  assert [c for c, _ in pairs] == [chosen] * 2
+  assert [r for _, r in pairs] == [([2, 7], [10] * 9), ([2, 7], [14] * 7)]
   assert L2S.build_dpo_pairs(groups[1:]) == []
 
   assert L2S.shortest_correct(groups[0]) == 1
-  examples, stats = L2S.select_shortest(groups)
-  assert examples == [chosen, ([2, 9], [10] * 5)]
-  assert (stats["kept"], stats["skipped_no_correct"]) == (2, 1)
-  assert stats["mean_chosen_tokens"] == pytest.approx(4.5)
+  selection = L2S.select_shortest(groups)
+  assert selection.examples == [chosen, ([2, 9], [10] * 5)]
+  assert (selection.kept, selection.skipped_no_correct) == (2, 1)
+  assert selection.mean_chosen_tokens == pytest.approx(4.5)
+  assert selection.sampled_tokens == 36 + 16 + 5 == rejection.sampled_tokens(groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,18 +222,24 @@ def _fake_generate(model, prompts, *, max_new_tokens, eos_id, num_samples, seed,
 def test_shortest_rejection_sampling_fake_sampler(monkeypatch):
   monkeypatch.setattr(sampling.sampler, "generate", _fake_generate)
   grade = lambda problem, text: float(text.split()[0] == "5")
-  examples, stats = L2S.shortest_rejection_sampling(
-      None, [_Problem(i) for i in range(3)], tokenizer=_FakeTokenizer(), grade_fn=grade, n=6,
-      temperature=1.0, max_new_tokens=8, seed=0, batch_size=2, return_stats=True)
+  kw = dict(tokenizer=_FakeTokenizer(), grade_fn=grade, n=6, temperature=1.0, max_new_tokens=8,
+            seed=0)
+  problems = [_Problem(i) for i in range(3)]
+  selection = L2S.shortest_rejection_sampling(None, problems, batch_size=2, **kw)
   # Problem 0 -> sample 2 (len 3); problem 1 has no correct finished response: skipped;
   # problem 2 -> sample 2 (len 4).
-  assert examples == [([2, 10], [5, 22, 1]), ([2, 12], [5, 22, 22, 1])]
-  assert (stats["problems"], stats["kept"], stats["skipped_no_correct"]) == (3, 2, 1)
-  assert stats["mean_chosen_tokens"] == pytest.approx(3.5)
-  # Without return_stats: the examples alone, the same ones (independent of batch_size).
-  assert L2S.shortest_rejection_sampling(
-      None, [_Problem(i) for i in range(3)], tokenizer=_FakeTokenizer(), grade_fn=grade, n=6,
-      max_new_tokens=8, batch_size=3) == examples
+  assert selection.examples == [([2, 10], [5, 22, 1]), ([2, 12], [5, 22, 22, 1])]
+  assert (selection.problems, selection.kept, selection.skipped_no_correct) == (3, 2, 1)
+  assert selection.mean_chosen_tokens == pytest.approx(3.5)
+  assert selection.sampled_tokens == 21 + 19 + 34
+  # The same examples at another batch size (row seeds do not depend on it).
+  assert L2S.shortest_rejection_sampling(None, problems, batch_size=3, **kw) == selection
+  # A token budget stops at the first batch boundary that reaches it: problem 0 alone (21
+  # tokens) reaches 10, but its batch also holds problem 1; 41 needs the last batch too.
+  for budget, kept_problems, spent in ((10, 2, 40), (40, 2, 40), (41, 3, 74)):
+    capped = L2S.shortest_rejection_sampling(None, problems, batch_size=2, token_budget=budget,
+                                             **kw)
+    assert (capped.problems, capped.sampled_tokens) == (kept_problems, spent), budget
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,8 +261,8 @@ def test_train_dpo_lowers_the_loss_on_its_pairs(tmp_path):
         lambda: transformer.Transformer(_tiny_cfg(num_layers=1), rngs=nnx.Rngs(0)), mesh)
     trained, losses = L2S.train_dpo(model, pairs, config, mesh, workdir=str(tmp_path),
                                     progress=False)
-    ref = L2S.reference_logprobs(model, pairs, seq_len=16, batch_size=8, mesh=mesh)  # input
-    logp = L2S.reference_logprobs(trained, pairs, seq_len=16, batch_size=8, mesh=mesh)
+    ref = dpo_lib.reference_logprobs(model, pairs, seq_len=16, batch_size=8, mesh=mesh)  # input
+    logp = dpo_lib.reference_logprobs(trained, pairs, seq_len=16, batch_size=8, mesh=mesh)
   assert len(losses) == 3
   # The reference is the starting model: the first step's loss is log 2 exactly.
   assert losses[0] == pytest.approx(math.log(2.0), abs=1e-5)
@@ -277,7 +288,7 @@ def test_train_dpo_lowers_the_loss_on_its_pairs(tmp_path):
 def test_make_dpo_arrays_layout_and_overlong():
   pairs = [(([2, 5], [6, 1]), ([2, 5], [7, 8, 9, 1])),
            (([2, 5], [6, 1]), ([2, 5], [7] * 10 + [1]))]  # rejected over seq_len: dropped
-  arrays, dropped = L2S.make_dpo_arrays(pairs, 8, pad_id=0)
+  arrays, dropped = dpo_lib.make_dpo_arrays(pairs, 8, pad_id=0)
   assert dropped == 1 and arrays["tokens"].shape == (1, 2, 8)
   np.testing.assert_array_equal(arrays["tokens"][0], [[2, 5, 6, 1, 0, 0, 0, 0],
                                                       [2, 5, 7, 8, 9, 1, 0, 0]])
@@ -287,16 +298,16 @@ def test_make_dpo_arrays_layout_and_overlong():
 
 
 def test_batch_indices_cover_each_epoch_once():
-  seen = np.concatenate([L2S._batch_indices(s, 4, 10, seed=3) for s in range(5)])  # 2 epochs
+  seen = np.concatenate([dpo_lib._batch_indices(s, 4, 10, seed=3) for s in range(5)])  # 2 epochs
   assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
-  np.testing.assert_array_equal(L2S._batch_indices(2, 4, 10, seed=3), seen[8:12])
+  np.testing.assert_array_equal(dpo_lib._batch_indices(2, 4, 10, seed=3), seen[8:12])
 
 
 # ---------------------------------------------------------------------------------------------
 # Config and long2short RL.
 # ---------------------------------------------------------------------------------------------
 
-def test_config_block_and_long2short_rl_overrides(monkeypatch):
+def test_config_block_and_long2short_rl_overrides(monkeypatch, tmp_path):
   with pytest.raises(ValueError, match=r"unknown long2short config keys \['dpo_beta'\]"):
     k15_config.long2short_block(dpo_beta=0.2)
   with pytest.raises(ValueError, match=r"unknown long2short.dpo keys \['bta'\]"):
@@ -320,11 +331,15 @@ def test_config_block_and_long2short_rl_overrides(monkeypatch):
   config.lock()
   seen = {}
 
-  def fake_rl_stage(cfg, model, records, tok, mesh, workdir):
-    seen.update(cfg=cfg, model=model, records=records, workdir=workdir)
+  def fake_rl_stage(cfg, model, records, tok, mesh, workdir, stop_when=None):
+    seen.update(cfg=cfg, model=model, records=records, workdir=workdir, iterations=0)
+    while seen["iterations"] < cfg.rl.iterations:  # each iteration samples 100 tokens
+      seen["iterations"] += 1
+      if stop_when is not None and stop_when({"rl/sampled_tokens": 100}):
+        break
     return "trained"
 
-  monkeypatch.setattr(pipeline, "rl_stage", fake_rl_stage)
+  monkeypatch.setattr(rl_stage_lib, "rl_stage", fake_rl_stage)
   out = L2S.long2short_rl(config, "long-model", ["r0", "r1"], None, None, "/tmp/x")
   assert out == "trained" and seen["model"] == "long-model" and seen["records"] == ["r0", "r1"]
   rl = seen["cfg"].rl
@@ -333,6 +348,21 @@ def test_config_block_and_long2short_rl_overrides(monkeypatch):
   # The caller's config is unchanged.
   assert (config.rl.iterations, config.rl.max_new_tokens, config.rl.length_weight,
           config.rl.length_warmup_iterations) == (60, 192, 0.0, 30)
+  assert seen["iterations"] == 5  # no token budget: rl.iterations
+  # A token budget of 250 ends training after the third iteration (300 tokens sampled).
+  workdir = tmp_path / "rl"
+  assert L2S.long2short_rl(config, "long-model", [], None, None, str(workdir),
+                           token_budget=250) == "trained"
+  assert seen["iterations"] == 3
+  # A run whose metrics show the budget spent is restored from its checkpoints, not trained.
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text('{"step": 1, "rl/sampled_tokens": 200}\n'
+                                         '{"step": 2, "rl/sampled_tokens": 90}\n')
+  assert l2s_rl.sampled_tokens(str(workdir)) == 290
+  monkeypatch.setattr(ckpt_lib, "restore_params", lambda model, path: f"restored {path}")
+  seen.clear()
+  out = L2S.long2short_rl(config, "long-model", [], None, None, str(workdir), token_budget=250)
+  assert out == f"restored {workdir / 'checkpoints'}" and not seen
   config.unlock()
   config.long2short.rl.length_weight = 0.0
   with pytest.raises(ValueError, match="length_weight=0.0"):
@@ -340,13 +370,18 @@ def test_config_block_and_long2short_rl_overrides(monkeypatch):
 
 
 def test_format_table_and_efficiency():
-  results = {"long": {"accuracy": 0.9, "mean_tokens": 100.0, "token_efficiency": 9.0},
-             "rl": {"accuracy": 0.88, "mean_tokens": 60.0,
-                    "token_efficiency": L2S.token_efficiency(0.88, 60.0)},
-             "dpo": {"skipped": "no correct samples"}}
+  R = L2S.MethodResult
+  results = {"long": R("long", accuracy=0.9, mean_tokens=100.0, token_efficiency=9.0),
+             "rl": R("rl", accuracy=0.88, mean_tokens=60.0, sampled_tokens=123456,
+                     token_efficiency=L2S.token_efficiency(0.88, 60.0)),
+             "dpo": R("dpo", skipped="no correct samples", sampled_tokens=777)}
   assert L2S.token_efficiency(0.88, 60.0) == pytest.approx(0.88 / 0.06)
   table = L2S.format_table(results)
   assert "-40.0%" in table and "-2.0" in table and "no correct samples" in table
+  assert "123,456" in table and "777" in table  # what each method sampled
+  driver.compare_to_long(results)
+  assert results["rl"].tokens_vs_long == pytest.approx(0.6) and results["rl"].meets_target
+  assert R.from_json(results["rl"].to_json()) == results["rl"]
 
 
 def test_run_refuses_a_missing_pipeline_and_a_changed_config(tmp_path):
@@ -377,7 +412,8 @@ def test_run_chains_rejection_sampling_rounds_and_rl_init(tmp_path, monkeypatch,
   stand-in models (strings)."""
   from k15 import config as k15_config
   from k15 import evaluate as evaluate_lib
-  from k15 import sft, smoke
+  from k15 import sft
+  from k15.model import build
   from k15 import tokenizer as tokenizer_lib
   from k15.data import prompts as prompts_lib
 
@@ -392,24 +428,25 @@ def test_run_chains_rejection_sampling_rounds_and_rl_init(tmp_path, monkeypatch,
                       lambda path: (records[path.rsplit("/", 1)[-1]], None))
   monkeypatch.setattr(tokenizer_lib.Tokenizer, "load",
                       staticmethod(lambda path: types.SimpleNamespace(pad_id=0)))
-  monkeypatch.setattr(smoke, "build_model", lambda config, mesh: "template")
-  monkeypatch.setattr(sft, "restore_params", lambda template, path: "long")
+  monkeypatch.setattr(build, "build_model", lambda config, mesh: "template")
+  monkeypatch.setattr(ckpt_lib, "restore_params", lambda template, path: "long")
   sampled = []
 
   def fake_groups(model, problems, **kw):  # a model named after k fine-tunes answers in 4 - k
+    assert kw["token_budget"] == 600 // rounds  # the rounds share the method's budget
     sampled.append(model)
     k = model.count("rs(")
     ok = k + 1 != dry_round
     return [L2S.Group([1], [[5, 6, 7, 2][k:], [5, 6, 7, 8, 2][k:]], [ok, ok], "p0"),
             L2S.Group([1], [[7, 2]], [False], "p1")]
 
-  monkeypatch.setattr(L2S, "sample_groups", fake_groups)
+  monkeypatch.setattr(rejection, "sample_groups", fake_groups)
   trained = []
   monkeypatch.setattr(sft, "train_sft", lambda model, examples, cfg, **kw: (
       trained.append((model, examples)) or f"rs({model})", None))
   started = []
-  monkeypatch.setattr(L2S, "long2short_rl", lambda config, model, recs, tok, mesh, workdir: (
-      started.append((model, recs)) or f"l2s({model})"))
+  monkeypatch.setattr(l2s_rl, "long2short_rl", lambda config, model, recs, tok, mesh, workdir,
+                      token_budget: started.append((model, recs, token_budget)) or f"l2s({model})")
   monkeypatch.setattr(evaluate_lib, "evaluate", lambda model, problems, **kw: dict(
       accuracy=0.5 + 0.01 * model.count("("), mean_tokens=100.0 - 35 * model.count("rs(")))
 
@@ -419,8 +456,8 @@ def test_run_chains_rejection_sampling_rounds_and_rl_init(tmp_path, monkeypatch,
                                        warmup_steps=0, decay_steps=0)),
       rl=dict(max_new_tokens=64),
       evaluate=dict(num_samples=2, temperature=1.0, top_p=1.0, max_new_tokens=64, batch_size=4),
-      long2short=k15_config.long2short_block(methods=("shortest_rs", "rl"), rs=dict(rounds=rounds),
-                                  rl=dict(init="shortest_rs"))))
+      long2short=k15_config.long2short_block(methods=("shortest_rs", "rl"), token_budget=600,
+                                             rs=dict(rounds=rounds), rl=dict(init="shortest_rs"))))
   results = L2S.run(config, str(tmp_path))
   # Round r samples from round r - 1's model and keeps each prompt's shortest correct
   # response (p1 has none); RL starts from the last round's model, on the curated RL prompts.
@@ -428,14 +465,21 @@ def test_run_chains_rejection_sampling_rounds_and_rl_init(tmp_path, monkeypatch,
   done = dry_round - 1 if dry_round else rounds  # rounds that trained a model
   assert sampled == models[:rounds]
   assert trained == [(models[r], [([1], [5, 6, 7, 2][r:])]) for r in range(done)]
-  assert started == [(models[done], ["q0"])]
+  assert started == [(models[done], ["q0"], 600)]
   rl = results["rl"]
-  assert rl["init"] == "shortest_rs" and rl["accuracy"] == pytest.approx(0.5 + 0.01 * (done + 1))
-  assert results["shortest_rs"]["rounds"] == done
-  assert ("stopped" in results["shortest_rs"]) == bool(dry_round)
-  assert rl["tokens_vs_long"] == pytest.approx(1 - 0.35 * done) and rl["meets_target"]
+  assert rl.init == "shortest_rs" and rl.accuracy == pytest.approx(0.5 + 0.01 * (done + 1))
+  assert results["shortest_rs"].info["rounds"] == done
+  assert ("stopped" in results["shortest_rs"].info) == bool(dry_round)
+  # Every round's samples count, the dry round's too: round k's responses are 11 - 2k tokens.
+  assert results["shortest_rs"].sampled_tokens == sum(11 - 2 * k for k in range(rounds))
+  assert rl.tokens_vs_long == pytest.approx(1 - 0.35 * done) and rl.meets_target
   assert "long2short RL (from shortest RS)" in L2S.format_table(results)
-  assert (tmp_path / "long2short" / "groups_shortest_rs.json").exists() == (rounds >= 2)
+  assert (tmp_path / "long2short" / f"groups_shortest_rs_b{600 // rounds}.json").exists() == (
+      rounds >= 2)
+  # A rerun reads the stored results (typed again) and trains nothing.
+  sampled.clear()
+  again = L2S.run(config, str(tmp_path))
+  assert again == results and not sampled
   with pytest.raises(ValueError, match=r"long2short.rl.init='sft'"):
     config.long2short.rl.init = "sft"
     L2S.run(config, str(tmp_path))

@@ -206,3 +206,22 @@ def test_microbatches_that_would_split_a_group_are_refused(tmp_path):
   with parallel.use_mesh(mesh):
     with pytest.raises(ValueError, match=r"rl\.microbatches=4.*rl\.minibatch_groups=1"):
       _trainer(config, str(tmp_path), mesh)
+
+
+def test_stop_when_ends_training_with_a_checkpoint(tmp_path):
+  """`train(stop_when=...)` (a budget of sampled tokens, as long2short RL uses it) stops after
+  the first iteration it accepts and saves it; rl/sampled_tokens counts the response tokens."""
+  config = _config("pmd")
+  mesh = parallel.make_mesh({"data": -1})
+  spent = []
+
+  def stop_when(m):
+    spent.append(m["rl/sampled_tokens"])
+    return sum(spent) >= 2 * 8 * 8 * 4  # two iterations' worth at the token limit
+
+  with parallel.use_mesh(mesh):
+    trainer = _trainer(config, str(tmp_path), mesh)
+    history = trainer.train(stop_when=stop_when, progress=False)
+  # No eos: every response runs to the limit, 8 prompts x 8 samples x 4 tokens an iteration.
+  assert spent == [256, 256] and len(history) == 2 and trainer.iteration == 2
+  assert trainer.checkpointer.latest_step() == 2

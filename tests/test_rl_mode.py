@@ -90,7 +90,7 @@ def _logits_k15(model, tokens):
 
 
 def _check_run(workdir, ckpt, iterations):
-  from k15 import sft  # pylint: disable=g-import-not-at-top
+  from k15 import checkpoint  # pylint: disable=g-import-not-at-top
   from k15.model import hf  # pylint: disable=g-import-not-at-top
   # Each iteration's reward, and the evaluation at the start, after each iteration and at the end.
   rows = [json.loads(l) for l in open(os.path.join(workdir, "rl", "metrics.jsonl"))]
@@ -119,7 +119,7 @@ def _check_run(workdir, ckpt, iterations):
   with torch.no_grad():
     theirs = theirs(torch.tensor(tokens)).logits.numpy()
   start = hf.load(ckpt, config_overrides={"attention_impl": "reference"})
-  final = sft.restore_params(start, os.path.join(workdir, "rl", "checkpoints"))
+  final = checkpoint.restore_params(start, os.path.join(workdir, "rl", "checkpoints"))
   ours = _logits_k15(final, tokens)
   assert np.abs(ours - theirs).max() <= 1e-4
   assert np.abs(_logits_k15(start, tokens) - ours).max() > 1e-3  # RL moved the weights
@@ -190,11 +190,11 @@ def test_missing_field_is_named(tmp_path, qwen_ckpt, data):
 
 def test_lengths_past_max_position_embeddings_are_refused(tmp_path, qwen_ckpt, data,
                                                          monkeypatch):
-  from k15 import smoke  # pylint: disable=g-import-not-at-top
+  from k15.model import build  # pylint: disable=g-import-not-at-top
   from k15.model import hf  # pylint: disable=g-import-not-at-top
   def no_model(*args, **kwargs):
     raise AssertionError("the checkpoint was loaded before the lengths were checked")
-  monkeypatch.setattr(smoke, "build_model", no_model)
+  monkeypatch.setattr(build, "build_model", no_model)
   # The tiny checkpoint has max_position_embeddings=512; its prompts are a few dozen tokens.
   for key in ("rl.max_new_tokens", "evaluate.max_new_tokens"):
     config = _config(qwen_ckpt, data["train"], **{"data.eval": data["eval"], key: 600})

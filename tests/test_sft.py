@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from k15 import checkpoint as ckpt_lib
 from k15 import config as k15_config
 from k15 import parallel, sft, update
 from k15 import tokenizer as tokenizer_lib
@@ -278,7 +279,7 @@ def test_sft_checkpoint_resume_matches_uninterrupted(arithmetic, tmp_path):
     for a, b in zip(jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(resumed))):
       np.testing.assert_array_equal(a, b)
     # restore_params loads the params alone into a fresh model.
-    loaded = sft.restore_params(init_b, str(tmp_path / sft.CHECKPOINT_SUBDIR))
+    loaded = ckpt_lib.restore_params(init_b, str(tmp_path / sft.CHECKPOINT_SUBDIR))
     for a, b in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(resumed))):
       np.testing.assert_array_equal(a, b)
 

@@ -265,3 +265,89 @@ def test_resume_refuses_evaluations_made_with_other_settings(tmp_path, monkeypat
   study.run_study(_config(), "sampling", 1, str(tmp_path), arms=("uniform",))
   with pytest.raises(ValueError, match=r"seed0/eval.json was evaluated with .*'samples': 4"):
     study.run_study(_config(eval_samples=2), "sampling", 1, str(tmp_path), arms=("uniform",))
+
+
+# --- the long2short study ----------------------------------------------------------------------
+
+L2S_SKILL = {"long": 2, "short": 0, "merge": 1, "merge_rs": 1, "shortest_rs": 2, "rl": 3}
+
+
+def test_long2short_study_pairs_the_long_model_and_skips_empty_methods(tmp_path, monkeypatch):
+  """Per seed pair: one long RL run, then every method from that pair's context (its seed);
+  a method that trained nothing (here DPO) leaves the tables and is named; sampled tokens are
+  reported per arm; a rerun reuses every evaluation."""
+  from k15.long2short import driver  # pylint: disable=g-import-not-at-top
+  fakes = _Fakes(monkeypatch)
+  contexts = []
+
+  def make_context(config, workdir, mesh, *, base):
+    del mesh
+    contexts.append((config.seed, os.path.basename(workdir), os.path.basename(base)))
+    return types.SimpleNamespace(cache={}, seed=config.seed)
+
+  def method(name):
+    def train(ctx):
+      if name == "dpo":
+        return driver.Trained(None, {"skipped": "no DPO pairs"}, 40)
+      model = types.SimpleNamespace(skill=L2S_SKILL[name], seed=ctx.seed, base="b")
+      return driver.Trained(model, {}, 100 * L2S_SKILL[name] + ctx.seed)
+    return train
+
+  monkeypatch.setattr(driver, "make_context", make_context)
+  for name in list(driver.TRAIN):
+    monkeypatch.setitem(driver.TRAIN, name, method(name))
+  monkeypatch.setattr(pipeline_lib, "rl_stage", lambda config, model, records, tok, mesh,
+                      workdir: fakes.rl.append(dict(seed=config.seed, workdir=workdir)))
+  c = _config()
+  c.long2short.token_budget = 5000
+  out = study.run_long2short_study(c, 2, str(tmp_path))
+  base = "base-pipeline.sft_carry_slip=0.0,pipeline.sft_recheck=0.75"
+  assert fakes.bases == [(base, 0.0)]  # the clean, over-careful demonstrator, once
+  assert [(r["seed"], r["workdir"].split(os.sep)[-2:]) for r in fakes.rl] == [
+      (c.seed, ["seed0", "rl"]), (c.seed + 1, ["seed1", "rl"])]
+  assert contexts == [(c.seed, "seed0", base), (c.seed + 1, "seed1", base)]
+  assert list(out["summary"]) == ["long", "merge", "merge_rs", "shortest_rs", "rl"]
+  assert out["skipped_arms"] == {"dpo": {0: "no DPO pairs", 1: "no DPO pairs"}}
+  assert "rl - long" in out["differences"] and out["token_budget"] == 5000
+  assert out["sampled_tokens"]["rl"]["mean"] == pytest.approx(300 + c.seed + 0.5)
+  n, k = c.study.eval_problems, c.study.eval_samples
+  want = np.mean([np.mean([((3 + c.seed + s + i) % (k + 1)) / k for i in range(n)])
+                  for s in range(2)])
+  assert out["summary"]["rl"]["pass1"]["mean"] == pytest.approx(want)
+  md = (tmp_path / "study.md").read_text()
+  assert "| rl - long |" in md and "- merge: 100\n" in md and "dpo skipped" in md
+  # A rerun: every evaluation reused, nothing trained.
+  out2 = study.run_long2short_study(c, 2, str(tmp_path))
+  assert len(fakes.rl) == 2 and len(contexts) == 2 and out2["summary"] == out["summary"]
+  with pytest.raises(ValueError, match=r"--arms: \['pmd'\] are not arms of study 'long2short'"):
+    study.run_long2short_study(c, 2, str(tmp_path), arms=("pmd",))
+
+
+@pytest.mark.slow
+def test_real_shrunk_long2short_study(tmp_path):
+  """`--study=long2short` end to end on the runlocal model: 2 seed pairs, merge, DPO and
+  long2short RL at a token budget (DPO may find no pairs with a random model: then it is a
+  skipped arm)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  args = [sys.executable, "-m", "k15.study", "--config=configs/tiny_cpu.py:runlocal=True",
+          "--study=long2short", "--arms=merge,dpo,rl", "--seeds=2", f"--workdir={tmp_path}",
+          "--config.study.eval_problems=8", "--config.study.eval_samples=2",
+          "--config.study.pass_k=2", "--config.study.bootstrap=100",
+          "--config.long2short.token_budget=500"]
+  r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads((tmp_path / "study.json").read_text())
+  assert out["seeds"] == [0, 1] and list(out["summary"])[0] == "long"
+  assert set(out["summary"]) | set(out["skipped_arms"]) == {"long", "merge", "dpo", "rl"}
+  for arm in out["summary"]:
+    for s in (0, 1):
+      run = json.loads((tmp_path / "runs" / "long2short" / f"seed{s}" / "eval" /
+                        f"{arm}.json").read_text())
+      assert run["rl_seed"] == s and len(run["per_problem"]["pass1"]) == 8
+  # Long2short RL stops at the first iteration that reaches the budget (one iteration samples
+  # at most 4 prompts x 4 samples x 48 tokens; the cap is 2 iterations).
+  for s in (0, 1):
+    run = json.loads((tmp_path / "runs" / "long2short" / f"seed{s}" / "eval" / "rl.json"
+                      ).read_text())
+    assert 500 <= run["sampled_tokens"] < 500 + 4 * 4 * 48
+  assert out["sampled_tokens"]["merge"]["mean"] == 0  # merging samples nothing

@@ -218,6 +218,12 @@ def _arithmetic_long_cot(a: int, op: str, b: int, slip: Callable[[], bool] | Non
 _Made = tuple[str | None, dict[str, Any] | None]  # (canonical key, fields) or no problem
 
 
+def without_rechecks(long_cot: str) -> str:
+  """A long CoT less its restated columns (the `recheck` lines of `_arithmetic_long_cot`): the
+  same working in fewer tokens, the short-CoT demonstrations of long2short's merge (§2.4)."""
+  return "\n".join(line for line in long_cot.split("\n") if not line.startswith("recheck "))
+
+
 def _make_arithmetic(rng: random.Random, level: int, split: str, eval_fraction: float,
                      max_cot_tokens: int, ops: Sequence[str] = ("+",),
                      carry_slip: float = 0.0, recheck: float = 0.0) -> _Made:

@@ -457,7 +457,8 @@ class RLTrainer:
     sampled_tokens = sum(int(np.sum(t.versions == it)) for t in finished)
 
     metrics: dict[str, float] = {"rl/groups_trained": len(groups),
-                                 "rl/buffer_size": len(self.buffer)}
+                                 "rl/buffer_size": len(self.buffer),
+                                 "rl/sampled_tokens": sampled_tokens}
     if groups:
       flat = [t for g in groups for t in g]
       task = np.asarray(self.reward_fn([t.prompt_id for t in flat], [t.tokens for t in flat]),
@@ -564,11 +565,14 @@ class RLTrainer:
     return float(digest)
 
   def train(self, num_iterations: int | None = None, progress: bool | None = None,
-            after_iteration: Callable[["RLTrainer"], dict[str, float] | None] | None = None):
+            after_iteration: Callable[["RLTrainer"], dict[str, float] | None] | None = None,
+            stop_when: Callable[[dict[str, float]], bool] | None = None):
     """Runs until rl.iterations (or num_iterations more); saves, and stops on preemption.
 
     after_iteration(trainer), if given, runs after each iteration (e.g. an evaluation of the
     current policy); the metrics it returns are written with the iteration's own.
+    stop_when(metrics), if given, ends training (with a checkpoint) after the first iteration
+    it returns True for (e.g. a budget of sampled tokens spent).
     """
     self.maybe_restore()
     end = self.rl.iterations if num_iterations is None else self.iteration + num_iterations
@@ -590,7 +594,10 @@ class RLTrainer:
           self.save(force=True)
           logging.warning("preempted: saved iteration %d and stopping", self.iteration)
           break
-        self.save(force=self.iteration == end)
+        stop = stop_when is not None and stop_when(m)
+        self.save(force=self.iteration == end or stop)
+        if stop:
+          break
     finally:
       bar.close()
       self.checkpointer.close()

@@ -23,9 +23,11 @@ from typing import Any
 import jax
 from etils import epath
 
-from k15 import hf_policy, parallel, pipeline, smoke, storage
+from k15 import hf_policy, parallel, storage
 from k15.data import prompts as prompts_lib
+from k15.model import build
 from k15.rewards import verifier
+from k15.sampling import text
 
 # Rewards whose answers sit in \boxed{}, so that a forced box is an answer without reasoning.
 _BOXED_REWARDS = ("math", "task")
@@ -44,14 +46,14 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   tok = hf_policy.load_tokenizer(config.model_path, hf_policy.instruction(config))
   pool = hf_policy.load_problems(config, "train")
   grade = verifier.make_grader(config.reward, config.reward_options)
-  grade_one = lambda record, text: float(grade([record], [text])[0])
+  grade_one = lambda record, response: float(grade([record], [response])[0])
 
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.sharding_rules):
-    model = smoke.build_model(config, mesh)
-    policy = pipeline.Policy(model, tok, max_new_tokens=c.max_new_tokens or
-                             config.rl.max_new_tokens, seed=config.seed,
-                             batch_size=c.batch_size)
+    model = build.build_model(config, mesh)
+    policy = text.TextSampler(model, tok, max_new_tokens=c.max_new_tokens or
+                              config.rl.max_new_tokens, seed=config.seed,
+                              batch_size=c.batch_size)
     answer_fn = None
     if c.hackable_samples and config.reward in _BOXED_REWARDS:
       answer_fn = lambda qs, n: policy.sample(qs, n, 1.0, prefix="\\boxed{",

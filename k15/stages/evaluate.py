@@ -17,7 +17,8 @@ from typing import Any
 import jax
 
 from k15 import evaluate as evaluate_lib
-from k15 import hf_policy, parallel, smoke, storage
+from k15 import hf_policy, parallel, storage
+from k15.model import build
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -27,7 +28,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   problems = hf_policy.load_problems(config, "eval")
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.sharding_rules):
-    model = smoke.build_model(config, mesh)
+    model = build.build_model(config, mesh)
     results = hf_policy.evaluate(model, problems, tok, config)
   if jax.process_index() == 0:
     print(evaluate_lib.format_table(results))

@@ -31,7 +31,8 @@ import jax
 from flax import nnx
 
 from k15 import evaluate as evaluate_lib
-from k15 import hf_policy, parallel, smoke, storage
+from k15 import hf_policy, parallel, storage
+from k15.model import build
 from k15.rewards import verifier
 from k15.rl import trainer as trainer_lib
 
@@ -62,7 +63,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.sharding_rules):
-    model = smoke.build_model(config, mesh)
+    model = build.build_model(config, mesh)
     if tok.vocab_size > model.cfg.vocab_size:
       raise ValueError(f"the tokenizer of {config.model_path} has {tok.vocab_size} ids but the "
                        f"model's vocabulary only {model.cfg.vocab_size}")

@@ -19,7 +19,8 @@ from typing import Any
 
 import jax
 
-from k15 import hf_policy, parallel, sft, smoke, storage
+from k15 import hf_policy, parallel, sft, storage
+from k15.model import build
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -35,7 +36,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.sharding_rules):
-    model = smoke.build_model(config, mesh)
+    model = build.build_model(config, mesh)
     model, losses = sft.train_sft(model, examples, config.sft, mesh=mesh,
                                   workdir=os.path.join(workdir, "sft"), pad_id=tok.pad_id)
     if config.sft.steps and len(losses) < config.sft.steps:
