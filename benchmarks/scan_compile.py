@@ -32,7 +32,8 @@ def main():
       (prog,) = aot.compile_programs(c, programs=("train",))["programs"]
       row = {"layers": layers, "scan": scan, "compile_s": prog.compile_s,
              "lower_and_compile_s": time.perf_counter() - t0, "memory_gib": prog.total / aot.GiB,
-             "temp_gib": prog.memory["temporaries"] / aot.GiB, "plan_gib": prog.plan_bytes / aot.GiB,
+             "temp_gib": prog.memory["temporaries"] / aot.GiB,
+             "plan_gib": prog.plan_bytes / aot.GiB,
              "shapes": prog.shapes}
       print(json.dumps(row), flush=True)
       rows.append(row)
