@@ -1,5 +1,6 @@
 """k15.aot: a small model's RL train step compiled for a v5e-8 slice with libtpu's compile-only
-devices (no TPU needed), through splash attention under shard_map and the chunked log-probs,
+devices (no TPU needed), through splash attention under shard_map, the scanned layers (the
+config keeps model.scan_layers) and the chunked log-probs,
 with k15.plan's figures beside XLA's."""
 
 import pytest

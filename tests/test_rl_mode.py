@@ -118,7 +118,8 @@ def _check_run(workdir, ckpt, iterations):
   theirs = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
   with torch.no_grad():
     theirs = theirs(torch.tensor(tokens)).logits.numpy()
-  start = hf.load(ckpt, config_overrides={"attention_impl": "reference"})
+  # The run's layout: the config scans its layers, so its checkpoints hold stacked layers.
+  start = hf.load(ckpt, config_overrides={"attention_impl": "reference", "scan_layers": True})
   final = checkpoint.restore_params(start, os.path.join(workdir, "rl", "checkpoints"))
   ours = _logits_k15(final, tokens)
   assert np.abs(ours - theirs).max() <= 1e-4
@@ -282,7 +283,8 @@ def test_evaluate_mode_on_an_exported_checkpoint(tmp_path, qwen_ckpt, data):
   config = _stage_config(qwen_ckpt, data, "evaluate", **{"evaluate.max_new_tokens": 8})
   tok = hf_policy.load_tokenizer(qwen_ckpt, hf_policy.instruction(config))
   with parallel.use_mesh(parallel.make_mesh({"data": -1}), config.sharding_rules):
-    model = hf.load(qwen_ckpt, config_overrides={"attention_impl": "reference"})
+    model = hf.load(qwen_ckpt, config_overrides={"attention_impl": "reference",
+                                                 "scan_layers": config.model.scan_layers})
     export = hf_policy.export(model, tok, config, str(tmp_path / "export" / "final"))
     problems = hf_policy.load_problems(config, "eval")
     grade = verifier.make_grader("math", config.reward_options)

@@ -56,7 +56,14 @@ def _tokens(B=2, T=12, seed=0):
   return jax.random.randint(jax.random.key(seed), (B, T), 0, BASE["vocab_size"])
 
 
-@pytest.mark.parametrize("kind,remat", [(k, "none") for k in sorted(KINDS)] + [("qwen2", "full")])
+# Over 30 s each on a busy 2-core host: Llama 3 scaling and MoE run with the slow tests (their
+# logits against transformers, scanned, are in the default suite: tests/test_families.py).
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("kind,remat", [
+    ("qwen2", "none"), ("qwen3", "none"), ("qwen2", "full"),
+    pytest.param("llama3", "none", marks=_SLOW), pytest.param("qwen3_moe", "none", marks=_SLOW)])
 def test_scanned_logits_and_gradients_equal_loop(kind, remat):
   # Under jit, as the trainer runs it (eager, the loop of layers is slow to dispatch).
   loop, scanned = _pair(kind, remat=remat)
