@@ -63,8 +63,8 @@ def main():
     cfg = dataclasses.replace(base, dtype=dtype)
     model = transformer.Transformer(cfg, rngs=nnx.Rngs(args.seed))
     if args.checkpoint:
-      from k15 import sft  # pylint: disable=g-import-not-at-top
-      model = sft.restore_params(model, args.checkpoint)
+      from k15 import checkpoint  # pylint: disable=g-import-not-at-top
+      model = checkpoint.restore_params(model, args.checkpoint)
     models[name] = model
 
   prompt = [int(t) for t in np.random.default_rng(args.seed).integers(1, base.vocab_size, 8)]
