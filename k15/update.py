@@ -65,7 +65,8 @@ def token_logprobs(model: transformer.Transformer, tokens: jax.Array,
 
 def logprobs_and_router_aux(model: transformer.Transformer, tokens: jax.Array,
                             positions: jax.Array | None = None,
-                            segment_ids: jax.Array | None = None
+                            segment_ids: jax.Array | None = None,
+                            expert_ids: jax.Array | None = None
                             ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """(log-probs [B, T], entropies [B, T], load-balancing loss or None) from one forward pass.
 
@@ -73,17 +74,25 @@ def logprobs_and_router_aux(model: transformer.Transformer, tokens: jax.Array,
   loss (`add_router_aux`) when the model has experts. For a dense model the third entry is None
   and the forward pass is `token_logprobs`' op for op. The aux loss counts every real token
   (segment id > 0), prompt included, as transformers counts every attended token.
+  expert_ids: [B, T, L, k] recorded experts of the L MoE layers (-1: route by the router) to
+  replay (`replay_ids`), or None.
   """
   if not model.cfg.num_experts:
     return (*logprobs.token_logprobs_and_entropy(model, tokens, positions, segment_ids), None)
-  logp, ent, routing = logprobs.token_logprobs_and_entropy(model, tokens, positions, segment_ids,
-                                                           return_routing=True)
+  logp, ent, routing = logprobs.token_logprobs_and_entropy(
+      model, tokens, positions, segment_ids, return_routing=True,
+      expert_ids=None if expert_ids is None else replay_ids(expert_ids))
   if not routing["router_logits"]:  # every layer listed in moe_dense_layers
     return logp, ent, None
   mask = None if segment_ids is None else segment_ids > 0
   aux = transformer.load_balancing_loss(routing["router_logits"], model.cfg.experts_per_token,
                                         mask)
   return logp, ent, aux
+
+
+def replay_ids(expert_ids: jax.Array) -> tuple[jax.Array, ...]:
+  """Recorded expert ids [B, T, L, k] -> the model's `expert_ids`: one [B, T, k] per MoE layer."""
+  return tuple(expert_ids[:, :, i] for i in range(expert_ids.shape[2]))
 
 
 def add_router_aux(model: transformer.Transformer, loss: jax.Array, metrics: dict,

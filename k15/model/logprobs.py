@@ -26,19 +26,24 @@ from k15 import parallel
 def token_logprobs_and_entropy(model, tokens: jax.Array, positions: jax.Array | None = None,
                                segment_ids: jax.Array | None = None,
                                chunk: int | None = None,
-                               return_routing: bool = False) -> tuple[jax.Array, ...]:
+                               return_routing: bool = False,
+                               expert_ids: tuple[jax.Array, ...] | None = None
+                               ) -> tuple[jax.Array, ...]:
   """(log p(tokens[:, t] | tokens[:, <t]), entropy of p(. | tokens[:, <t])): [B, T] float32 each.
 
   Both are 0 at t = 0 (no prediction precedes the first token). `chunk` defaults to the model's
   `logits_chunk`. The entropy is returned with its gradient; callers that log it as a
   diagnostic stop it. `return_routing=True` appends the model's routing dict (router logits and
-  expert ids per MoE layer, see Transformer) from the same forward pass.
+  expert ids per MoE layer, see Transformer) from the same forward pass; `expert_ids` (one
+  [B, T, k] array per MoE layer) routes by recorded experts (routing replay, see Transformer).
   """
   chunk = model.cfg.logits_chunk if chunk is None else chunk
   T = tokens.shape[1]
   kw = dict(positions=positions, segment_ids=segment_ids)
   if return_routing:
     kw["return_routing"] = True
+  if expert_ids is not None:
+    kw["expert_ids"] = expert_ids
   routed = ()
   if not chunk or chunk >= T - 1:
     logits = model(tokens, **kw)                                             # [B, T, V] f32

@@ -129,14 +129,16 @@ def slot_groups(lengths: Array, num_groups: int, buckets: tuple[int, ...], block
 
 def decode_step(model: transformer.Transformer, tokens: Array, positions: Array, pool: dict,
                 tables: Array, write_block: Array, write_offset: Array, lengths: Array,
-                *, buckets: tuple[int, ...], num_groups: int = 1, impl: str = "gather"):
+                *, buckets: tuple[int, ...], num_groups: int = 1, impl: str = "gather",
+                return_routing: bool = False):
   """One token per slot through `model`, keys and values in the paged pool.
 
   tokens, positions [S]: the slots' current tokens and their positions; their keys and values
   are written at (write_block, write_offset) before attending, so lengths [S] counts them.
   buckets: the table widths (in blocks) a group of slots may read (`attend_gather`);
   num_groups: groups of slots of similar length that read their own width (`slot_groups`).
-  Returns (float32 logits [S, V], updated pool).
+  Returns (float32 logits [S, V], updated pool), and with `return_routing` (a mixture of
+  experts) the slots' expert ids [S, L, k] in `transformer.expert_id_dtype` (L MoE layers).
   """
   cfg = model.cfg
   dt = transformer.to_dtype(cfg.dtype)
@@ -146,7 +148,7 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
   x = jnp.take(model.embed[...], tokens[:, None], axis=0).astype(dt)   # [S, 1, D]
   angles = transformer.rope_angles(positions[:, None], cfg.head_dim, cfg.rope_theta,
                                      cfg.rope_scaling)
-  new_k, new_v = [], []
+  new_k, new_v, ids = [], [], []
   for i, block in enumerate(model.layers):
     q, k, v = block.attn.project(block.attn_norm(x), angles)          # [S, 1, *, H]
     k_pool = write(pool["k"][i], k[:, 0], write_block, write_offset)
@@ -157,10 +159,15 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
       out = _grouped_gather(q[:, 0], k_pool, v_pool, tables, lengths, groups, buckets=buckets,
                             scale=scale)
     x = x + block.attn.output(out[:, None])
-    x, _ = block.feed_forward(x)
+    x, routing = block.feed_forward(x)
+    if routing is not None:
+      ids.append(routing[1][:, 0])                                     # [S, k]
     new_k.append(k_pool)
     new_v.append(v_pool)
-  return model.logits(x)[:, 0], {"k": tuple(new_k), "v": tuple(new_v)}
+  out = (model.logits(x)[:, 0], {"k": tuple(new_k), "v": tuple(new_v)})
+  if return_routing:
+    out += (jnp.stack(ids, axis=1).astype(transformer.expert_id_dtype(cfg)),)
+  return out
 
 
 def pop(free: Array, top: Array, need: Array) -> tuple[Array, Array]:
