@@ -18,6 +18,7 @@ import dataclasses
 import time
 
 import numpy as np
+from scipy import optimize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,22 +117,37 @@ def plan(counts: np.ndarray, devices: int, *, spare_slots: int = 0,
   """The placement for a step whose tokens per expert are `counts` [E], over `devices`.
 
   Each device has E / D slots plus `spare_slots` for replicas of the hottest experts. Returns
-  the plan with the lowest most loaded device among the greedy plan, the identity layout and
-  `previous` (ties keep the earlier of identity, previous: nothing moves without a gain), so
-  it is never worse than either.
+  the plan with the lowest most loaded device among the greedy plans (with and without
+  replicas), the identity layout and `previous`, so it is never worse than either; ties go to
+  the plan that moves the fewest experts. Greedy plans are relabelled device by device to keep
+  as many experts in place as possible (`_align`), since which device is which is free.
   """
   counts = np.asarray(counts, np.float64)
   E = counts.size
   if E % devices:
     raise ValueError(f"{E} experts do not split evenly over {devices} devices")
   per_device = E // devices + spare_slots
-  greedy = _improve(counts, _lpt(counts, _copies(counts, devices * per_device, devices), devices,
-                                 per_device))
-  candidates = [_padded(identity(E, devices), per_device)]
-  if previous is not None and previous.slots.shape == (devices, per_device):
-    candidates.append(previous)
-  candidates.append(greedy)
-  return min(candidates, key=lambda p: device_loads(counts, p).max())
+  base = _padded(identity(E, devices), per_device)
+  if previous is None or previous.slots.shape != (devices, per_device):
+    previous = base
+  candidates = [previous, base]
+  for total in sorted({E, devices * per_device}):
+    greedy = _lpt(counts, _copies(counts, total, devices), devices, per_device)
+    candidates.append(_align(_improve(counts, greedy), previous))
+  return min(candidates, key=lambda p: (round(float(device_loads(counts, p).max()), 6),
+                                        moved_experts(previous, p)))
+
+
+def _align(p: Placement, previous: Placement) -> Placement:
+  """`p` with its devices renumbered to keep the most experts where `previous` has them (an
+  assignment problem on the [D, D] overlap counts)."""
+  D = p.devices
+  overlap = np.array([[len(set(p.slots[i][p.slots[i] >= 0]) & set(previous.slots[j]))
+                       for j in range(D)] for i in range(D)])
+  rows, cols = optimize.linear_sum_assignment(-overlap)
+  order = np.empty(D, np.int64)
+  order[cols] = rows
+  return Placement(slots=p.slots[order], share=p.share[order])
 
 
 def _padded(p: Placement, per_device: int) -> Placement:
