@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from k15 import update
+from k15 import parallel, update
 from k15.model import transformer
 from k15.rl import trainer
 from k15 import sampling
@@ -104,6 +104,25 @@ def test_static_and_continuous_sampling_record_the_same_routing():
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x.tokens, y.tokens)
     np.testing.assert_array_equal(x.expert_ids, y.expert_ids)
+
+
+@pytest.mark.slow  # compiles the sampler for 8 devices twice: minutes on a loaded machine
+@pytest.mark.parametrize("continuous", [False, True])
+def test_routing_on_a_data_parallel_mesh_equals_one_device(continuous):
+  """Each device samples its own rows and prefills its own prompts (`sampler._entry`): the
+  recorded routing comes back in row order and each prompt's from one of its slots."""
+  model = transformer.Transformer(_cfg(), rngs=nnx.Rngs(2))
+  prompts = [p for _, p in _prompts(4)]
+  gen = dict(max_new_tokens=6, eos_id=None, num_samples=[3, 1, 2, 2], continuous=continuous)
+  expected = sampling.generate(model, prompts, **gen)
+  with parallel.use_mesh(parallel.make_mesh({"data": -1})):
+    got = sampling.generate(model, prompts, **gen)
+  np.testing.assert_array_equal(got.tokens, expected.tokens)
+  np.testing.assert_array_equal(got.expert_ids, expected.expert_ids)
+  np.testing.assert_array_equal(got.prompt_expert_ids, expected.prompt_expert_ids)
+  for u, p in enumerate(prompts):
+    assert (got.prompt_expert_ids[u, :len(p)] >= 0).all()
+    assert (got.prompt_expert_ids[u, len(p):] == -1).all()
 
 
 def test_bfloat16_sampler_and_float32_trainer():
