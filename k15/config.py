@@ -144,6 +144,12 @@ def rl_block(**overrides: Any) -> ml_collections.ConfigDict:
                                    # the group baseline); see k15.rl.trainer
       reference="trainer",         # PMD's pi_i log-probs: 'trainer' (its own forward pass at
                                    # the start of each iteration) | 'sampler' (as sampled)
+      # Mixture of experts: route each token in the loss by the experts the sampler chose
+      # (routing replay; gate weights still from the trainer's router), and measure how often
+      # sampler and trainer routing disagree and the log-prob gap with and without replay
+      # (two extra forward passes per iteration).
+      routing_replay=False,
+      routing_metrics=True,
       length_weight=0.0,           # length penalty (§2.3.3), its weight ...
       length_warmup_iterations=0,  # ... and the iteration it switches on
       repeat_penalty=0.0,          # subtracted from the reward of a looping response

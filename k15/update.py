@@ -66,7 +66,7 @@ def token_logprobs(model: transformer.Transformer, tokens: jax.Array,
 def logprobs_and_router_aux(model: transformer.Transformer, tokens: jax.Array,
                             positions: jax.Array | None = None,
                             segment_ids: jax.Array | None = None,
-                            expert_ids: jax.Array | tuple[jax.Array, ...] | None = None
+                            expert_ids: jax.Array | None = None
                             ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """(log-probs [B, T], entropies [B, T], load-balancing loss or None) from one forward pass.
 
@@ -74,24 +74,25 @@ def logprobs_and_router_aux(model: transformer.Transformer, tokens: jax.Array,
   loss (`add_router_aux`) when the model has experts. For a dense model the third entry is None
   and the forward pass is `token_logprobs`' op for op. The aux loss counts every real token
   (segment id > 0), prompt included, as transformers counts every attended token.
-
-  expert_ids (MoE routing replay): the experts each MoE layer routes to, one int32 [B, T, k]
-  per MoE layer, as a tuple or stacked rows-first as [B, M, T, k] (a batch entry that a
-  minibatch slices by row); None routes by the model's own top-k.
+  expert_ids: [B, T, L, k] recorded experts of the L MoE layers (-1: route by the router) to
+  replay (`replay_ids`), or None.
   """
   if not model.cfg.num_experts:
     return (*logprobs.token_logprobs_and_entropy(model, tokens, positions, segment_ids), None)
-  if expert_ids is not None and not isinstance(expert_ids, (tuple, list)):
-    expert_ids = tuple(jnp.moveaxis(expert_ids, 1, 0))                     # M x [B, T, k]
-  logp, ent, routing = logprobs.token_logprobs_and_entropy(model, tokens, positions, segment_ids,
-                                                           return_routing=True,
-                                                           expert_ids=expert_ids)
+  logp, ent, routing = logprobs.token_logprobs_and_entropy(
+      model, tokens, positions, segment_ids, return_routing=True,
+      expert_ids=None if expert_ids is None else replay_ids(expert_ids))
   if not routing["router_logits"]:  # every layer listed in moe_dense_layers
     return logp, ent, None
   mask = None if segment_ids is None else segment_ids > 0
   aux = transformer.load_balancing_loss(routing["router_logits"], model.cfg.experts_per_token,
                                         mask)
   return logp, ent, aux
+
+
+def replay_ids(expert_ids: jax.Array) -> tuple[jax.Array, ...]:
+  """Recorded expert ids [B, T, L, k] -> the model's `expert_ids`: one [B, T, k] per MoE layer."""
+  return tuple(expert_ids[:, :, i] for i in range(expert_ids.shape[2]))
 
 
 def add_router_aux(model: transformer.Transformer, loss: jax.Array, metrics: dict,

@@ -34,8 +34,8 @@ def token_logprobs_and_entropy(model, tokens: jax.Array, positions: jax.Array | 
   Both are 0 at t = 0 (no prediction precedes the first token). `chunk` defaults to the model's
   `logits_chunk`. The entropy is returned with its gradient; callers that log it as a
   diagnostic stop it. `return_routing=True` appends the model's routing dict (router logits and
-  expert ids per MoE layer, see Transformer) from the same forward pass; `expert_ids` routes
-  each MoE layer by the given experts (routing replay, see Transformer).
+  expert ids per MoE layer, see Transformer) from the same forward pass; `expert_ids` (one
+  [B, T, k] array per MoE layer) routes by recorded experts (routing replay, see Transformer).
   """
   chunk = model.cfg.logits_chunk if chunk is None else chunk
   T = tokens.shape[1]

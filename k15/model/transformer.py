@@ -424,16 +424,20 @@ class MoE(nnx.Module):
     """-> (router logits [B, T, E] float32, expert ids [B, T, k] int32, weights [B, T, k]).
 
     expert_ids: route by these (replay) instead of the router's own top-k; the weights are still
-    the router's probabilities at those experts, so gradients reach the router either way.
+    the router's probabilities at those experts, so gradients reach the router either way. A
+    token whose first id is negative (nothing recorded: padding, or a response's last token,
+    which the sampler never feeds back) takes the router's own top-k.
     """
     cfg = self.cfg
     logits = jnp.einsum("BTD,DE->BTE", x, self.router[...].astype(x.dtype))
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    if expert_ids is None:
-      weights, expert_ids = _top_k(probs, cfg.experts_per_token)
-    else:
+    weights, own = _top_k(probs, cfg.experts_per_token)
+    if expert_ids is not None:
       expert_ids = expert_ids.astype(jnp.int32)
+      expert_ids = jnp.where(expert_ids[..., :1] >= 0, expert_ids, own)
       weights = jnp.take_along_axis(probs, expert_ids, axis=-1)
+    else:
+      expert_ids = own
     if cfg.norm_topk_prob:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return logits.astype(jnp.float32), expert_ids.astype(jnp.int32), weights.astype(x.dtype)
@@ -454,6 +458,12 @@ class MoE(nnx.Module):
     else:
       y = _ragged_experts(x, expert_ids, weights, gate, up, down)
     return y, logits, expert_ids
+
+
+def expert_id_dtype(cfg: ModelConfig):
+  """The compact integer type in which recorded expert ids travel (routing replay): int8 up to
+  127 experts, else int16; -1 marks a token with nothing recorded."""
+  return jnp.int8 if cfg.num_experts <= 127 else jnp.int16
 
 
 def _top_k(probs: Array, k: int) -> tuple[Array, Array]:

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import time
@@ -69,6 +70,7 @@ from k15 import checkpoint as ckpt_lib
 from k15 import metrics as metrics_lib
 from k15 import parallel, update
 from k15.data import samplers
+from k15.model import logprobs as logprobs_lib
 from k15.model import transformer
 from k15.rewards import finish as finish_lib
 from k15.rewards import length as length_lib
@@ -101,6 +103,9 @@ def build_batch(groups: list[list[sampling.Trajectory]], rewards: np.ndarray, *,
   where token t was sampled by policy `version` (the trainer's diagnostics, not a loss input).
   A sample without a token of `version` (an early finisher, see the module docstring) trains
   on all its tokens ('train') or gets sample_weight 0 ('exclude').
+  Trajectories of a mixture of experts add expert_ids [rows, length, MoE layers, top-k]: the
+  sampler's routing of every token, prompt and response (`Trajectory.expert_ids`), -1 where
+  nothing is recorded (padding, a response's last token), for routing replay.
   """
   if early_finishers not in EARLY_FINISHERS:
     raise ValueError(f"config.rl.early_finishers={early_finishers!r}; expected one of "
@@ -115,6 +120,9 @@ def build_batch(groups: list[list[sampling.Trajectory]], rewards: np.ndarray, *,
   ref_logp = np.zeros((G * k, length), np.float32)
   r = np.zeros((G, k), np.float32)
   weight = np.zeros((G, k), np.float32)
+  routed = next((t.expert_ids for g in groups for t in g if t.expert_ids is not None), None)
+  if routed is not None:
+    expert_ids = np.full((G * k, length) + routed.shape[1:], -1, routed.dtype)
   for g, group in enumerate(groups):
     equal = np.all(rewards[g] == rewards[g][0])
     for j, traj in enumerate(group):
@@ -134,14 +142,19 @@ def build_batch(groups: list[list[sampling.Trajectory]], rewards: np.ndarray, *,
       mask[row, resp_slice] = m
       current[row, resp_slice] = cur
       ref_logp[row, resp_slice] = traj.logprobs[:n - len(p)]
+      if routed is not None and traj.expert_ids is not None:
+        expert_ids[row, :n] = traj.expert_ids[:n]
       r[g, j] = rewards[g, j]
       truncated = traj.finish_reason == sampling.FinishReason.LENGTH
       excluded = (mask_truncated and truncated) or (early and early_finishers == "exclude")
       weight[g, j] = 0.0 if excluded else 1.0
     if drop_equal_reward_groups and equal:
       weight[g] = 0.0
-  return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids, "mask": mask,
-          "ref_logp": ref_logp, "rewards": r, "sample_weight": weight, "current": current}
+  batch = {"tokens": tokens, "positions": positions, "segment_ids": segment_ids, "mask": mask,
+           "ref_logp": ref_logp, "rewards": r, "sample_weight": weight, "current": current}
+  if routed is not None:
+    batch["expert_ids"] = expert_ids
+  return batch
 
 
 def sampler_gap(sampler_logp: np.ndarray, ref_logp: np.ndarray,
@@ -204,10 +217,11 @@ def make_loss_fn(rl_cfg: Any, k: int):
   name = rl_cfg.loss
 
   def loss_fn(model, batch):
-    # Log-probs and entropies with the head in tiles (model.logits_chunk), never [R, T, V].
+    # Log-probs and entropies with the head in tiles (model.logits_chunk), never [R, T, V];
+    # routed by the sampler's experts with rl.routing_replay (the batch then has expert_ids).
     logp, ent, aux = update.logprobs_and_router_aux(
         model, batch["tokens"], batch["positions"], batch["segment_ids"],
-        batch.get("expert_ids"))                                               # [R, T] each
+        batch.get("expert_ids") if rl_cfg.get("routing_replay") else None)     # [R, T] each
     R, T = logp.shape
     shape = (R // k, k, T)
     loss, metrics = loss_lib.compute_loss(
@@ -228,8 +242,9 @@ def make_reference_fn(graphdef: nnx.GraphDef, param_shardings: Any = None):
   """ref(params, batch) -> log pi(token) [R, T] float32: PMD's reference pass.
 
   The loss's forward (`make_loss_fn`) without the loss: the same `logprobs_and_router_aux`
-  call on the same batch entries (MoE expert ids replayed when the batch holds them), so that
-  at equal parameters the two give the same log-probs and S - S_ref starts at 0.
+  call on the same batch entries (MoE expert ids replayed when the batch holds them, that is
+  with rl.routing_replay), so that at equal parameters the two give the same log-probs and
+  S - S_ref starts at 0.
   """
 
   def ref(params, batch):
@@ -239,6 +254,42 @@ def make_reference_fn(graphdef: nnx.GraphDef, param_shardings: Any = None):
     return logp
 
   return jax.jit(ref, in_shardings=(param_shardings, None))
+
+
+def routing_mismatch(model: transformer.Transformer, batch: dict) -> dict[str, jax.Array]:
+  """How far the trainer's forward is from the sampler's, on a batch with recorded routing.
+
+  Sums (the caller divides them over the whole batch): `choices`, the recorded (token, MoE
+  layer, slot) choices, and `differ`, those of them that the trainer's own router does not pick
+  for that token and layer (its top-k as a set); over the loss tokens (mask), `tokens` and the
+  summed |trainer - sampler| log-prob gap with the trainer's own routing (`gap`) and with the
+  sampler's replayed (`gap_replay`), and their largest values (`gap_max`, `gap_replay_max`).
+  Run under the parameters that sampled the batch, so that only numerics and routing separate
+  the two log-probs.
+  """
+  tokens, positions, segment_ids = batch["tokens"], batch["positions"], batch["segment_ids"]
+  recorded = batch["expert_ids"].astype(jnp.int32)                        # [R, T, L, k]
+  own_logp, _, routing = logprobs_lib.token_logprobs_and_entropy(
+      model, tokens, positions, segment_ids, return_routing=True)
+  replay_logp = logprobs_lib.token_logprobs_and_entropy(
+      model, tokens, positions, segment_ids, expert_ids=update.replay_ids(recorded))[0]
+  own = jnp.stack(routing["expert_ids"], axis=2)                          # [R, T, L, k]
+  valid = (recorded[..., 0] >= 0) & (segment_ids > 0)[:, :, None]          # [R, T, L]
+  missing = ~jnp.any(recorded[..., :, None] == own[..., None, :], axis=-1)  # [R, T, L, k]
+  m = batch["mask"]
+  gap = jnp.abs(own_logp - batch["ref_logp"]) * m
+  gap_replay = jnp.abs(replay_logp - batch["ref_logp"]) * m
+  return {"choices": jnp.sum(valid) * recorded.shape[-1],
+          "differ": jnp.sum(missing & valid[..., None]), "tokens": jnp.sum(m),
+          "gap": jnp.sum(gap), "gap_replay": jnp.sum(gap_replay),
+          "gap_max": jnp.max(gap), "gap_replay_max": jnp.max(gap_replay)}
+
+
+def expert_counts(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
+  """Recorded routing [..., L, k] -> tokens per expert [L, E] (-1 entries are not counted)."""
+  ids = expert_ids.reshape(-1, *expert_ids.shape[-2:]).astype(np.int64)   # [N, L, k]
+  return np.stack([np.bincount(ids[:, l][ids[:, l] >= 0], minlength=num_experts)
+                   for l in range(ids.shape[1])])
 
 
 def data_seed(config: Any) -> int:
@@ -323,6 +374,7 @@ class RLTrainer:
     self.peak_flops = metrics_lib.peak_flops(mesh.devices.flat)
     self._steps: dict[int, Any] = {}
     self._ref_fn = None
+    self._mismatch = None  # the jitted `routing_mismatch`, built on first use
 
     difficulties = [p.difficulty for p in self.prompts]
     self.sampler = samplers.make_sampler(
@@ -428,6 +480,41 @@ class RLTrainer:
         repeat_ngram=rl.repeat_ngram)
     return ids, finished
 
+  def _routing_metrics(self, batch: dict) -> dict[str, float]:
+    """`routing_mismatch` over the batch under the sampling params (before any update)."""
+    if self._mismatch is None:
+      graphdef = self.graphdef
+      self._mismatch = jax.jit(lambda params, mb: routing_mismatch(nnx.merge(graphdef, params),
+                                                                   mb))
+    rows = self.rl.minibatch_groups * self.k
+    keys = ("tokens", "positions", "segment_ids", "mask", "ref_logp", "expert_ids")
+    sums = []
+    for s in range(0, batch["tokens"].shape[0], rows):
+      mb = {key: parallel.host_to_global(
+          batch[key][s:s + rows], parallel.sharding(("batch", None), batch[key][s:s + rows].shape,
+                                                    self.mesh)) for key in keys}
+      sums.append(self._mismatch(self.params, mb))
+    sums = parallel.global_to_host(sums)
+    total = {key: float(np.sum([m[key] for m in sums])) for key in sums[0]}
+    tokens = max(total["tokens"], 1.0)
+    return {
+        "moe/routing_disagreement": total["differ"] / max(total["choices"], 1.0),
+        "moe/logp_gap": total["gap"] / tokens,
+        "moe/logp_gap_replay": total["gap_replay"] / tokens,
+        "moe/logp_gap_max": float(np.max([m["gap_max"] for m in sums])),
+        "moe/logp_gap_replay_max": float(np.max([m["gap_replay_max"] for m in sums])),
+    }
+
+  def _record_routing(self, batch: dict) -> None:
+    """Appends the batch's tokens per expert and MoE layer to WORKDIR/moe_routing.jsonl: the
+    routing known before the step, from which expert placement can be planned (k15.moe_placement,
+    benchmarks/moe_placement.py)."""
+    if jax.process_index():
+      return
+    counts = expert_counts(batch["expert_ids"], self.config.model.num_experts)
+    with open(f"{self.workdir}/moe_routing.jsonl", "a") as f:
+      f.write(json.dumps({"iteration": self.iteration, "counts": counts.tolist()}) + "\n")
+
   def _ready_groups(self, finished):
     for traj in finished:
       # A group is a prompt's k samples started in the same iteration (versions[0]).
@@ -487,6 +574,12 @@ class RLTrainer:
                           drop_equal_reward_groups=rl.dynamic_sampling,
                           early_finishers=self.early_finishers)
       current = batch.pop("current")
+      if "expert_ids" in batch:
+        self._record_routing(batch)
+        if rl.get("routing_metrics", True):
+          metrics.update(self._routing_metrics(batch))
+      if not rl.get("routing_replay"):  # the loss routes by itself: leave them on the host
+        batch.pop("expert_ids", None)
       t1 = time.perf_counter()
       if self.reference == "trainer":
         sampler_logp = batch["ref_logp"]

@@ -165,7 +165,8 @@ def _write_attend(q, k, v, k_pool, v_pool, tables, write_block, write_offset, le
 
 def decode_step(model: transformer.Transformer, tokens: Array, positions: Array, pool: dict,
                 tables: Array, write_block: Array, write_offset: Array, lengths: Array,
-                *, buckets: tuple[int, ...], num_groups: int = 1, impl: str = "gather"):
+                *, buckets: tuple[int, ...], num_groups: int = 1, impl: str = "gather",
+                return_routing: bool = False):
   """One token per slot through `model`, keys and values in the paged pool.
 
   tokens, positions [S]: the slots' current tokens and their positions; their keys and values
@@ -175,7 +176,8 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
   Under `parallel.use_mesh` (an SPMD program) the pool and the slots are laid out as
   `pool_specs` says, block ids count within each batch shard, and each layer's write and
   attention run per shard (`jax.shard_map`); the projections and the MLP stay SPMD.
-  Returns (float32 logits [S, V], updated pool).
+  Returns (float32 logits [S, V], updated pool), and with `return_routing` (a mixture of
+  experts) the slots' expert ids [S, L, k] in `transformer.expert_id_dtype` (L MoE layers).
   """
   cfg = model.cfg
   dt = transformer.to_dtype(cfg.dtype)
@@ -199,17 +201,22 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
   x = jnp.take(model.embed[...], tokens[:, None], axis=0).astype(dt)   # [S, 1, D]
   angles = transformer.rope_angles(positions[:, None], cfg.head_dim, cfg.rope_theta,
                                      cfg.rope_scaling)
-  new_k, new_v = [], []
+  new_k, new_v, ids = [], [], []
   for i in range(cfg.num_layers):
     block = model.block(i)
     q, k, v = block.attn.project(block.attn_norm(x), angles)          # [S, 1, *, H]
     out, k_pool, v_pool = step(q[:, 0], k[:, 0], v[:, 0], pool["k"][i], pool["v"][i], tables,
                                write_block, write_offset, lengths)
     x = x + block.attn.output(out[:, None])
-    x, _ = block.feed_forward(x)
+    x, routing = block.feed_forward(x)
+    if routing is not None:
+      ids.append(routing[1][:, 0])                                     # [S, k]
     new_k.append(k_pool)
     new_v.append(v_pool)
-  return model.logits(x)[:, 0], {"k": tuple(new_k), "v": tuple(new_v)}
+  out = (model.logits(x)[:, 0], {"k": tuple(new_k), "v": tuple(new_v)})
+  if return_routing:
+    out += (jnp.stack(ids, axis=1).astype(transformer.expert_id_dtype(cfg)),)
+  return out
 
 
 def _names(entry) -> tuple:

@@ -18,10 +18,17 @@ response position, so how a response is split into segments does not change what
 
 The buffer is plain data: `ReplayBuffer.state_dict()` is JSON-serializable (lists of ints and
 floats), for the checkpoint.
+
+Mixture-of-experts policies: a trajectory also carries the experts that routed each of its
+tokens, prompt and response (`Trajectory.expert_ids`), for routing replay in the trainer. Every
+segment overwrites the routing of the prompt and the earlier response with its own prefill's
+and appends its decode's: the current segment was drawn under exactly that routing, and the
+log-probs of older segments come from an older policy either way.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from typing import Any, Hashable, Sequence
 
@@ -49,6 +56,9 @@ class Trajectory:
   logprobs: np.ndarray       # float32 [n] as reported by the sampler when each was drawn
   versions: np.ndarray       # int32 [n] policy version (iteration) that produced each token
   finish_reason: int = int(FinishReason.BUDGET)
+  # Mixture of experts: int8/int16 [prompt length + n, MoE layers, top-k], the experts the
+  # sampler routed each token to (-1: not routed, e.g. the last token); None for a dense model.
+  expert_ids: np.ndarray | None = None
 
   @property
   def length(self) -> int:
@@ -78,6 +88,7 @@ class Trajectory:
         # trip returns the same float32 values.
         "logprobs": self.logprobs.astype(np.float64).tolist(),
         "versions": self.versions.tolist(), "finish_reason": int(self.finish_reason),
+        "expert_ids": _pack(self.expert_ids),
     }
 
   @classmethod
@@ -88,13 +99,35 @@ class Trajectory:
                 tokens=np.asarray(d["tokens"], np.int32),
                 logprobs=np.asarray(d["logprobs"], np.float32),
                 versions=np.asarray(d["versions"], np.int32),
-                finish_reason=int(d["finish_reason"]))
+                finish_reason=int(d["finish_reason"]),
+                expert_ids=_unpack(d.get("expert_ids"), where))
     except KeyError as e:
       raise ValueError(f"{where}: missing key {e.args[0]!r}") from e
     if not out.tokens.size == out.logprobs.size == out.versions.size:
       raise ValueError(f"{where}: tokens, logprobs and versions have different lengths "
                        f"({out.tokens.size}, {out.logprobs.size}, {out.versions.size})")
+    if out.expert_ids is not None and len(out.expert_ids) != out.prompt.size + out.length:
+      raise ValueError(f"{where}: expert_ids has {len(out.expert_ids)} tokens; prompt + response "
+                       f"have {out.prompt.size + out.length}")
     return out
+
+
+def _pack(ids: np.ndarray | None) -> dict | None:
+  """Expert ids as JSON: dtype, shape and base64 bytes (a few bytes a token, where a list of
+  ints would take ~3 characters per id at 48 layers x top-8)."""
+  if ids is None:
+    return None
+  return {"dtype": ids.dtype.name, "shape": list(ids.shape),
+          "data": base64.b64encode(np.ascontiguousarray(ids).tobytes()).decode("ascii")}
+
+
+def _unpack(d: dict | None, where: str) -> np.ndarray | None:
+  if d is None:
+    return None
+  try:
+    return np.frombuffer(base64.b64decode(d["data"]), np.dtype(d["dtype"])).reshape(d["shape"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{where}: unreadable expert_ids {str(d)[:80]!r}: {e}") from e
 
 
 class ReplayBuffer:
@@ -222,8 +255,13 @@ def rollout(
       response_prefix=prefixes, row_seeds=row_seeds, continuous=continuous)
 
   finished, unfinished = [], []
+  seq_of_row = np.repeat(np.arange(len(sequences)), counts)
   for r, t in enumerate(continued + fresh):
     n = int(res.lengths[r])
+    if res.expert_ids is not None:  # this segment's prefill, then its decode (module docstring)
+      seq = sequences[seq_of_row[r]]
+      t.expert_ids = np.concatenate([res.prompt_expert_ids[seq_of_row[r], :seq.size],
+                                     res.expert_ids[r, :n]])
     t.tokens = np.concatenate([t.tokens, res.tokens[r, :n]])
     t.logprobs = np.concatenate([t.logprobs, res.logprobs[r, :n]])
     t.versions = np.concatenate([t.versions, np.full((n,), policy_version, np.int32)])

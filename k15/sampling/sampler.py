@@ -97,6 +97,14 @@ class SampleResult:
   # kv_bytes: the KV cache the program allocated; with continuous batching also
   # kv_peak_bytes, the most of it (whole blocks) in use at once.
   stats: dict = dataclasses.field(default_factory=dict, compare=False)
+  # Mixture-of-experts models only (None otherwise): the experts each token was routed to,
+  # per MoE layer, in `transformer.expert_id_dtype` (-1: not routed). expert_ids
+  # [R, max_new_tokens, L, k]: response token t's routing when it was fed back to draw token
+  # t + 1 (a row's last token is never fed back: -1); prompt_expert_ids [U, longest prompt,
+  # L, k]: the prefill's routing of prompt u's tokens, from index 0. Routing replay
+  # (k15.rl.trainer) trains on these.
+  expert_ids: np.ndarray | None = dataclasses.field(default=None, compare=False)
+  prompt_expert_ids: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
   def reasons(self) -> list[str]:
     """Finish reasons by name, e.g. ['EOS', 'LENGTH']."""
@@ -257,21 +265,40 @@ def _constrain_cache(cache: dict) -> dict:
   return _map_cache(parallel.constrain, cache)
 
 
-def _prefill(model, x: dict) -> tuple[Array, dict]:
+def _records_routing(cfg: transformer.ModelConfig) -> bool:
+  return any(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+
+
+def _stack_routing(routing: dict, cfg: transformer.ModelConfig) -> Array:
+  """A model call's routing -> expert ids [B, T, L, k] (L MoE layers), in the compact type."""
+  return jnp.stack(routing["expert_ids"], axis=2).astype(transformer.expert_id_dtype(cfg))
+
+
+def _prefill(model, x: dict) -> tuple[Array, dict] | tuple[Array, dict, Array]:
   """The U left-padded prompts -> (logits of their first new token [U, V], their KV cache).
 
   All but the last prompt token first, keeping only the cache, so that XLA drops their
   [U, P - 1, V] logits (tens of GB at a real vocabulary and prompt length); then the last token
-  alone gives the logits of the first new token.
+  alone gives the logits of the first new token. A mixture of experts appends the prompts'
+  expert ids [U, P, L, k] (-1 at padding).
   """
   U, P = x["tokens"].shape
+  routing = _records_routing(model.cfg)
+  kw = dict(return_routing=True) if routing else {}
   cache = _constrain_cache(transformer.init_cache(model.cfg, U, P))
+  ids = []
   if P > 1:
-    _, cache = model(x["tokens"][:, :-1], positions=x["positions"][:, :-1],
-                     segment_ids=x["segment_ids"][:, :-1], cache=cache, cache_index=0)
-  logits, cache = model(x["tokens"][:, -1:], positions=x["positions"][:, -1:],
-                        segment_ids=x["segment_ids"][:, -1:], cache=cache, cache_index=P - 1)
-  return logits[:, 0], cache
+    _, cache, *r = model(x["tokens"][:, :-1], positions=x["positions"][:, :-1],
+                         segment_ids=x["segment_ids"][:, :-1], cache=cache, cache_index=0, **kw)
+    ids += [_stack_routing(r[0], model.cfg)] if routing else []
+  logits, cache, *r = model(x["tokens"][:, -1:], positions=x["positions"][:, -1:],
+                            segment_ids=x["segment_ids"][:, -1:], cache=cache,
+                            cache_index=P - 1, **kw)
+  if not routing:
+    return logits[:, 0], cache
+  ids = jnp.concatenate(ids + [_stack_routing(r[0], model.cfg)], axis=1)    # [U, P, L, k]
+  ids = jnp.where((x["segment_ids"] > 0)[:, :, None, None], ids, -1).astype(ids.dtype)
+  return logits[:, 0], cache, ids
 
 
 def _uniforms(x: dict, steps: int) -> Array:
@@ -318,6 +345,12 @@ def _row_outputs(B: int, N: int, pad_id) -> dict:
   }
 
 
+def _routing_outputs(cfg: transformer.ModelConfig, B: int, N: int) -> Array:
+  """Recorded expert ids of B rows x N response tokens, -1 until a token is routed."""
+  L = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+  return jnp.full((B, N, L, cfg.experts_per_token), -1, transformer.expert_id_dtype(cfg))
+
+
 def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
   """Prefill + decode loop. x holds the bucketed inputs built by `generate`."""
   if static.slots:
@@ -325,8 +358,9 @@ def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
   U, P = x["tokens"].shape
   B, N = x["row_source"].shape[0], static.steps
   model = nnx.merge(graphdef, state)
+  routing = _records_routing(model.cfg)
 
-  logits, cache = _prefill(model, x)
+  logits, cache, *prompt_ids = _prefill(model, x)
   last = jnp.take(logits, x["row_source"], axis=0)                   # [B, V]
 
   # Each sample row continues its prompt's cache; slots P.. will hold the new tokens.
@@ -370,6 +404,8 @@ def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
       "done": limits <= 0,  # bucket padding rows
       "last_token": jnp.zeros((B,), jnp.int32),
   }
+  if routing:
+    carry["expert_ids"] = _routing_outputs(model.cfg, B, N)
   if static.repeat_ngram:
     carry["history"] = x["history"]
   carry = sample(carry, last, 0)
@@ -386,10 +422,13 @@ def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
     tok = carry["last_token"][:, None]
     pos = (start_pos + t - 1)[:, None]
     angles = tuple(jax.lax.dynamic_slice_in_dim(a, t, 1, axis=1) for a in step_angles)
-    logits, cache = nnx.merge(graphdef, state)(
+    logits, cache, *r = nnx.merge(graphdef, state)(
         tok, positions=pos, segment_ids=jnp.ones_like(tok), cache=cache,
-        cache_index=P + t - 1, angles=angles)
+        cache_index=P + t - 1, angles=angles, return_routing=routing)
     cache = _constrain_cache(cache)
+    if routing:  # token t-1's experts, recorded at its response index
+      carry = dict(carry, expert_ids=jax.lax.dynamic_update_slice(
+          carry["expert_ids"], _stack_routing(r[0], cfg), (0, t - 1, 0, 0)))
     return t + 1, sample(carry, logits[:, 0], t), cache
 
   # Decode in J phases with a growing cache: a step's attention reads (and computes over)
@@ -402,8 +441,11 @@ def _program(state, x: dict, *, graphdef, static: _Static) -> dict:
       cache = grow(cache, end - bounds[j - 1])
     t, carry, cache = jax.lax.while_loop(
         lambda c, end=end: (c[0] < end) & ~jnp.all(c[1]["done"]), body, (t, carry, cache))
-  return {k: parallel.constrain(carry[k], ("batch",) + (None,) * (carry[k].ndim - 1))
-          for k in ("tokens", "logprobs", "lengths", "reason")}
+  out = {k: parallel.constrain(carry[k], ("batch",) + (None,) * (carry[k].ndim - 1))
+         for k in ("tokens", "logprobs", "lengths", "reason") + (("expert_ids",) * routing)}
+  if routing:
+    out["prompt_expert_ids"] = prompt_ids[0]
+  return out
 
 
 def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
@@ -435,6 +477,7 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   NB, Q = static.pool_blocks, min(static.prefill_batch, U)
   model = nnx.merge(graphdef, state)
   cfg = model.cfg
+  routing = False  # TODO(merge): the in-loop prefill does not record MoE routing yet
   K, H = cfg.num_kv_heads, cfg.head_dim
   PB = -(-P // C)
   M = -(-(P + N) // C) + 1
@@ -589,9 +632,11 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
                       c["table"])
     block = jnp.where(cont, table[slot_ids, jnp.minimum(ctx // C, M - 1)], paged.SCRATCH)
     seen = jnp.where(cont, ctx + 1, 0)
-    logits, c["pool"] = paged.decode_step(
+    logits, c["pool"], *ids = paged.decode_step(
         model, tok, ctx, c["pool"], table, block, ctx % C, seen, buckets=buckets,
-        num_groups=num_groups, impl=static.paged_impl)
+        num_groups=num_groups, impl=static.paged_impl, return_routing=routing)
+    if routing:  # the experts of token t of the rows that continue
+      c["expert_ids"] = c["expert_ids"].at[jnp.where(cont, row, B), t].set(ids[0], mode="drop")
     c["table"] = table
     c["logits"] = jnp.where(cont[:, None], logits, c["logits"])
     c["ctx"] = jnp.where(cont, ctx + 1, ctx)
@@ -939,6 +984,7 @@ def generate(
                                 same_limits=len(set(limits_u)) == 1)
     # On TPU a mesh that splits parameters would decode through the gather path (below).
     continuous &= not (tpu and parallel.active_mesh() is not None and not row_axes)
+    continuous &= not _records_routing(model.cfg)
   # Continuous batching on a mesh that splits parameters: per batch shard as well (`_entry`).
   split_params = bool(continuous and not row_axes and _batch_axes())
   if split_params:
@@ -1029,8 +1075,21 @@ def generate(
              "kv_peak_bytes": int(_to_host(out["peak_blocks"]).sum()) * C * per_token}
   else:
     stats = {"kv_bytes": Rb * (P + _phase_bounds(N, static.phases)[-1]) * per_token}
+  routed = {}
+  if "expert_ids" in out:
+    # Prompt u's prefill routing from the first prefill slot that holds it, left-aligned.
+    slot_ids = _to_host(out["prompt_expert_ids"])                     # [slots, P, L, k]
+    first = {}
+    for i, u in enumerate(slots_u):
+      first.setdefault(u, i)
+    longest = max(p.size for p in prompts)
+    prompt_ids = np.full((U, longest) + slot_ids.shape[2:], -1, slot_ids.dtype)
+    for u, p in enumerate(prompts):
+      prompt_ids[u, :p.size] = slot_ids[first[u], P - p.size:]
+    routed = {"expert_ids": _to_host(out["expert_ids"])[:R, :width],
+              "prompt_expert_ids": prompt_ids}
   return SampleResult(
       tokens=_to_host(out["tokens"])[:R, :width],
       logprobs=_to_host(out["logprobs"])[:R, :width],
       lengths=_to_host(out["lengths"])[:R],
-      finish_reason=_to_host(out["reason"])[:R], stats=stats)
+      finish_reason=_to_host(out["reason"])[:R], stats=stats, **routed)
