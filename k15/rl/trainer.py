@@ -137,7 +137,7 @@ def build_batch(groups: list[list[sampling.Trajectory]], rewards: np.ndarray, *,
       cur = (traj.versions[:n - len(p)] == version).astype(np.float32)
       early = not traj.on_policy_mask(version).any()
       m = np.ones(n - len(p), np.float32)
-      if not loss_on_old_segments and not early:
+      if not loss_on_old_segments and not (early and early_finishers == "train"):
         m *= cur
       mask[row, resp_slice] = m
       current[row, resp_slice] = cur
