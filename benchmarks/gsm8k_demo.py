@@ -116,6 +116,9 @@ def main() -> None:
   p.add_argument("--sft_steps", type=int, default=120)
   p.add_argument("--rl_iterations", type=int, default=24)
   p.add_argument("--eval_every", type=int, default=8)
+  p.add_argument("--rl_lr", type=float, default=5e-5)
+  p.add_argument("--prompts", type=int, default=8, help="RL prompts per iteration (x 8 samples)")
+  p.add_argument("--rl_dir", default="rl", help="W/<rl_dir>: RL variants from one SFT model")
   p.add_argument("--width", type=int, default=96)
   p.add_argument("--layers", type=int, default=3)
   args = p.parse_args()
@@ -127,22 +130,26 @@ def main() -> None:
   ckpt = make_checkpoint(os.path.join(w, "ckpt"), data["texts"], args.seed, args.width,
                          args.layers)
   common = ["--config.reward=math"]
-  k15_main(os.path.join(w, "sft.log"), f"--workdir={w}/sft", "--config.mode=sft",
-           f"--config.model_path={ckpt}", f"--config.sft.data={data['pairs']}",
-           f"--config.sft.steps={args.sft_steps}", "--config.sft.batch_size=16",
-           "--config.sft.seq_len=128", "--config.sft.optimizer.learning_rate=3e-3",
-           "--config.sft.optimizer.warmup_steps=5", f"--config.sft.seed={args.seed}", *common)
-  k15_main(os.path.join(w, "rl.log"), f"--workdir={w}/rl", "--config.mode=rl",
+  if os.path.exists(os.path.join(w, "sft", "export", "sft", "config.json")):
+    print(f"reusing the SFT model in {w}/sft/export/sft")
+  else:
+    k15_main(os.path.join(w, "sft.log"), f"--workdir={w}/sft", "--config.mode=sft",
+             f"--config.model_path={ckpt}", f"--config.sft.data={data['pairs']}",
+             f"--config.sft.steps={args.sft_steps}", "--config.sft.batch_size=16",
+             "--config.sft.seq_len=128", "--config.sft.optimizer.learning_rate=3e-3",
+             "--config.sft.optimizer.warmup_steps=5", f"--config.sft.seed={args.seed}", *common)
+  rl = os.path.join(w, args.rl_dir)
+  k15_main(f"{rl}.log", f"--workdir={rl}", "--config.mode=rl",
            f"--config.model_path={w}/sft/export/sft", f"--config.data.train={data['train']}",
            f"--config.data.eval={data['eval']}", f"--config.rl.iterations={args.rl_iterations}",
-           f"--config.rl.eval_every={args.eval_every}", "--config.rl.prompts_per_iteration=8",
+           f"--config.rl.eval_every={args.eval_every}", f"--config.rl.prompts_per_iteration={args.prompts}",
            "--config.rl.samples_per_prompt=8", "--config.rl.max_new_tokens=32",
-           "--config.rl.minibatch_groups=4", "--config.optimizer.learning_rate=5e-5",
+           "--config.rl.minibatch_groups=4", f"--config.optimizer.learning_rate={args.rl_lr}",
            "--config.evaluate.num_samples=4", "--config.evaluate.max_new_tokens=32",
            "--config.evaluate.batch_size=32", "--config.checkpoint.every=10",
            "--config.data.format=gsm8k", f"--config.seed={args.seed}", *common)
 
-  rows = [json.loads(l) for l in open(os.path.join(w, "rl", "rl", "metrics.jsonl"))]
+  rows = [json.loads(l) for l in open(os.path.join(rl, "rl", "metrics.jsonl"))]
   rewards = [r["rl/task_reward"] for r in sorted(rows, key=lambda r: r["step"])
              if "rl/task_reward" in r]
   evals = {r["step"]: r for r in rows if "eval/pass_at_1" in r}
@@ -156,7 +163,7 @@ def main() -> None:
       f"train_reward_first_{k}": sum(rewards[:k]) / k,
       f"train_reward_last_{k}": sum(rewards[-k:]) / k,
       "train_reward": [round(x, 3) for x in rewards], "args": vars(args)}
-  with open(os.path.join(w, "summary.json"), "w") as f:
+  with open(f"{rl}_summary.json", "w") as f:
     json.dump(summary, f, indent=1)
   print(json.dumps({k: v for k, v in summary.items() if k != "train_reward"}, indent=1))
 
