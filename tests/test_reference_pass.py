@@ -204,7 +204,7 @@ def test_optimizer_moments_exist_only_while_training_and_resume(tmp_path):
 
 
 def test_expert_ids_in_the_batch_replay_the_routing():
-  # A MoE batch may carry the experts the sampler routed to ([R, M, T, k], rows first); the
+  # A MoE batch may carry the experts the sampler routed to ([R, T, M, k]); the
   # reference pass and the loss route by them. Replaying the model's own choices changes
   # nothing; replaying other experts changes the log-probs.
   cfg = transformer.ModelConfig(vocab_size=32, embed_dim=32, num_layers=2, num_heads=4,
@@ -216,14 +216,13 @@ def test_expert_ids_in_the_batch_replay_the_routing():
   pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
   batch = dict(tokens=tokens, positions=pos, segment_ids=jnp.ones_like(tokens))
   _, routing = model(tokens, pos, return_routing=True)
-  own = jnp.stack(routing["expert_ids"], axis=1)                          # [R, M, T, k]
+  own = jnp.stack(routing["expert_ids"], axis=2)                          # [R, T, M, k]
   ref = trainer_lib.make_reference_fn(graphdef)
   plain = np.asarray(ref(params, batch))
   np.testing.assert_allclose(np.asarray(ref(params, dict(batch, expert_ids=own))), plain,
                              atol=1e-6)
   other = (own + 1) % cfg.num_experts
   assert np.abs(np.asarray(ref(params, dict(batch, expert_ids=other))) - plain).max() > 1e-3
-  logp, _, _ = update.logprobs_and_router_aux(model, tokens, pos, None, tuple(
-      jnp.moveaxis(other, 1, 0)))
+  logp, _, _ = update.logprobs_and_router_aux(model, tokens, pos, None, other)
   np.testing.assert_allclose(np.asarray(ref(params, dict(batch, expert_ids=other))),
                              np.asarray(logp), atol=1e-6)
