@@ -12,8 +12,10 @@ checkpoint and the real GSM8K files take):
   3. `mode=sft` on the pairs (a short warm-up that leaves room to improve);
   4. `mode=rl` with `reward=math` from W/sft/export/sft on the train split, evaluated on the
      test split before RL (step 0), every --eval_every iterations and at the end.
-Prints and writes W/summary.json: eval pass@1 and greedy accuracy after SFT (RL step 0) and
-after RL, and the training reward over the first and last iterations.
+Prints and writes W/<rl_dir>_summary.json: eval pass@1 and greedy accuracy after SFT (RL step 0)
+and after RL, and the training reward over the first and last iterations. A rerun in the same
+workdir reuses the SFT model, so RL variants (--rl_dir, --rl_lr, --prompts) share one start.
+Figures and what they show: benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ SFT and the RL model on the same held-out problems. It prints a table and writes
 DIR/results.json and DIR/rl_curves.png; see the README for the numbers and the time it takes.
 
 Other modes on the same model: `--config.mode=smoke` (one forward pass), `sft`, `evaluate`,
-`long2short` (after the pipeline, in the same workdir; the README's long2short run adds
-`--config.pipeline.sft_carry_slip=0.0 --config.pipeline.sft_recheck=0.75` to both commands).
+`long2short` (after the pipeline, in the same workdir; the README's long2short run gives the
+pipeline `--config.pipeline.sft_carry_slip=0.0 --config.pipeline.sft_recheck=0.75`).
 Ablations are overrides, e.g. `--config.rl.loss=grpo`, `--config.rl.sampling.mode=uniform`,
 `--config.rl.length_weight=1.0`, `--config.pipeline.sft_cot=short`.
 Structural options go after a colon: `:runlocal=True` shrinks everything for tests and CI.
