@@ -15,7 +15,6 @@ identical).
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
