@@ -444,7 +444,11 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
   }
   if "rl" in config:
     smp = _sampling(cfg, sh, config.rl, prompt_len, prefill_logits)
-    smp["peak"] = params + opt + smp["kv_cache"] + max(smp["prefill"], smp["decode"])
+    # With the optimizer reset each iteration its moments exist only while training
+    # (k15.rl.trainer creates them after sampling and drops them after the last update).
+    resident_opt = 0.0 if config.rl.get("reset_optimizer", False) else opt
+    smp["opt_state"] = resident_opt
+    smp["peak"] = params + resident_opt + smp["kv_cache"] + max(smp["prefill"], smp["decode"])
     out["sampling"] = smp
   peak = max(out["train"]["peak"], out.get("sampling", {}).get("peak", 0.0))
   out["peak"] = peak
