@@ -106,6 +106,16 @@ def test_static_and_continuous_sampling_record_the_same_routing():
     np.testing.assert_array_equal(x.expert_ids, y.expert_ids)
 
 
+def _assert_same_routing(got, expected, prompts):
+  """Same rows and routing; every prompt token routed, the padding after it never."""
+  np.testing.assert_array_equal(got.tokens, expected.tokens)
+  np.testing.assert_array_equal(got.expert_ids, expected.expert_ids)
+  np.testing.assert_array_equal(got.prompt_expert_ids, expected.prompt_expert_ids)
+  for u, p in enumerate(prompts):
+    assert (got.prompt_expert_ids[u, :len(p)] >= 0).all()
+    assert (got.prompt_expert_ids[u, len(p):] == -1).all()
+
+
 @pytest.mark.slow  # compiles the sampler for 8 devices twice: minutes on a loaded machine
 @pytest.mark.parametrize("continuous", [False, True])
 def test_routing_on_a_data_parallel_mesh_equals_one_device(continuous):
@@ -117,12 +127,29 @@ def test_routing_on_a_data_parallel_mesh_equals_one_device(continuous):
   expected = sampling.generate(model, prompts, **gen)
   with parallel.use_mesh(parallel.make_mesh({"data": -1})):
     got = sampling.generate(model, prompts, **gen)
-  np.testing.assert_array_equal(got.tokens, expected.tokens)
-  np.testing.assert_array_equal(got.expert_ids, expected.expert_ids)
-  np.testing.assert_array_equal(got.prompt_expert_ids, expected.prompt_expert_ids)
-  for u, p in enumerate(prompts):
-    assert (got.prompt_expert_ids[u, :len(p)] >= 0).all()
-    assert (got.prompt_expert_ids[u, len(p):] == -1).all()
+  _assert_same_routing(got, expected, prompts)
+
+
+@pytest.mark.parametrize("mesh_axes", [None, {"fsdp": 2, "tensor": 4}])
+def test_continuous_prefill_batches_record_the_static_routing(mesh_axes):
+  """The continuous loop prefills prompts in batches as their first samples take a slot (here
+  one prompt per batch, two slots, so prompts are prefilled between decode steps, into slots
+  reused by earlier prompts): each prompt's prefill routing and each response token's come
+  back as the static path records them, also with parameters split over fsdp and tensor."""
+  model = transformer.Transformer(_cfg(), rngs=nnx.Rngs(2))
+  prompts = [p for _, p in _prompts(4)]
+  gen = dict(max_new_tokens=[6, 3, 5, 4], eos_id=None, num_samples=[3, 1, 2, 2], seed=1)
+  expected = sampling.generate(model, prompts, continuous=False, **gen)
+  cont = dict(continuous=True, slots=2, prefill_batch=1)
+  if mesh_axes is None:
+    got = sampling.generate(model, prompts, **cont, **gen)
+  else:
+    with parallel.use_mesh(parallel.make_mesh(mesh_axes)):
+      sharded = parallel.create_sharded(lambda: transformer.Transformer(_cfg(), rngs=nnx.Rngs(2)))
+      got = sampling.generate(sharded, prompts, **cont, **gen)
+  _assert_same_routing(got, expected, prompts)
+  for r, n in enumerate(got.lengths):  # every fed-back token routed, the last one never
+    assert (got.expert_ids[r, :n - 1] >= 0).all() and (got.expert_ids[r, n - 1:] == -1).all()
 
 
 def test_bfloat16_sampler_and_float32_trainer():

@@ -346,7 +346,8 @@ def _row_outputs(B: int, N: int, pad_id) -> dict:
 
 
 def _routing_outputs(cfg: transformer.ModelConfig, B: int, N: int) -> Array:
-  """Recorded expert ids of B rows x N response tokens, -1 until a token is routed."""
+  """Recorded expert ids of B rows x N tokens (response, or prompt slots), -1 until a token
+  is routed."""
   L = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
   return jnp.full((B, N, L, cfg.experts_per_token), -1, transformer.expert_id_dtype(cfg))
 
@@ -467,7 +468,9 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   rows end. `generate` refuses a pool that cannot hold some row alone, so the loop always
   progresses; a pool smaller than S worst-case rows just runs fewer rows at once. A row draws
   the same uniforms as in the static path (`_uniforms`), so it samples the same tokens whatever
-  slot it runs in and whenever it starts.
+  slot it runs in and whenever it starts. A mixture of experts records, as the static path
+  does, each prompt's prefill routing (per prefill slot, left-padded) when its batch is
+  prefilled and each fed-back token's from the paged decode step.
 
   Per-slot letters: S slots, M block-table width, C block size, NB pool blocks, Q prefill
   batch, PB blocks of the padded prompt length.
@@ -477,7 +480,7 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   NB, Q = static.pool_blocks, min(static.prefill_batch, U)
   model = nnx.merge(graphdef, state)
   cfg = model.cfg
-  routing = False  # TODO(merge): the in-loop prefill does not record MoE routing yet
+  routing = _records_routing(cfg)
   K, H = cfg.num_kv_heads, cfg.head_dim
   PB = -(-P // C)
   M = -(-(P + N) // C) + 1
@@ -518,8 +521,8 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
     idx = c["pf"] + jnp.arange(Q)
     valid = idx < end
     idx_c = jnp.minimum(idx, U - 1)
-    logits, cache = _prefill(model, {k: x[k][idx_c] for k in ("tokens", "positions",
-                                                             "segment_ids")})
+    logits, cache, *prompt_ids = _prefill(model, {k: x[k][idx_c] for k in (
+        "tokens", "positions", "segment_ids")})
     ids, top = paged.pop_many(c["free"], c["top"], jnp.where(valid, prompt_blocks[idx_c], 0),
                               PB)
     take_idx = (jnp.arange(PB * C)[None] + P - lengths[idx_c][:, None]) % P   # [Q, PB*C]
@@ -533,6 +536,8 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
     c["ptable"] = c["ptable"].at[dest].set(ids, mode="drop")
     c["plogits"] = c["plogits"].at[dest].set(logits, mode="drop")
     c["refs"] = c["refs"].at[dest].set(samples[idx_c], mode="drop")
+    if routing:  # left-padded like the prefill slots' tokens, as in the static program
+      c["prompt_expert_ids"] = c["prompt_expert_ids"].at[dest].set(prompt_ids[0], mode="drop")
     return c
 
   def refill(c):
@@ -665,10 +670,14 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   }
   if static.repeat_ngram:
     c["history"] = jnp.zeros((S, static.repeat_window), jnp.int32)
+  if routing:
+    c["expert_ids"] = _routing_outputs(cfg, B, N)
+    c["prompt_expert_ids"] = _routing_outputs(cfg, U, P)
   c = refill(c)
   c = jax.lax.while_loop(lambda c: everywhere(jnp.any(c["active"]).astype(jnp.int32)) > 0,
                          body, c)
-  out = {k: c[k] for k in ("tokens", "logprobs", "lengths", "reason")}
+  out = {k: c[k] for k in ("tokens", "logprobs", "lengths", "reason")
+         + ("expert_ids", "prompt_expert_ids") * routing}
   out["peak_blocks"] = c["peak"][None]                               # blocks in use at most
   return out
 
@@ -984,7 +993,6 @@ def generate(
                                 same_limits=len(set(limits_u)) == 1)
     # On TPU a mesh that splits parameters would decode through the gather path (below).
     continuous &= not (tpu and parallel.active_mesh() is not None and not row_axes)
-    continuous &= not _records_routing(model.cfg)
   # Continuous batching on a mesh that splits parameters: per batch shard as well (`_entry`).
   split_params = bool(continuous and not row_axes and _batch_axes())
   if split_params:
@@ -1076,6 +1084,7 @@ def generate(
   else:
     stats = {"kv_bytes": Rb * (P + _phase_bounds(N, static.phases)[-1]) * per_token}
   routed = {}
+  lengths = _to_host(out["lengths"])[:R]
   if "expert_ids" in out:
     # Prompt u's prefill routing from the first prefill slot that holds it, left-aligned.
     slot_ids = _to_host(out["prompt_expert_ids"])                     # [slots, P, L, k]
@@ -1086,10 +1095,15 @@ def generate(
     prompt_ids = np.full((U, longest) + slot_ids.shape[2:], -1, slot_ids.dtype)
     for u, p in enumerate(prompts):
       prompt_ids[u, :p.size] = slot_ids[first[u], P - p.size:]
-    routed = {"expert_ids": _to_host(out["expert_ids"])[:R, :width],
+    # A row's last token is never fed back (the static loop feeds the ended rows on with the
+    # others, the continuous one does not): -1 from there on, the same on both paths.
+    expert_ids = _to_host(out["expert_ids"])[:R, :width]
+    fed = np.arange(width)[None] < (lengths - 1)[:, None]                 # [R, width]
+    routed = {"expert_ids": np.where(fed[:, :, None, None], expert_ids, -1).astype(
+                  expert_ids.dtype),
               "prompt_expert_ids": prompt_ids}
   return SampleResult(
       tokens=_to_host(out["tokens"])[:R, :width],
       logprobs=_to_host(out["logprobs"])[:R, :width],
-      lengths=_to_host(out["lengths"])[:R],
+      lengths=lengths,
       finish_reason=_to_host(out["reason"])[:R], stats=stats, **routed)
