@@ -39,6 +39,14 @@ def _difficulty_key(problem: Any) -> Any:
   return d
 
 
+def sample_responses(model: transformer.Transformer, problems: Sequence[Any], *,
+                     tokenizer: Any, **kwargs: Any):
+  """`k15.sampling.text.sample_text` on the problems' questions (`problem.prompt`): yields
+  (index, prompt ids, its responses) per problem. The one place evaluation samples, so that
+  `evaluate` and the studies' evaluations (k15.study) draw the same responses."""
+  return text.sample_text(model, tokenizer, [p.prompt for p in problems], **kwargs)
+
+
 def evaluate(model: transformer.Transformer, problems: Sequence[Any], *,
              tokenizer: tokenizer_lib.Tokenizer, grade_fn: GradeFn, num_samples: int = 4,
              temperature: float = 1.0, max_new_tokens: int = 512, seed: int = 0,
@@ -80,8 +88,8 @@ def evaluate(model: transformer.Transformer, problems: Sequence[Any], *,
 
   bar = metrics_lib.progress(len(problems), desc="evaluate", unit="problems",
                              enabled=None if progress else False)
-  for i, _, responses in text.sample_text(
-      model, tokenizer, [p.prompt for p in problems], num_samples=k, batch_size=batch_size,
+  for i, _, responses in sample_responses(
+      model, problems, tokenizer=tokenizer, num_samples=k, batch_size=batch_size,
       max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p,
       top_k=top_k):
     for j, resp in enumerate(responses):

@@ -64,12 +64,17 @@ def _check_qwen25_gsm8k(outputs, work):
     logits = model(torch.tensor(probe["tokens"], dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(logits, probe["logits"], atol=1e-4, rtol=0)
 
-  # RL moved the weights (lr 1e-3 in the shrunk run), and the saved file holds the moved ones.
+  # RL moved the weights (lr 1e-3 in the shrunk run) exactly when some group's rewards differed:
+  # with PMD's reference from the trainer's own pass, S - S_ref is 0 on the first minibatch, so
+  # groups of equal rewards (a random tiny model answers nothing right) give a zero gradient.
   before = hf.open_safetensors(str(work / "tiny" / "qwen2-tiny" / "model.safetensors"))
   after = hf.open_safetensors(str(saved / "model.safetensors"))
   assert set(after) <= set(before)
   moved = max(float(np.abs(np.asarray(after[k]) - np.asarray(before[k])).max()) for k in after)
-  assert moved > 1e-4, moved
+  if all(r["train/frac_groups_all_equal"] == 1.0 for r in rows):
+    assert moved == 0.0, moved
+  else:
+    assert moved > 1e-4, moved
 
 
 # notebook -> (fake CPU devices, modules it needs beyond k15's own, checks)

@@ -13,6 +13,7 @@ from scipy import stats
 from k15 import evaluate as evaluate_lib
 from k15 import pipeline as pipeline_lib
 from k15 import study
+from k15.sampling import text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,7 +147,7 @@ class _Fakes:
     column = "8+5+0=13, carry 0, so far 3" if model.skill < 2 else "8+5+0=13, carry 1, so far 3"
     for i, p in enumerate(problems):
       good = (model.skill + model.seed + i) % (k + 1)
-      responses = [evaluate_lib.Response(
+      responses = [text.Response(
           ids=np.zeros(10 * model.skill + i, np.int32),
           text=f"{column}\n\\boxed{{{p.answer if j < good else -1}}}",
           finish_reason=int(evaluate_lib.sampler.FinishReason.EOS)) for j in range(k)]
