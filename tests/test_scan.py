@@ -140,7 +140,9 @@ def test_routing_returned_and_replayed_per_layer():
     np.testing.assert_allclose(got, loop(tokens, expert_ids=other), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("continuous", [False, True])
+# The continuous case runs with the slow tests: late in the full default suite, XLA:CPU's
+# compiler crashed (segmentation fault) compiling it, twice at the same point; alone it passes.
+@pytest.mark.parametrize("continuous", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_greedy_sampler_unchanged(continuous):
   from k15 import sampling  # pylint: disable=g-import-not-at-top
   loop, scanned = _pair("qwen2")
