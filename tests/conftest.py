@@ -14,6 +14,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # installs the tools) sets K15_REQUIRE_TOOLS=1 so that a missing tool fails instead.
 import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import gc  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REQUIRE_TOOLS_ENV = "K15_REQUIRE_TOOLS"
@@ -24,6 +26,21 @@ def missing_tool(reason: str) -> None:
   if os.environ.get(REQUIRE_TOOLS_ENV, "") == "1":
     pytest.fail(f"{reason} ({REQUIRE_TOOLS_ENV}=1: required here)", pytrace=False)
   pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops every compiled program after each test module.
+
+  XLA:CPU maps each compiled executable into memory in a dozen or so regions and keeps it while
+  jax's caches hold it. One process running the whole suite compiles thousands of programs and,
+  without this, runs past the kernel's limit on memory maps (vm.max_map_count, 65530 by default),
+  where the next compile segfaults. Modules share no programs, so nothing is recompiled for it.
+  """
+  yield
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture
