@@ -74,6 +74,10 @@ def get_config(arg=None):
       # iteration's sampling time is bounded and long responses continue from the buffer. Two
       # segments, not more: every segment of a response adds its rows to later rollouts.
       segment_budget=8192,
+      # A spot VM gets ~30 s after its notice: sampling stops between pieces of 1024 new tokens
+      # (each piece after the first re-prefills its unfinished rows) and the last iteration is
+      # what the checkpoint keeps.
+      preemption_check_tokens=1024,
       temperature=1.0, top_p=1.0,
       repeat_ngram=20,             # stop a response that repeats a 20-gram (§2.6.2)
       loss="pmd", tau=0.1,

@@ -41,6 +41,7 @@ def get_config(arg=None):
       prompts_per_iteration=8, samples_per_prompt=8,  # k = 8 per group (§2.3.2 baseline)
       max_new_tokens=32_768,       # long CoT
       segment_budget=16_384,       # partial rollouts (§2.6): two segments at most
+      preemption_check_tokens=1024,  # a spot VM's ~30 s notice is heard within a 1k-token piece
       repeat_ngram=20, loss="pmd", tau=0.1,
       minibatch_groups=2, microbatches=2, length_bucket=1024,
       length_weight=1.0, length_warmup_iterations=50, repeat_penalty=1.0, eval_every=20)

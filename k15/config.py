@@ -125,6 +125,9 @@ def rl_block(**overrides: Any) -> ml_collections.ConfigDict:
       max_new_tokens=256,          # a response's total budget
       segment_budget=0,            # partial rollouts: new tokens per sequence per iteration;
                                    # 0 = off (the whole budget in one iteration)
+      preemption_check_tokens=0,   # sample in pieces of this many new tokens and check for
+                                   # preemption between them (a spot VM's notice gives ~30 s);
+                                   # 0 = check only between iterations
       temperature=1.0, top_p=1.0, top_k=0,
       repeat_ngram=0,              # repeat detection: n-gram size, 0 = off
       loss="pmd",                  # 'pmd' | 'pmd_token' | 'grpo' | 'reinforce' | 'rest'

@@ -1,5 +1,6 @@
 """The RL iteration end to end on a task whose reward is directly learnable."""
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -64,6 +65,7 @@ def test_rl_learns_a_directly_learnable_reward(loss, tmp_path):
 
 _WORKER = r'''
 import sys, os, json
+import jax
 import numpy as np
 sys.path.insert(0, {tests_dir!r})
 import test_rl as t
@@ -225,3 +227,31 @@ def test_stop_when_ends_training_with_a_checkpoint(tmp_path):
   # No eos: every response runs to the limit, 8 prompts x 8 samples x 4 tokens an iteration.
   assert spent == [256, 256] and len(history) == 2 and trainer.iteration == 2
   assert trainer.checkpointer.latest_step() == 2
+
+
+def test_preemption_while_sampling_saves_the_last_iteration_and_resumes_exactly(tmp_path):
+  """With rl.preemption_check_tokens the sampler stops between pieces of an iteration; the
+  checkpoint is the previous iteration's, and resuming gives what an uninterrupted run gives."""
+  config = _config("pmd", preemption_check_tokens=2)
+  config.rl.iterations = 3
+  mesh = parallel.make_mesh({"data": -1})
+  with parallel.use_mesh(mesh):
+    straight = _trainer(config, str(tmp_path / "straight"), mesh)
+    straight.train(progress=False)
+
+    stopped = _trainer(config, str(tmp_path / "stopped"), mesh)
+    checks = []
+    # The checks alternate: after the first 2-token piece of an iteration's 4, then after the
+    # iteration. The 5th is inside iteration 3's sampling.
+    stopped.checkpointer.should_stop = lambda step: checks.append(step) or step == 5
+    history = stopped.train(progress=False)
+    assert checks == [1, 2, 3, 4, 5] and len(history) == 2
+    assert stopped.preempted and stopped.iteration == 2
+    stopped.checkpointer.wait()
+    assert stopped.checkpointer.latest_step() == 2
+
+    resumed = _trainer(config, str(tmp_path / "stopped"), mesh)
+    resumed.train(progress=False)
+  assert resumed.iteration == 3
+  for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -135,3 +135,47 @@ def test_bad_buffer_content_is_named():
   del bad["seed"]
   with pytest.raises(ValueError, match="trajectory 0: missing key 'seed'"):
     sampling.ReplayBuffer().load_state_dict({"version": 1, "trajectories": [bad]})
+
+
+def _same_trajectories(a, b):
+  assert [(t.prompt_id, t.sample_index) for t in a] == [(t.prompt_id, t.sample_index) for t in b]
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x.tokens, y.tokens)
+    np.testing.assert_array_equal(x.versions, y.versions)
+    np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+    assert x.finish_reason == y.finish_reason
+
+
+def test_rollout_in_checked_pieces_equals_one_piece_and_interrupts_cleanly():
+  model = _model()
+  kw = dict(num_samples=2, max_new_tokens=25, eos_id=None, temperature=1.0, seed=3,
+            prompt_buckets=[64])
+  # An iteration with a buffer: one segment of 9 tokens already sampled for every prompt.
+  _, start = sampling.rollout(model, PROMPTS, segment_budget=9, buffer=None, policy_version=0,
+                              **kw)
+  state = start.state_dict()
+  fresh = [("c", [11, 12, 13])]
+
+  def iteration(**extra):
+    buffer = sampling.ReplayBuffer()
+    buffer.load_state_dict(state)
+    return sampling.rollout(model, fresh, segment_budget=20, buffer=buffer, policy_version=1,
+                            **kw, **extra)
+
+  one_done, one_left = iteration()
+  asked = []
+  pieces_done, pieces_left = iteration(check_every=6, stop_check=lambda: asked.append(1) and False)
+  assert len(asked) == 3  # between the pieces of 6, 6, 6 and 2 tokens
+  _same_trajectories(one_done, pieces_done)
+  _same_trajectories(one_left.trajectories, pieces_left.trajectories)
+  # Both kinds occur: continued rows end at 25 tokens, new rows spend their 20 unfinished.
+  assert len(one_done) == 6 and len(one_left) == 2
+
+  # Interrupted at the second question: the buffer is back as it was, nothing is returned.
+  buffer = sampling.ReplayBuffer()
+  buffer.load_state_dict(state)
+  answers = iter([False, True])
+  with pytest.raises(sampling.SamplingInterrupted, match="after 12 of 20 tokens"):
+    sampling.rollout(model, fresh, segment_budget=20, buffer=buffer, policy_version=1,
+                     check_every=6, stop_check=lambda: next(answers), **kw)
+  assert buffer.state_dict() == state

@@ -386,6 +386,9 @@ class RLTrainer:
     self.pending: dict[str, list[dict]] = {}   # group id -> finished samples (as dicts)
     self.iteration = 0
     self.preempted = False  # set when train() stopped early on SIGTERM (after saving)
+    # Preemption checks so far, iterations' and sampling pieces' alike: every process makes the
+    # same calls in the same order, so the count is the step JAX's preemption service agrees on.
+    self._stop_checks = 0
     self.rng = jax.random.key(config.seed)
     self.checkpointer = ckpt_lib.Checkpointer(
         workdir, save_every=config.checkpoint.every, keep=config.checkpoint.keep)
@@ -477,8 +480,13 @@ class RLTrainer:
         policy_version=it, seed=int(jax.random.randint(
             jax.random.fold_in(self.rng, it), (), 0, 2**31 - 1)),
         eos_id=self.eos_id, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
-        repeat_ngram=rl.repeat_ngram)
+        repeat_ngram=rl.repeat_ngram, check_every=rl.preemption_check_tokens,
+        stop_check=self._should_stop if rl.preemption_check_tokens else None)
     return ids, finished
+
+  def _should_stop(self) -> bool:
+    self._stop_checks += 1
+    return self.checkpointer.should_stop(self._stop_checks)
 
   def _routing_metrics(self, batch: dict) -> dict[str, float]:
     """`routing_mismatch` over the batch under the sampling params (before any update)."""
@@ -674,7 +682,15 @@ class RLTrainer:
     bar = metrics_lib.progress(end - self.iteration, desc="rl", enabled=progress)
     try:
       while self.iteration < end:
-        m = self.step()
+        try:
+          m = self.step()
+        except sampling.SamplingInterrupted:
+          # Nothing of this iteration was kept: the state is the last iteration's, saved as is.
+          self.preempted = True
+          self.save(force=True)
+          logging.warning("preempted while sampling iteration %d: saved iteration %d and "
+                          "stopping", self.iteration + 1, self.iteration)
+          break
         if after_iteration is not None:
           m.update(after_iteration(self) or {})
         history.append(m)
@@ -682,7 +698,7 @@ class RLTrainer:
         bar.update(1)
         bar.set_postfix(reward=f"{m.get('rl/reward', float('nan')):.3f}",
                         len=f"{m.get('rl/response_length_mean', float('nan')):.0f}")
-        if self.checkpointer.should_stop(self.iteration):
+        if self._should_stop():
           self.preempted = True
           self.save(force=True)
           logging.warning("preempted: saved iteration %d and stopping", self.iteration)

@@ -5,11 +5,11 @@
   finished, buffer = sampling.rollout(model, [(pid, tokens), ...], num_samples=8, ...)
 """
 
-from k15.sampling.rollout import ReplayBuffer, Trajectory, rollout
+from k15.sampling.rollout import ReplayBuffer, SamplingInterrupted, Trajectory, rollout
 from k15.sampling.sampler import (FinishReason, SampleResult, bucket_length, compiled_programs,
                                   filter_logits, generate, repeat_detected)
 
 __all__ = [
-    "FinishReason", "ReplayBuffer", "SampleResult", "Trajectory", "bucket_length",
-    "compiled_programs", "filter_logits", "generate", "repeat_detected", "rollout",
+    "FinishReason", "ReplayBuffer", "SampleResult", "SamplingInterrupted", "Trajectory",
+    "bucket_length", "compiled_programs", "filter_logits", "generate", "repeat_detected", "rollout",
 ]

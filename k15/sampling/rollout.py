@@ -16,6 +16,13 @@ in an uninterrupted rollout; such a response finishes with reason REPEAT, for a 
 A trajectory keeps its own RNG seed for its whole life and the sampler keys each draw by the
 response position, so how a response is split into segments does not change what is drawn.
 
+Preemption: a spot VM gets about 30 seconds between its notice and its end, and one
+iteration's sampling at long-CoT lengths takes minutes. With `stop_check` and `check_every`,
+`rollout` decodes its segment in pieces of `check_every` tokens, each continuing the unfinished
+rows exactly as a later iteration would (so the result does not change), and asks `stop_check`
+between pieces; when it answers yes, `rollout` puts the buffer back as it found it and raises
+`SamplingInterrupted`, and the caller saves the state it had before the iteration began.
+
 The buffer is plain data: `ReplayBuffer.state_dict()` is JSON-serializable (lists of ints and
 floats), for the checkpoint.
 
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -130,6 +137,10 @@ def _unpack(d: dict | None, where: str) -> np.ndarray | None:
     raise ValueError(f"{where}: unreadable expert_ids {str(d)[:80]!r}: {e}") from e
 
 
+class SamplingInterrupted(Exception):
+  """`rollout` stopped between decode pieces because `stop_check` said so; nothing changed."""
+
+
 class ReplayBuffer:
   """Unfinished trajectories waiting for their next segment (§2.6); plain data."""
 
@@ -185,6 +196,8 @@ def rollout(
     prompt_buckets: Sequence[int] | None = None,
     pad_id: int = 0,
     continuous: bool | None = None,
+    stop_check: Callable[[], bool] | None = None,
+    check_every: int = 0,
 ) -> tuple[list[Trajectory], ReplayBuffer]:
   """One iteration of partial rollouts: continue buffered trajectories, start new prompts.
 
@@ -202,6 +215,11 @@ def rollout(
     max_continued: continue at most this many buffered trajectories (oldest first); None: all.
     continuous: sample with continuous batching (`sampler.generate`; None: its default rule);
       the same trajectories.
+    stop_check: asked between decode pieces of `check_every` tokens (module docstring); True
+      raises SamplingInterrupted with `buffer` as it was. Every process of a multi-host run
+      must get the same answers (e.g. `Checkpointer.should_stop`).
+    check_every: tokens per decode piece when `stop_check` is given; 0, or not less than
+      segment_budget: one piece, never asked.
 
   Returns:
     (finished trajectories: continued ones first, then new ones, prompt-major; the buffer, now
@@ -214,6 +232,15 @@ def rollout(
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1")
   buffer = ReplayBuffer() if buffer is None else buffer
+  if stop_check is not None and 0 < check_every < segment_budget:
+    return _rollout_in_pieces(
+        model, prompts, buffer=buffer, max_continued=max_continued, stop_check=stop_check,
+        check_every=check_every, segment_budget=segment_budget,
+        kwargs=dict(num_samples=num_samples, max_new_tokens=max_new_tokens,
+                    policy_version=policy_version, seed=seed, eos_id=eos_id,
+                    temperature=temperature, top_p=top_p, top_k=top_k,
+                    repeat_ngram=repeat_ngram, repeat_window=repeat_window,
+                    prompt_buckets=prompt_buckets, pad_id=pad_id, continuous=continuous))
   continued = buffer.take(max_continued)
   for t in continued:
     if t.length >= max_new_tokens:
@@ -272,3 +299,39 @@ def rollout(
     (finished if t.finished else unfinished).append(t)
   buffer.add(unfinished)
   return finished, buffer
+
+
+def _rollout_in_pieces(model, prompts, *, buffer: ReplayBuffer, max_continued: int | None,
+                       stop_check: Callable[[], bool], check_every: int, segment_budget: int,
+                       kwargs: dict) -> tuple[list[Trajectory], ReplayBuffer]:
+  """`rollout`'s segment decoded `check_every` tokens at a time, `stop_check` asked between.
+
+  Each piece after the first continues the rows still going, as the next iteration would
+  (prompt + response so far prefilled, same seed, RNG keyed by response position), so the
+  trajectories are those of one piece; they come back in `rollout`'s order.
+  """
+  saved = buffer.state_dict()
+  pending = buffer.take(max_continued)
+  taken = {id(t): i for i, t in enumerate(pending)}
+  position = {pid: i for i, (pid, _) in enumerate(prompts)}
+
+  def rollout_order(t):  # continued ones in the buffer's order, then new ones prompt-major
+    return (0, taken[id(t)], 0) if id(t) in taken else (1, position[t.prompt_id], t.sample_index)
+
+  finished, spent, new = [], 0, prompts
+  try:
+    while True:
+      budget = min(check_every, segment_budget - spent)
+      done, rest = rollout(model, new, buffer=ReplayBuffer(pending), segment_budget=budget,
+                           **kwargs)
+      finished += done
+      new, spent, pending = [], spent + budget, rest.take()
+      if not pending or spent >= segment_budget:
+        break
+      if stop_check():
+        raise SamplingInterrupted(f"stopped after {spent} of {segment_budget} tokens")
+  except SamplingInterrupted:
+    buffer.load_state_dict(saved)
+    raise
+  buffer.add(sorted(pending, key=rollout_order))
+  return sorted(finished, key=rollout_order), buffer
