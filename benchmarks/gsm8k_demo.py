@@ -1,6 +1,6 @@
 r"""RL learns on real-format data: one-step word problems in GSM8K's format, a tiny model.
 
-    python benchmarks/gsm8k_demo.py --workdir=/tmp/k15_gsm8k_demo [--seed=0]
+    python -m benchmarks.gsm8k_demo --workdir=/tmp/k15_gsm8k_demo [--seed=0]
 
 What it does, all from the command line contract of k15.main (the same commands a real
 checkpoint and the real GSM8K files take):

@@ -41,11 +41,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
-from flax import nnx
 
 from k15 import checkpoint as ckpt_lib
-from k15 import metrics as metrics_lib
-from k15 import parallel, storage, update
+from k15 import parallel, storage, train_loop, update
 from k15 import tokenizer as tokenizer_lib
 from k15.model import transformer
 
@@ -355,20 +353,12 @@ def train_sft(model: transformer.Transformer, examples: Sequence[Example], confi
          else parallel.use_mesh(mesh))
   with ctx:
     # --- model, optimizer, update step ----------------------------------------------------
-    graphdef, params = nnx.split(model)
-    param_shardings = parallel.state_shardings(params, mesh)
-    # A copy: the step donates its inputs, and the caller's model must stay usable (rebind,
-    # `model, history = train_sft(model, ...)`, to free it).
-    params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)(params)
-    optimizer = update.make_optimizer(_optimizer_config(c.optimizer, num_steps))
-    opt_state, opt_shardings = update.init_optimizer_state(
-        optimizer, params, param_shardings, mesh)
     shape = (c.batch_size, c.seq_len)
     batch_sharding = parallel.sharding(("batch", "length"), shape, mesh)
-    step_fn = update.make_train_step(
-        graphdef, sft_loss, optimizer, microbatches=c.get("microbatches", 1),
-        param_shardings=param_shardings, opt_shardings=opt_shardings,
-        batch_shardings={k: batch_sharding for k in BATCH_KEYS})
+    state = train_loop.prepare(
+        model, update.make_optimizer(_optimizer_config(c.optimizer, num_steps)), sft_loss, mesh,
+        batch_shardings={k: batch_sharding for k in BATCH_KEYS},
+        microbatches=c.get("microbatches", 1))
 
     # --- input pipeline ---------------------------------------------------------------------
     # steps given: repeat forever and stop at `steps`; else exactly `epochs` epochs.
@@ -379,7 +369,6 @@ def train_sft(model: transformer.Transformer, examples: Sequence[Example], confi
     data_iter = iter(ds)
 
     # --- resume -----------------------------------------------------------------------------
-    step, history = 0, []
     checkpointer = None
     if workdir:
       checkpointer = ckpt_lib.Checkpointer(
@@ -387,65 +376,40 @@ def train_sft(model: transformer.Transformer, examples: Sequence[Example], confi
           subdir=CHECKPOINT_SUBDIR)
       if threading.current_thread() is threading.main_thread():
         checkpointer.install_preemption_handler()  # SIGTERM: save at the next step, stop
-      latest = checkpointer.latest_step()
-      if latest is not None:
-        arrays, meta = checkpointer.restore(
-            latest, abstract_arrays=ckpt_lib.abstract(
-                {"params": params, "opt_state": opt_state},
-                {"params": param_shardings, "opt_state": opt_shardings}))
-        params, opt_state = arrays["params"], arrays["opt_state"]
-        data_iter.set_state(meta["data"])
-        step, history = int(meta["step"]), [float(x) for x in meta["history"]]
-        logging.info("SFT: resumed from step %d of %d", step, num_steps)
-
-    def save(force: bool = False):
-      if checkpointer is not None:
-        checkpointer.save(step, arrays={"params": params, "opt_state": opt_state},
-                          meta={"step": step, "data": data_iter.get_state(),
-                                "history": history}, force=force)
+    step, history, meta = train_loop.resume(state, checkpointer, "SFT", num_steps)
+    if meta is not None:
+      data_iter.set_state(meta["data"])
 
     # --- loop -------------------------------------------------------------------------------
-    bar = metrics_lib.progress(num_steps, desc="sft", enabled=None if progress else False)
-    bar.update(step)
-    writer = metrics_lib.MetricWriter(workdir) if workdir else None
-    record = lambda m: metrics_lib.record_step(m, history, bar, writer, "sft",
-                                               {"gnorm": "grad_norm"})
-    pending = None  # the previous step's metrics, fetched after the next step is dispatched
-    t0, tokens_seen = time.perf_counter(), 0
-    while step < num_steps:
+    tokens_seen = 0
+
+    def next_batch(step):
+      del step
+      nonlocal tokens_seen
       try:
         local = next(data_iter)
       except StopIteration:
-        break
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k], shape)
-               for k in BATCH_KEYS}
-      params, opt_state, metrics = step_fn(params, opt_state, batch)
-      step += 1
+        return None
       tokens_seen += int(local["loss_mask"].sum())
-      if pending is not None:
-        record(pending)
-      pending = (step, metrics)
-      if checkpointer is not None and (step % c.checkpoint_every == 0 or step == num_steps):
-        record(pending)  # the history in the checkpoint is complete
-        pending = None
-        save(force=step == num_steps)
-      if checkpointer is not None and checkpointer.should_stop(step):
-        logging.warning("SFT: preempted at step %d; saving and stopping", step)
-        break
-    if pending is not None:
-      record(pending)
-    bar.close()
-    if writer is not None:
-      writer.close()
-    if checkpointer is not None:
-      save(force=True)  # preempted, or the data ran out before num_steps: keep the end state
-      checkpointer.close()
+      return {k: jax.make_array_from_process_local_data(batch_sharding, local[k], shape)
+              for k in BATCH_KEYS}
+
+    t0 = time.perf_counter()
+    try:
+      step = train_loop.run(
+          state, next_batch, step=step, num_steps=num_steps, history=history, desc="sft",
+          shown={"gnorm": "grad_norm"}, workdir=workdir, checkpointer=checkpointer,
+          checkpoint_every=c.checkpoint_every,
+          extra_meta=lambda: {"data": data_iter.get_state()}, progress=progress)
+    finally:
+      if checkpointer is not None:
+        checkpointer.close()
     elapsed = time.perf_counter() - t0
     data_iter.stats.log("SFT data")
     if history:
       logging.info("SFT: %d steps, loss %.4f -> %.4f, %.0f loss tokens/s", step, history[0],
                    history[-1], tokens_seen / max(elapsed, 1e-9))
-  return nnx.merge(graphdef, params), history
+  return state.model(), history
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,8 +22,7 @@ import numpy as np
 from flax import nnx
 
 from k15 import checkpoint as ckpt_lib
-from k15 import metrics as metrics_lib
-from k15 import parallel, update
+from k15 import parallel, train_loop, update
 from k15 import tokenizer as tokenizer_lib
 from k15.long2short import merge as merge_lib
 from k15.long2short import rejection
@@ -221,66 +220,32 @@ def train_dpo(model: transformer.Transformer, pairs: Sequence[Pair],
                                   pad_id=pad_id)                                  # [P, 2]
 
     # --- model, optimizer, update step ----------------------------------------------------
-    graphdef, params = nnx.split(model)
-    param_shardings = parallel.state_shardings(params, mesh)
-    # A copy: the step donates its inputs, and the caller's model stays usable.
-    params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)(params)
     optimizer = update.make_optimizer(ml_collections.ConfigDict(dict(
         learning_rate=c.learning_rate, warmup_steps=c.warmup_steps, decay="constant",
         grad_clip=c.grad_clip)))
-    opt_state, opt_shardings = update.init_optimizer_state(optimizer, params, param_shardings,
-                                                           mesh)
     shardings = _batch_shardings(B, T, mesh)
     beta = float(c.beta)
-    step_fn = update.make_train_step(
-        graphdef, lambda m, b: dpo_batch_loss(m, b, beta), optimizer,
-        param_shardings=param_shardings, opt_shardings=opt_shardings, batch_shardings=shardings)
-
-    # --- resume -----------------------------------------------------------------------------
-    step, history = 0, []
-    if checkpointer is not None:
-      latest = checkpointer.latest_step()
-      if latest is not None:
-        restored, meta = checkpointer.restore(latest, abstract_arrays=ckpt_lib.abstract(
-            {"params": params, "opt_state": opt_state},
-            {"params": param_shardings, "opt_state": opt_shardings}))
-        params, opt_state = restored["params"], restored["opt_state"]
-        step, history = int(meta["step"]), [float(x) for x in meta["history"]]
-        logging.info("DPO: resumed from step %d of %d", step, c.steps)
+    state = train_loop.prepare(model, optimizer, lambda m, b: dpo_batch_loss(m, b, beta), mesh,
+                               batch_shardings=shardings)
+    step, history, _ = train_loop.resume(state, checkpointer, "DPO", c.steps)
 
     # --- loop -------------------------------------------------------------------------------
-    bar = metrics_lib.progress(c.steps, desc="dpo", enabled=None if progress else False)
-    bar.update(step)
-    writer = metrics_lib.MetricWriter(workdir) if workdir else None
-    pending = None  # the previous step's metrics, fetched after the next step is dispatched
-
-    record = lambda m: metrics_lib.record_step(m, history, bar, writer, "dpo",
-                                               {"acc": "dpo/accuracy"})
-
-    while step < c.steps:
+    def next_batch(step):
       idx = _batch_indices(step, B, num, c.seed)
       arrays, _ = make_dpo_arrays([kept[i] for i in idx], T, pad_id)
       arrays["ref_logp"] = ref_logp[idx]
-      batch = _put(arrays, shardings)
-      params, opt_state, metrics = step_fn(params, opt_state, batch)
-      step += 1
-      if pending is not None:
-        record(pending)
-      pending = (step, metrics)
-      if checkpointer is not None and (step % c.checkpoint_every == 0 or step == c.steps):
-        record(pending)  # the history in the checkpoint is complete
-        pending = None
-        checkpointer.save(step, arrays={"params": params, "opt_state": opt_state},
-                          meta={"step": step, "history": history}, force=step == c.steps)
-    if pending is not None:
-      record(pending)
-    bar.close()
-    if writer is not None:
-      writer.close()
-    if checkpointer is not None:
-      checkpointer.close()
+      return _put(arrays, shardings)
+
+    try:
+      step = train_loop.run(
+          state, next_batch, step=step, num_steps=c.steps, history=history, desc="dpo",
+          shown={"acc": "dpo/accuracy"}, workdir=workdir, checkpointer=checkpointer,
+          checkpoint_every=c.checkpoint_every, progress=progress)
+    finally:
+      if checkpointer is not None:
+        checkpointer.close()
     if history:
       logging.info("DPO: %d pairs, %d steps, loss %.4f -> %.4f", num, step, history[0],
                    history[-1])
-  return nnx.merge(graphdef, params), history
+  return state.model(), history
 
