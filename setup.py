@@ -32,7 +32,7 @@ setuptools.setup(
     extras_require={
         # Reference comparisons against transformers/PyTorch; torch>=2.4 is satisfied by the
         # CPU build CI installs first (see .ci/run).
-        "test": ["pytest>=8", "torch>=2.4", "transformers>=4.45", "safetensors>=0.4",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch>=2.4", "transformers>=4.45", "safetensors>=0.4",
                  "psutil>=5.9", "scipy>=1.11", "nbclient>=0.10", "ipykernel>=6.29"],
         # gs:// workdirs and checkpoints: etils.epath reads them through fsspec's gcsfs.
         "tpu": ["jax[tpu]>=0.7", "gcsfs>=2024.2"],

@@ -12,6 +12,7 @@ checkpoint and the real GSM8K files take):
   3. `mode=sft` on the pairs (a short warm-up that leaves room to improve);
   4. `mode=rl` with `reward=math` from W/sft/export/sft on the train split, evaluated on the
      test split before RL (step 0), every --eval_every iterations and at the end.
+Further --config.* arguments go to the RL command as they are.
 Prints and writes W/<rl_dir>_summary.json: eval pass@1 and greedy accuracy after SFT (RL step 0)
 and after RL, and the training reward over the first and last iterations. A rerun in the same
 workdir reuses the SFT model, so RL variants (--rl_dir, --rl_lr, --prompts) share one start.
@@ -120,10 +121,16 @@ def main() -> None:
   p.add_argument("--eval_every", type=int, default=8)
   p.add_argument("--rl_lr", type=float, default=5e-5)
   p.add_argument("--prompts", type=int, default=8, help="RL prompts per iteration (x 8 samples)")
+  p.add_argument("--length_weight", type=float, default=0.0,
+                 help="the length penalty's weight (§2.3.3); off by default: this demo asks "
+                      "whether the task reward rises, and at 32 new tokens the penalty alone "
+                      "pays for shorter, wrong answers")
   p.add_argument("--rl_dir", default="rl", help="W/<rl_dir>: RL variants from one SFT model")
   p.add_argument("--width", type=int, default=96)
   p.add_argument("--layers", type=int, default=3)
-  args = p.parse_args()
+  args, rl_overrides = p.parse_known_args()
+  if any(not a.startswith("--config.") for a in rl_overrides):
+    p.error(f"unknown arguments {rl_overrides}: only --config.* overrides pass through (to RL)")
 
   w = os.path.abspath(args.workdir)
   os.makedirs(os.path.join(w, "ckpt"), exist_ok=True)
@@ -149,7 +156,8 @@ def main() -> None:
            "--config.rl.minibatch_groups=4", f"--config.optimizer.learning_rate={args.rl_lr}",
            "--config.evaluate.num_samples=4", "--config.evaluate.max_new_tokens=32",
            "--config.evaluate.batch_size=32", "--config.checkpoint.every=10",
-           "--config.data.format=gsm8k", f"--config.seed={args.seed}", *common)
+           f"--config.rl.length_weight={args.length_weight}",
+           "--config.data.format=gsm8k", f"--config.seed={args.seed}", *common, *rl_overrides)
 
   rows = [json.loads(l) for l in open(os.path.join(rl, "rl", "metrics.jsonl"))]
   rewards = [r["rl/task_reward"] for r in sorted(rows, key=lambda r: r["step"])
@@ -164,7 +172,8 @@ def main() -> None:
       "eval_curve": {s: round(evals[s]["eval/pass_at_1"], 3) for s in sorted(evals)},
       f"train_reward_first_{k}": sum(rewards[:k]) / k,
       f"train_reward_last_{k}": sum(rewards[-k:]) / k,
-      "train_reward": [round(x, 3) for x in rewards], "args": vars(args)}
+      "train_reward": [round(x, 3) for x in rewards], "args": vars(args),
+      "rl_overrides": rl_overrides}
   with open(f"{rl}_summary.json", "w") as f:
     json.dump(summary, f, indent=1)
   print(json.dumps({k: v for k, v in summary.items() if k != "train_reward"}, indent=1))
