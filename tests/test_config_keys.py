@@ -75,6 +75,7 @@ CONDITIONAL = {
     "unread_overrides": "an override the mode does not read (the tests above)",
     "sft.epochs": "sft.steps=0",
     "reward_options": "a response that ends within its budget (graded; a cut one scores 0)",
+    "rl.routing_metrics": "a mixture-of-experts policy (tests/test_routing_replay.py)",
 }
 
 
