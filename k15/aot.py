@@ -270,7 +270,7 @@ def compile_programs(config: Any, topology: str | None = None, *,
       elif name == "decode_paged":
         s = p["sampling"]
         prog = _compile_decode_paged(graphdef, params, cfg, mesh, s["rows"], s["cache_length"],
-                                     plan_params + s["kv_cache"] + s["decode"])
+                                     plan_params + s["kv_cache"] + s["decode_paged"])
       else:
         raise ValueError(f"unknown program {name!r}; known: train, ref_logprobs, prefill, "
                          f"decode, decode_paged")
