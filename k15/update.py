@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from k15 import parallel
 from k15.model import logprobs, transformer
 
 Batch = dict[str, jax.Array]
@@ -122,13 +121,7 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
     raise ValueError(f"microbatches={n} does not divide the leading dimension of batch entries "
                      f"{bad}: a microbatch holds whole groups, so the number of microbatches "
                      f"must divide the groups (and rows) of a step")
-  # Rows lie in contiguous blocks per batch shard, so a plain reshape would leave microbatch i
-  # on the shards that held its rows (with 2 microbatches, half of them), and XLA would run each
-  # microbatch at twice the rows per chip on those shards, duplicated on the others. The
-  # constraint spreads every microbatch over all the batch shards (one all-to-all of the batch).
-  return jax.tree.map(
-      lambda x: parallel.constrain(x.reshape((n, x.shape[0] // n) + x.shape[1:]),
-                                   (None, "batch") + (None,) * (x.ndim - 1)), batch)
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
