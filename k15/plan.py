@@ -87,8 +87,9 @@ Per token of a chip, in [T, D] arrays of the compute dtype (`_tpu_activations`):
     copied once, so each holds two caches (the paged decode step updates its pool in place)
 Compared with k15.aot's compiled programs (tests/test_aot.py; docs/scaling.md, programs'
 buffers without code): within 20% for the train step, the reference pass, the prefill and
-both decode steps of the 1.5B config and of a shrunk one on v5e-8. XLA:TPU counts its VMEM
-scratch (up to ~0.1 GiB) among the temporaries; the plan does not.
+both decode steps of the 1.5B config and of a shrunk one on v5e-8; not yet on the 7B config's
+v5p-64, whose forward passes hold more (the plan is 25-60% under there). XLA:TPU counts its
+VMEM scratch (up to ~0.1 GiB) among the temporaries; the plan does not.
 
 Step time = model FLOPs / (chips x peak FLOP/s x MFU), model FLOPs = 6 x (matmul params) x
 tokens + 6 B T^2 N H L (causal attention, forward and backward, useful half of the scores).
@@ -584,7 +585,7 @@ def format_plan(p: dict[str, Any]) -> str:
       f"  batch                 {g(t['batch'])}",
       f"  activations (saved)   {g(t['activations_saved'])}",
       f"  activations (1 layer) {g(t['activations_recompute'])}",
-      f"  logits + log-softmax  {g(t['logits'])}",
+      f"  head (log-probs)      {g(t['logits'])}",
       f"  update phase          {g(t['update_phase'])}",
       f"  peak                  {g(t['peak'])}",
   ]
