@@ -18,10 +18,11 @@ runs one forward pass instead.
 
 `python -m k15.aot --config=configs/qwen25_1p5b_v5e.py` compiles every program of an iteration
 for the v5e-8 slice and prints XLA's memory per chip against 16 GiB (docs/scaling.md): a train
-step of 8 rows x 17408 tokens in 11.6 GiB, the prefill of 16 rows (8 new + 8 continued) at
-16384 tokens in 8.5 GiB. `k15.plan` gives its own, more conservative, budget (train step about
-15 GiB). The KV cache is replicated over the tensor axis (2 kv heads) and a continuation is
-prefilled whole, which is why an iteration starts one prompt.
+step of 8 rows x 17408 tokens in 12.9 GiB, the prefill of 16 rows (8 new + 8 continued) at
+16384 tokens in 7.9 GiB, a static decode step in 11.4 GiB (the layer scan's carried KV cache
+is copied: two caches); `k15.plan` is within 10% of each. The KV cache is replicated over the
+tensor axis (2 kv heads) and a continuation is prefilled whole, which is why an iteration
+starts one prompt: two would put 21.8 GiB on a chip in the static decode step.
 
 The keys are those of configs/qwen25_7b_v5p.py and configs/tiny_cpu.py. `:runlocal=True` runs
 the same mode on a CPU with a tiny checkpoint (tests/test_rl_mode.py writes one):
@@ -67,8 +68,8 @@ def get_config(arg=None):
       prompts_per_iteration=1,     # 8 new rows (+ <= 8 continued): what one rollout holds
       samples_per_prompt=8,        # k: group size for the PMD mean-reward baseline (§2.3.2)
       # Long CoT: 16k new tokens, from `python -m k15.aot` (docs/scaling.md): every program of
-      # an iteration fits 16 GiB per chip (train step 11.6 GiB, prefill 8.5 GiB) with one
-      # prompt per iteration; two would double the prefilled rows (16 new + 16 continued).
+      # an iteration fits 16 GiB per chip (train step 12.9 GiB, decode 11.4 GiB) with one
+      # prompt per iteration; two would double the rows (16 new + 16 continued) and not fit.
       max_new_tokens=16384,
       # Partial rollouts (§2.6.2): at most 8192 new tokens per sequence per iteration, so an
       # iteration's sampling time is bounded and long responses continue from the buffer. Two

@@ -38,7 +38,10 @@ def get_config(arg=None):
   c.optimizer = k15_config.optimizer_block(learning_rate=1e-6, weight_decay=0.01, grad_clip=1.0)
   c.rl = k15_config.rl_block(
       iterations=1000,
-      prompts_per_iteration=8, samples_per_prompt=8,  # k = 8 per group (§2.3.2 baseline)
+      # k = 8 per group (§2.3.2 baseline). 14 prompts: the most whose rollout keeps the prefill
+      # at 128 sequences (14 new + up to 112 continued rows, 44.4 GiB per chip compiled) and the
+      # decode step at 256 rows (~43 GiB); 15 would prefill 256 sequences (docs/scaling.md).
+      prompts_per_iteration=14, samples_per_prompt=8,
       max_new_tokens=32_768,       # long CoT
       segment_budget=16_384,       # partial rollouts (§2.6): two segments at most
       preemption_check_tokens=1024,  # a spot VM's ~30 s notice is heard within a 1k-token piece

@@ -11,7 +11,8 @@ caches as `jax.ShapeDtypeStruct`s (nothing is allocated, a 7B model included):
   train         the RL train step: the longest length bucket (prompt + rl.max_new_tokens),
                 rl.minibatch_groups x k rows in rl.microbatches microbatches, PMD loss with
                 the chunked log-probs, Adam update, donated params and optimizer state
-  ref_logprobs  the trainer's forward log-prob pass over the same rows (the reference pass)
+  ref_logprobs  the trainer's forward log-prob pass (the reference pass), one microbatch of
+                rows at a time as k15.rl.trainer runs it
   prefill       the sampler's prefill: the sequences of one rollout call (continued rows
                 included) at the longest prompt bucket, filling their KV cache
   decode        one decode step of all sample rows against the full-length cache (donated)
@@ -224,9 +225,11 @@ def compile_programs(config: Any, topology: str | None = None, *,
         prog = _compile("train", f"{R} rows x {T} tokens, {t['microbatches']} microbatch(es)",
                         step, (params, opt, batch), t["peak"])
       elif name == "ref_logprobs":
+        # The trainer runs the reference pass one microbatch of groups at a time.
+        Rm = R // t["microbatches"]
         fn = jax.jit(lambda s, a, b, c: update.token_logprobs(nnx.merge(graphdef, s), a, b, c))
-        prog = _compile("ref_logprobs", f"{R} rows x {T} tokens", fn,
-                        (params, tok((R, T)), tok((R, T)), tok((R, T))), p["ref_logprobs"])
+        prog = _compile("ref_logprobs", f"{Rm} rows x {T} tokens", fn,
+                        (params, tok((Rm, T)), tok((Rm, T)), tok((Rm, T))), p["ref_logprobs"])
       elif name == "prefill":
         s = p["sampling"]
         U, P = s["sequences"], s["prompt_bucket"]
@@ -267,7 +270,7 @@ def compile_programs(config: Any, topology: str | None = None, *,
       elif name == "decode_paged":
         s = p["sampling"]
         prog = _compile_decode_paged(graphdef, params, cfg, mesh, s["rows"], s["cache_length"],
-                                     plan_params + s["kv_cache"] + s["decode"])
+                                     plan_params + s["kv_cache"] + s["decode_paged"])
       else:
         raise ValueError(f"unknown program {name!r}; known: train, ref_logprobs, prefill, "
                          f"decode, decode_paged")

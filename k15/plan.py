@@ -73,6 +73,24 @@ Checked (tests/test_plan.py) against XLA's memory analysis of the compiled train
 3.3M-parameter model on 8 x 256 tokens: within 1% (remat none, 1 device and a 2x2x2 mesh),
 7% (flash), 3% (remat full over scanned layers), 11% (dots over scanned layers).
 
+On a TPU chip (any `chip` but 'cpu') the activation terms are XLA:TPU's, which keeps far less
+than XLA:CPU: it fuses each layer's elementwise work into its matmuls, splash attention keeps
+its scores in VMEM, and the layer scan pins one layer's recomputation to its backward step.
+Per token of a chip, in [T, D] arrays of the compute dtype (`_tpu_activations`):
+  train step (remat 'full'): gradients (twice with microbatches) + L stacked layer inputs +
+    one layer's backward (TPU_LAYER_BACKWARD_D [T, D] and _F [T, F] arrays) + the head: the
+    final norm's float32 output, its tiled copy and two float32 [C, V] arrays of one tile
+  reference pass: the larger of the embedding lookup (the table's rows for every token of the
+    step, sliced by the FSDP shards of the embedding, twice in the parameter dtype) and the
+    head's forward (the same head arrays)
+  prefill / decode with scanned layers: the stacked KV cache that the layer scan carries is
+    copied once, so each holds two caches (the paged decode step updates its pool in place)
+Compared with k15.aot's compiled programs (tests/test_aot.py; docs/scaling.md, programs'
+buffers without code): within 20% for the train step, the reference pass, the prefill and
+both decode steps of the 1.5B config and of a shrunk one on v5e-8; not yet on the 7B config's
+v5p-64, whose forward passes hold more (the plan is 25-60% under there). XLA:TPU counts its
+VMEM scratch (up to ~0.1 GiB) among the temporaries; the plan does not.
+
 Step time = model FLOPs / (chips x peak FLOP/s x MFU), model FLOPs = 6 x (matmul params) x
 tokens + 6 B T^2 N H L (causal attention, forward and backward, useful half of the scores).
 MFU counts model FLOPs only, so a remat policy's recomputation shows up as a lower MFU, not as
@@ -300,13 +318,68 @@ def _activations(cfg: transformer.ModelConfig, sh: _Sharder, B: int, T: int,
           "logits_tile": tile}
 
 
+# XLA:TPU's buffers, per token of a chip, in units of one [T, D] array of the compute dtype
+# (see `_tpu_activations`): measured on the compile-only programs of k15.aot (docs/scaling.md).
+TPU_LAYER_BACKWARD_D = 10   # one layer's backward under remat: its [T, D] tensors and cotangents
+TPU_LAYER_BACKWARD_F = 3    # ... and the SwiGLU's gate, up and product, [T, F / tensor] each
+
+
+def _tpu_activations(cfg: transformer.ModelConfig, sh: _Sharder, B: int, T: int,
+                     logits_chunk: int) -> dict[str, float]:
+  """Per-chip bytes of the train step's and reference pass's temporaries on XLA:TPU.
+
+  XLA:TPU fuses each layer's elementwise work (norms, RoPE, SwiGLU) into its matmuls and
+  splash attention keeps its scores in VMEM, so what lives in HBM is a handful of [T, D]
+  streams, not the per-op intermediates XLA:CPU materializes (`_activations`):
+
+  - saved: what the backward needs kept per layer, as JAX's remat policy decides (the same
+    sets as on CPU): remat 'full' keeps each layer's input, [T, D] in the compute dtype, in
+    the scan's stacked residual; 'dots' adds the matmul outputs, 'none' everything.
+  - layer backward: one layer recomputed and differentiated at a time: the layer's [T, D]
+    tensors (input, norms, attention output, residual sums, MLP output) and their
+    cotangents, several of them in float32 (the norms and the residual stream's cotangent):
+    TPU_LAYER_BACKWARD_D [T, D] arrays of the compute dtype; and the SwiGLU's gate and up
+    projections and their product, TPU_LAYER_BACKWARD_F [T, F] arrays (F split over tensor).
+    Attention adds no [T, S] term: splash keeps its score blocks in VMEM.
+  - head (k15.model.logprobs): the final norm's float32 output and its bfloat16 tiled copy,
+    and two [C, V] float32 arrays of one tile (the logits and their cotangent in the
+    backward, the logits and their exponentials in the forward).
+  - embedding: the lookup gathers, for every row of the step, the table's rows sliced by the
+    FSDP shards of the embedding dimension, in the parameter dtype, then re-lays them out by
+    rows: two [rows x T, D / fsdp] arrays, before the first layer (the reference pass's peak
+    when the head's tile is small).
+  """
+  D, L, V = cfg.embed_dim, cfg.num_layers, cfg.vocab_size
+  b, p = _itemsize(cfg.dtype), _itemsize(cfg.param_dtype)
+  tok = ("batch", "length")
+  d = lambda coef: sh.per_chip(tok + ("act_embed",), (B, T, D), coef)
+  if cfg.remat == "full":
+    saved = L * d(b)
+  else:  # the sets of `_activations`, which JAX's policy decides, not the compiler
+    cpu = _activations(cfg, sh, B, T, 0.0, logits_chunk)
+    saved = cpu["saved"] - d(b) - d(8 + 2 * b)
+  rows_t = min(T, logits_chunk) if logits_chunk else T
+  tile = sh.per_chip(tok + ("act_vocab",), (B, rows_t, V), 4)
+  head = d(4) + d(b) + 2 * tile
+  embedding = 2 * sh.per_chip((None, None, "embed"), (B, T, D), p) + d(b)
+  f = sh.per_chip(tok + ("act_mlp",), (B, T, cfg.mlp_dim), b)
+  layer_backward = TPU_LAYER_BACKWARD_D * d(b) + TPU_LAYER_BACKWARD_F * f
+  return {"saved": saved, "recompute": layer_backward, "logits": head, "logits_tile": tile,
+          "reference": max(embedding, head)}
+
+
 def _sampling(cfg: transformer.ModelConfig, sh: _Sharder, rl: Any, prompt_len: int,
-              prefill_logits: str) -> dict[str, Any]:
+              prefill_logits: str, tpu: bool = False) -> dict[str, Any]:
   """Per-chip bytes of one `rollout` call (k15.sampling.rollout), and its shapes.
 
   One `sampler.generate` call takes the continued trajectories of the replay buffer (one row
   each, prefilled with prompt + partial response) and the new prompts (k rows each), padded to
   one prompt bucket: the longest sequence's.
+
+  On XLA:TPU (`tpu`) with scanned layers, the stacked cache the layer scan carries is copied
+  once: the prefill and the decode step each hold a second [L, ...] cache in temporaries
+  (measured on k15.aot's programs; the paged decode of continuous batching does not). The
+  prefill's layer is otherwise fused down to its [T, D] stream.
   """
   b = _itemsize(cfg.dtype)
   L, K, H, N, V = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads, cfg.vocab_size
@@ -340,10 +413,18 @@ def _sampling(cfg: transformer.ModelConfig, sh: _Sharder, rl: Any, prompt_len: i
            + sh.per_chip(tok + ("act_mlp",), (U, P, cfg.mlp_dim), 3 * b) + scores)
   decode = (sh.per_chip(("batch", "act_vocab"), (R, V), 3 * 4)
             + sh.per_chip(("batch", "act_q_heads", None), (R, N, S), 12))
+  prefill = cache(U, P) + logits + layer
+  paged = decode
+  if tpu:
+    carried = cfg.scanned
+    prefill = ((2 if carried else 1) * cache(U, P) + logits
+               + sh.per_chip(tok + ("act_embed",), (U, P, cfg.embed_dim), b))
+    paged = decode  # continuous batching's decode step: its block pool is updated in place
+    decode += cache(R, S) if carried else 0.0
   return {"rows": R, "new_rows": new_rows, "continued_rows": continued, "sequences": U,
           "prompt_bucket": P, "cache_length": S, "kv_cache": cache(R, S),
-          "prefill": cache(U, P) + logits + layer, "prefill_logits": logits,
-          "prefill_logits_mode": prefill_logits, "decode": decode}
+          "prefill": prefill, "prefill_logits": logits,
+          "prefill_logits_mode": prefill_logits, "decode": decode, "decode_paged": paged}
 
 
 def _default_shapes(config, prompt_len: int) -> tuple[int, int, int]:
@@ -417,7 +498,11 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
   grads = params  # parameter-shaped, in the param dtype, laid out like the params
   if microbatches > 1:
     grads *= 2  # the scan's accumulator next to one microbatch's gradients
-  act = _activations(cfg, sh, Bm, T, layer_copy, logits_chunk or cfg.logits_chunk)
+  # XLA:CPU and XLA:TPU keep different buffers (see `_tpu_activations`); `chip` says which.
+  tpu = chip != "cpu"
+  chunk = logits_chunk or cfg.logits_chunk
+  act = (_tpu_activations(cfg, sh, Bm, T, chunk) if tpu
+         else _activations(cfg, sh, Bm, T, layer_copy, chunk))
   batch_bytes = sh.per_chip(("batch", None), (rows, T), 20)  # tokens, positions, ids, mask, logp
   activations = act["saved"] + act["recompute"]
   backward = grads + activations + act["logits"]
@@ -426,9 +511,13 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
 
   # The reference pass (forward only): params, the batch, one layer's intermediates next to
   # the residual stream, and one tile's logits with their exp (2 of the copies above).
-  one_layer = _activations(dataclasses.replace(cfg, remat="full"), sh, Bm, T, layer_copy,
-                           logits_chunk or cfg.logits_chunk)
-  ref_logprobs = params + batch_bytes + one_layer["recompute"] + 2 * one_layer["logits_tile"]
+  # On TPU the larger of the embedding lookup and the head (`_tpu_activations`).
+  if tpu:
+    ref_logprobs = params + batch_bytes + act["reference"]
+  else:
+    one_layer = _activations(dataclasses.replace(cfg, remat="full"), sh, Bm, T, layer_copy,
+                             chunk)
+    ref_logprobs = params + batch_bytes + one_layer["recompute"] + 2 * one_layer["logits_tile"]
 
   out: dict[str, Any] = {
       "chip": chip, "chip_name": CHIPS[chip].name, "num_chips": num_chips,
@@ -443,7 +532,7 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
       "ref_logprobs": ref_logprobs,
   }
   if "rl" in config:
-    smp = _sampling(cfg, sh, config.rl, prompt_len, prefill_logits)
+    smp = _sampling(cfg, sh, config.rl, prompt_len, prefill_logits, tpu)
     # With the optimizer reset each iteration its moments exist only while training
     # (k15.rl.trainer creates them after sampling and drops them after the last update).
     resident_opt = 0.0 if config.rl.get("reset_optimizer", False) else opt
@@ -496,7 +585,7 @@ def format_plan(p: dict[str, Any]) -> str:
       f"  batch                 {g(t['batch'])}",
       f"  activations (saved)   {g(t['activations_saved'])}",
       f"  activations (1 layer) {g(t['activations_recompute'])}",
-      f"  logits + log-softmax  {g(t['logits'])}",
+      f"  head (log-probs)      {g(t['logits'])}",
       f"  update phase          {g(t['update_phase'])}",
       f"  peak                  {g(t['peak'])}",
   ]
