@@ -225,3 +225,23 @@ def test_stop_when_ends_training_with_a_checkpoint(tmp_path):
   # No eos: every response runs to the limit, 8 prompts x 8 samples x 4 tokens an iteration.
   assert spent == [256, 256] and len(history) == 2 and trainer.iteration == 2
   assert trainer.checkpointer.latest_step() == 2
+
+
+def test_batching_chooses_the_sampler_path(tmp_path, monkeypatch):
+  # config.rl.batching reaches the sampler as `continuous` (None: its default rule); a bad
+  # value is refused naming the key.
+  mesh = parallel.make_mesh({"data": -1})
+  seen = []
+
+  def rollout(model, prompts, *, buffer, **kw):
+    seen.append(kw["continuous"])
+    return [], buffer
+  monkeypatch.setattr(trainer_lib.sampling, "rollout", rollout)
+  with parallel.use_mesh(mesh):
+    for batching in ("auto", "static", "continuous"):
+      trainer = _trainer(_config("pmd", batching=batching), str(tmp_path / batching), mesh)
+      assert trainer.step()["rl/groups_trained"] == 0
+    with pytest.raises(ValueError, match=r"config\.rl\.batching='paged'; expected one of "
+                                         r"\('auto', 'static', 'continuous'\)"):
+      _trainer(_config("pmd", batching="paged"), str(tmp_path / "bad"), mesh)
+  assert seen == [None, False, True]
