@@ -130,6 +130,10 @@ def rl_block(**overrides: Any) -> ml_collections.ConfigDict:
                                    # 0 = check only between iterations
       temperature=1.0, top_p=1.0, top_k=0,
       repeat_ngram=0,              # repeat detection: n-gram size, 0 = off
+      # How the sampler batches rows: 'auto' (its default rule, sampler.use_continuous),
+      # 'static' (one batch decoded until its last row ends) or 'continuous' (slots refilled as
+      # rows end, over a paged KV cache). All sample the same rows; only the time differs.
+      batching="auto",
       loss="pmd",                  # 'pmd' | 'pmd_token' | 'grpo' | 'reinforce' | 'rest'
       tau=0.1,                     # PMD regulariser strength
       clip_eps=0.2,                # GRPO

@@ -59,6 +59,41 @@ def test_rows_equal_each_prompt_sampled_alone(temperature):
     _assert_same_rows(got, alone, slice(start[i], start[i + 1]), f"prompt {i}")
 
 
+def test_draws_invert_the_cdf_at_row_uniforms():
+  # At temperature 1 token t of row r is the first whose cumulative probability exceeds the
+  # row's uniform (`sampler.row_uniforms`). Recomputed in float64 from the model's logits of
+  # the whole sequence, that gives every token both paths drew, except where the uniform lies
+  # within float32 rounding of a CDF boundary. Such a tie is all that may set a row of the
+  # continuous path apart from the static path's at temperature > 0 (they add up attention in
+  # a different order), which is what benchmarks/sampler.py's longtail check allows.
+  model = _native(seed=9)
+  counts, seeds, tie = [1, 5, 2, 3, 1], [40, 7, 9, 123456789, 3, 8, 5, 0, 2, 1, 77, 6], 1e-5
+  # The first test's shapes and static arguments, so the module compiles these programs once.
+  gen = dict(max_new_tokens=[24, 40, 8, 40, 33], num_samples=counts, temperature=1.0, seed=21,
+             eos_id=[3, 4], row_seeds=seeds, repeat_ngram=2, repeat_window=8)
+  u = sampler.row_uniforms(21, seeds, 40)
+  source = np.repeat(np.arange(len(PROMPTS)), counts)
+  for continuous in (False, True):
+    res = sampling.generate(model, PROMPTS, continuous=continuous, slots=3, block_size=4, **gen)
+    # Every row's prompt and response in one causal call, right-padded (padding comes after).
+    seqs = np.zeros((len(source), 64), np.int32)
+    for r, n in enumerate(res.lengths):
+      seqs[r, :len(PROMPTS[source[r]]) + n] = PROMPTS[source[r]] + res.tokens[r, :n].tolist()
+    all_logits = np.asarray(jax.jit(model)(jnp.asarray(seqs)), np.float64)  # [R, 64, V]
+    checked = ties = 0
+    for r, n in enumerate(res.lengths):
+      start = len(PROMPTS[source[r]]) - 1
+      logits = all_logits[r, start:start + n]                               # [n, V]
+      probs = np.exp(logits - logits.max(-1, keepdims=True))
+      cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)        # [n, V]
+      want = np.sum(cdf <= u[r, :n, None], axis=-1)
+      near = np.min(np.abs(cdf[:, :-1] - u[r, :n, None]), axis=-1) < tie
+      np.testing.assert_array_equal(res.tokens[r, :n][~near], want[~near],
+                                    err_msg=f"row {r}, continuous={continuous}")
+      checked, ties = checked + n, ties + int(near.sum())
+    assert checked > 200 and ties <= 1, (checked, ties)
+
+
 def test_pool_by_tokens_queues_rows_and_frees_prompts():
   # Twelve 22-token prompts (6 blocks of 4 each) prefilled inside the loop as their rows enter
   # two slots: with the default pool, at most two rows and their prompts are in flight at

@@ -255,3 +255,23 @@ def test_preemption_while_sampling_saves_the_last_iteration_and_resumes_exactly(
   assert resumed.iteration == 3
   for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_batching_chooses_the_sampler_path(tmp_path, monkeypatch):
+  # config.rl.batching reaches the sampler as `continuous` (None: its default rule); a bad
+  # value is refused naming the key.
+  mesh = parallel.make_mesh({"data": -1})
+  seen = []
+
+  def rollout(model, prompts, *, buffer, **kw):
+    seen.append(kw["continuous"])
+    return [], buffer
+  monkeypatch.setattr(trainer_lib.sampling, "rollout", rollout)
+  with parallel.use_mesh(mesh):
+    for batching in ("auto", "static", "continuous"):
+      trainer = _trainer(_config("pmd", batching=batching), str(tmp_path / batching), mesh)
+      assert trainer.step()["rl/groups_trained"] == 0
+    with pytest.raises(ValueError, match=r"config\.rl\.batching='paged'; expected one of "
+                                         r"\('auto', 'static', 'continuous'\)"):
+      _trainer(_config("pmd", batching="paged"), str(tmp_path / "bad"), mesh)
+  assert seen == [None, False, True]

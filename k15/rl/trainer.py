@@ -83,6 +83,8 @@ RewardFn = Callable[[Sequence[int], Sequence[np.ndarray]], np.ndarray]
 
 GROUP_KEYS = ("rewards", "sample_weight")  # [G, k]; every other batch entry is [G*k, T]
 REFERENCES = ("trainer", "sampler")
+# config.rl.batching -> sampling.generate's `continuous` (None: its default rule).
+BATCHING = {"auto": None, "static": False, "continuous": True}
 EARLY_FINISHERS = ("train", "exclude")
 
 
@@ -343,6 +345,10 @@ class RLTrainer:
     if self.early_finishers not in EARLY_FINISHERS:
       raise ValueError(f"config.rl.early_finishers={self.early_finishers!r}; expected one of "
                        f"{EARLY_FINISHERS}")
+    self.batching = self.rl.get("batching", "auto")
+    if self.batching not in BATCHING:
+      raise ValueError(f"config.rl.batching={self.batching!r}; expected one of "
+                       f"{tuple(BATCHING)}")
     if (self.reference == "sampler" and self.rl.segment_budget
         and (self.early_finishers == "train" or self.rl.loss_on_old_segments)):
       # Older segments carry the log-probs of the policy that sampled them, not pi_i's.
@@ -480,7 +486,8 @@ class RLTrainer:
         policy_version=it, seed=int(jax.random.randint(
             jax.random.fold_in(self.rng, it), (), 0, 2**31 - 1)),
         eos_id=self.eos_id, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
-        repeat_ngram=rl.repeat_ngram, check_every=rl.preemption_check_tokens,
+        repeat_ngram=rl.repeat_ngram, continuous=BATCHING[self.batching],
+        check_every=rl.preemption_check_tokens,
         stop_check=self._should_stop if rl.preemption_check_tokens else None)
     return ids, finished
 

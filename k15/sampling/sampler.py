@@ -314,6 +314,25 @@ def _uniforms(x: dict, steps: int) -> Array:
           jnp.arange(steps)))(row_keys, x["response_offset"])
 
 
+def row_uniforms(seed: int, row_seeds: Sequence[int], steps: int,
+                 response_offset: Sequence[int] | None = None) -> np.ndarray:
+  """[R, steps] float32: the uniform at which row r of `generate(..., seed=seed,
+  row_seeds=row_seeds)` inverts its CDF for response token t (`_choose`: the first token whose
+  cumulative probability exceeds u times the total).
+
+  For checks that recompute a draw. Two programs that sample the same rows but add up the
+  same logits in a different order (the static and the continuous paths' attention) give
+  probabilities that differ by float32 rounding, so they draw different tokens where u lies
+  within that rounding (~1e-7) of a CDF boundary, and the rows go their own ways from there:
+  at temperature > 0 "the same rows" holds up to such ties.
+  """
+  seeds = np.asarray(row_seeds, np.int64).reshape(-1) % (1 << 31)
+  offset = np.zeros_like(seeds) if response_offset is None else np.asarray(response_offset)
+  x = {"seed": jnp.int32(seed % (1 << 31)), "row_seeds": jnp.asarray(seeds, jnp.int32),
+       "response_offset": jnp.asarray(offset, jnp.int32)}
+  return np.asarray(jax.jit(_uniforms, static_argnums=1)(x, int(steps)))
+
+
 def _stops(x: dict, static: _Static, active, tok, t_next, limits, history):
   """(is_eos, is_repeat, is_length, new history) of rows that drew `tok` as token t_next - 1.
 
