@@ -194,6 +194,38 @@ def _record_step(record, ids, index):
   return jax.lax.dynamic_update_slice(record, ids.astype(record.dtype), (0, index, 0, 0))
 
 
+def abstract_state(config: Any, cfg: transformer.ModelConfig, mesh):
+  """(graphdef, params, optimizer, opt_state, param shardings, opt shardings): abstract
+  parameters and optimizer state as `jax.ShapeDtypeStruct`s, laid out as the trainer lays them
+  out. Call before the mesh is set: with compile-only devices as the mesh, jax can make no
+  array, which optax's tree_map_params does."""
+  rules = parallel.rules_from_config(config.get("sharding_rules"))
+  abstract = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  param_sh = parallel.state_shardings(state, mesh, rules)
+  as_struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  params = jax.tree.map(as_struct, state, param_sh)
+  optimizer = update.make_optimizer(config.optimizer)
+  opt_sh = update.optimizer_shardings(optimizer, params, param_sh, mesh)
+  opt = jax.tree.map(as_struct, jax.eval_shape(optimizer.init, params), opt_sh)
+  return graphdef, params, optimizer, opt, param_sh, opt_sh
+
+
+def train_batch(cfg: transformer.ModelConfig, mesh, R: int, T: int, k: int,
+                replay: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """The RL train step's batch (k15.rl.trainer.build_batch) of R rows x T tokens in groups of
+  k, split over the batch axes; `replay` adds the sampler's expert ids [R, T, MoE layers,
+  top-k] that rl.routing_replay routes by."""
+  tok = lambda shape: _struct(shape, jnp.int32, ("batch", None), mesh)
+  f32 = lambda shape: _struct(shape, jnp.float32, ("batch", None), mesh)
+  batch = {"tokens": tok((R, T)), "positions": tok((R, T)), "segment_ids": tok((R, T)),
+           "mask": f32((R, T)), "ref_logp": f32((R, T)), "rewards": f32((R // k, k)),
+           "sample_weight": f32((R // k, k))}
+  if replay:
+    batch["expert_ids"] = _routing_record(cfg, mesh, R, T)
+  return batch
+
+
 def compile_programs(config: Any, topology: str | None = None, *,
                      programs: tuple[str, ...] = ("train", "ref_logprobs", "prefill", "decode",
                                                   "decode_paged"),
@@ -223,25 +255,13 @@ def compile_programs(config: Any, topology: str | None = None, *,
     from k15 import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
     bar = metrics_lib.progress(len(programs), desc="aot compile", enabled=True)
 
-  # Abstract parameters and optimizer state, laid out as the trainer lays them out. Computed
-  # before the mesh is set: with compile-only devices as the mesh, jax can make no array,
-  # which optax's tree_map_params does.
   rules = parallel.rules_from_config(config.get("sharding_rules"))
-  abstract = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  param_sh = parallel.state_shardings(state, mesh, rules)
-  as_struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  params = jax.tree.map(as_struct, state, param_sh)
-  optimizer = update.make_optimizer(config.optimizer)
-  opt_sh = update.optimizer_shardings(optimizer, params, param_sh, mesh)
-  opt = jax.tree.map(as_struct, jax.eval_shape(optimizer.init, params), opt_sh)
+  graphdef, params, optimizer, opt, param_sh, opt_sh = abstract_state(config, cfg, mesh)
 
   with parallel.use_mesh(mesh, rules):
     t = p["train"]
     R, T = t["rows"], t["seq_len"]
-    G = R // k
     tok = lambda shape: _struct(shape, jnp.int32, ("batch", None), mesh)
-    f32 = lambda shape: _struct(shape, jnp.float32, ("batch", None), mesh)
     plan_params = t["params"]
     # A mixture of experts with rl.routing_replay: the train batch and the reference pass carry
     # the sampler's expert ids [R, T, MoE layers, top-k] (k15.rl.trainer.build_batch).
@@ -249,11 +269,7 @@ def compile_programs(config: Any, topology: str | None = None, *,
 
     for name in programs:
       if name == "train":
-        batch = {"tokens": tok((R, T)), "positions": tok((R, T)), "segment_ids": tok((R, T)),
-                 "mask": f32((R, T)), "ref_logp": f32((R, T)), "rewards": f32((G, k)),
-                 "sample_weight": f32((G, k))}
-        if replay is not None:
-          batch["expert_ids"] = replay
+        batch = train_batch(cfg, mesh, R, T, k, replay=replay is not None)
         step = update.make_train_step(graphdef, trainer.make_loss_fn(rl, k), optimizer,
                                       microbatches=t["microbatches"], param_shardings=param_sh,
                                       opt_shardings=opt_sh)

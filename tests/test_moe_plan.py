@@ -6,12 +6,10 @@ path for TPU); the config against the released checkpoint's config.json.
 """
 
 import jax
-import jax.numpy as jnp
 import pytest
-from flax import nnx
 
 from configs import qwen3_30b_a3b_v5p, tiny_cpu
-from k15 import parallel, plan, update
+from k15 import aot, parallel, plan, update
 from k15.model import hf, transformer
 from k15.rl import trainer
 
@@ -48,15 +46,10 @@ def test_config_is_the_released_architecture():
 
 
 def test_config_keys_and_shrink():
-  def keys(c, prefix=""):
-    out = set()
-    for k, v in c.items():
-      out.add(prefix + k)
-      if hasattr(v, "items"):
-        out |= keys(v, prefix + k + ".")
-    return out
-  big = qwen3_30b_a3b_v5p.get_config()
-  assert keys(tiny_cpu.get_config()) <= keys(big)
+  # Every key of the tiny config exists here (paths of dict keys down to the leaves).
+  paths = lambda c: {tuple(p.key for p in path if hasattr(p, "key"))
+                     for path, _ in jax.tree_util.tree_flatten_with_path(c.to_dict())[0]}
+  assert paths(tiny_cpu.get_config()) <= paths(qwen3_30b_a3b_v5p.get_config())
   small = qwen3_30b_a3b_v5p.get_config("runlocal=True")
   assert small.model.num_layers == 2 and small.model.num_experts == 8 and not small.distributed
   assert small.model.moe_dispatch == "ragged" and small.rl.routing_replay
@@ -99,31 +92,16 @@ def _small_moe(mesh: dict):
   return c
 
 
-def _compiled_arguments(config) -> float:
-  """Arguments of the compiled RL train step (params, Adam state, batch with expert ids), per
-  device, laid out as k15.aot lays them out."""
+def _compiled_arguments(config) -> tuple[int, dict]:
+  """Arguments of the compiled RL train step (params, Adam state, batch with expert ids) per
+  device, laid out as k15.aot lays them out, and the plan."""
   cfg = transformer.ModelConfig.from_config(config.model)
-  rules = parallel.rules_from_config(config.sharding_rules)
   mesh = parallel.make_mesh(config.mesh, jax.devices())
-  abstract = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  param_sh = parallel.state_shardings(state, mesh, rules)
-  as_struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  params = jax.tree.map(as_struct, state, param_sh)
-  optimizer = update.make_optimizer(config.optimizer)
-  opt_sh = update.optimizer_shardings(optimizer, params, param_sh, mesh)
-  opt = jax.tree.map(as_struct, jax.eval_shape(optimizer.init, params), opt_sh)
+  graphdef, params, optimizer, opt, param_sh, opt_sh = aot.abstract_state(config, cfg, mesh)
   p = plan.plan(config, chip="cpu", num_chips=8)
   R, T, k = p["train"]["rows"], p["train"]["seq_len"], config.rl.samples_per_prompt
-  with parallel.use_mesh(mesh, rules):
-    s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=parallel.sharding(
-        ("batch",) + (None,) * (len(shape) - 1), shape))
-    batch = {"tokens": s((R, T), jnp.int32), "positions": s((R, T), jnp.int32),
-             "segment_ids": s((R, T), jnp.int32), "mask": s((R, T), jnp.float32),
-             "ref_logp": s((R, T), jnp.float32), "rewards": s((R // k, k), jnp.float32),
-             "sample_weight": s((R // k, k), jnp.float32),
-             "expert_ids": s((R, T, cfg.num_layers, cfg.experts_per_token),
-                             transformer.expert_id_dtype(cfg))}
+  with parallel.use_mesh(mesh, config.sharding_rules):
+    batch = aot.train_batch(cfg, mesh, R, T, k, replay=True)
     step = update.make_train_step(graphdef, trainer.make_loss_fn(config.rl, k), optimizer,
                                   param_shardings=param_sh, opt_shardings=opt_sh)
     ma = step.lower(params, opt, batch).compile().memory_analysis()
