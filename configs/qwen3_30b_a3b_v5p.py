@@ -1,4 +1,4 @@
-r"""Qwen3-30B-A3B (mixture of experts) on a v5p-64 slice (32 chips, 4 hosts): 8-way FSDP x 4-way
+r"""Qwen3-30B-A3B (mixture of experts) on a v5p-64 slice (32 chips, 8 hosts): 8-way FSDP x 4-way
 expert parallelism, routing replay on, long-CoT RL at 32k new tokens.
 
 Mode `rl` (the default): long-CoT PMD RL from a Hugging Face checkpoint on MATH-format prompts
@@ -19,16 +19,17 @@ below size the plan and keep the dtypes, attention, remat, dispatch and scan.
 Layout. 30.5B parameters, of which the experts are 29.0B (3 x 2048 x 768 per expert, 128 per
 layer) and 3.3B are active per token. The experts split 4 ways over the 'expert' mesh axis (32
 per device) and their width 8 ways over 'fsdp'; float32 master weights and Adam moments are
-then 15 GiB per chip. Outside the MoE layers the 'expert' axis is this config's tensor axis
+then 10.7 GiB per chip. Outside the MoE layers the 'expert' axis is this config's tensor axis
 (the rules below put heads, vocab and MLP width on ('tensor', 'expert')): 32 query and 4 kv heads
 split 4 ways, so no chip repeats another's attention. Tokens are split over 'fsdp' only: the
 sorted ('ragged') dispatch runs each device's own experts on the tokens of its batch shard and
 sums the experts' outputs over the 'expert' axis (`transformer._ragged_experts`).
 
 Dispatch: 'ragged' (grouped matmuls through `jax.lax.ragged_dot`, XLA:TPU's native ragged dot).
-At 128 experts and top-8 the one-hot 'dense' form would run every expert on every token, 16x the
-chosen experts' FLOPs, and hold a [tokens, 32 experts, 768] buffer per device: 0.8 GB per
-1024 tokens in bfloat16, 27 GiB for one 33792-token row (benchmarks/moe_dispatch.py, docs/moe.md).
+At 128 experts and top-8 the one-hot 'dense' form would run every expert on every token: 16x
+the routed experts' FLOPs, 181 against 18 GFLOP of matmuls per trained token, for
+buffers of about the same size ([tokens, 32 experts, 768] per device against the ragged form's
+8 routed rows of width 2048 per token). benchmarks/moe_dispatch.py compares the two.
 
 Routing replay is on (docs/moe.md): the sampler records every token's 8 experts in each of the
 48 layers (int16, 768 bytes per token) and the trainer routes by them.
