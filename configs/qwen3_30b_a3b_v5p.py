@@ -4,7 +4,7 @@ expert parallelism, routing replay on, long-CoT RL at 32k new tokens.
 Mode `rl` (the default): long-CoT PMD RL from a Hugging Face checkpoint on MATH-format prompts
 with the math verifier, evaluated every 20 iterations, exported to W/export/final:
 
-    python -m k15.aot --config=configs/qwen3_30b_a3b_v5p.py      # every program fits (docs/moe.md)
+    python -m k15.aot --config=configs/qwen3_30b_a3b_v5p.py      # memory per chip (docs/moe.md)
     python -m k15.main --config=configs/qwen3_30b_a3b_v5p.py --workdir=gs://BUCKET/k15/qwen30b \
         --config.model_path=/data/Qwen3-30B-A3B \
         --config.data.train=/data/math/train.jsonl --config.data.eval=/data/math500/test.jsonl \
