@@ -21,6 +21,11 @@ caches as `jax.ShapeDtypeStruct`s (nothing is allocated, a 7B model included):
                 keys and values read through the Pallas paged-attention kernel; pool and slots
                 split over the batch axes, kv heads over tensor (`paged.pool_specs`)
 
+A mixture of experts compiles as the RL loop runs it: with rl.routing_replay the train batch
+and the reference pass carry the sampler's expert ids [rows, T, MoE layers, top-k], the prefill
+returns the prompts' routing, and both decode steps write their tokens' experts into the
+sampler's routing record (donated, beside the cache).
+
 Shapes are `k15.plan`'s worst case for one rollout and one gradient step, and its per-chip
 prediction for each program is printed beside XLA's. Training and sampling use the same
 parameter layout (k15.parallel's rules), so there is no re-layout program between them.
@@ -135,11 +140,13 @@ def _struct(shape, dtype, axes, mesh) -> jax.ShapeDtypeStruct:
 
 
 def _compile_decode_paged(graphdef, params, cfg, mesh, slots: int, length: int, plan_bytes,
-                          block_size: int = 16) -> Program:
+                          block_size: int = 16, record=None) -> Program:
   """One paged decode step: `slots` slots, each with `length` tokens of blocks in the pool.
 
   Each batch shard's pool holds its slots' blocks and a scratch block; the tables index
-  within the shard (`paged.pool_specs`). Call under `parallel.use_mesh(mesh)`.
+  within the shard (`paged.pool_specs`). `record` (a mixture of experts, `_routing_record`):
+  the step also writes the slots' experts into it, as the continuous sampler does. Call under
+  `parallel.use_mesh(mesh)`.
   """
   sp = paged.pool_specs(cfg, mesh)
   shards = math.prod(mesh.shape[a] for a in paged._names(sp["slots"][0]))  # pylint: disable=protected-access
@@ -155,13 +162,69 @@ def _compile_decode_paged(graphdef, params, cfg, mesh, slots: int, length: int, 
   tables = jax.ShapeDtypeStruct((slots, M), jnp.int32, sharding=jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(sp["slots"][0], None)))
 
-  def decode_paged(state, pool, tokens, positions, tables, block, offset, lengths):
-    return paged.decode_step(nnx.merge(graphdef, state), tokens, positions, pool, tables, block,
-                             offset, lengths, buckets=(M,), impl="tpu")
+  def decode_paged(state, pool, tokens, positions, tables, block, offset, lengths, *record):
+    out = paged.decode_step(nnx.merge(graphdef, state), tokens, positions, pool, tables, block,
+                            offset, lengths, buckets=(M,), impl="tpu",
+                            return_routing=bool(record))
+    if not record:
+      return out
+    logits, pool, ids = out  # the slots' experts [slots, L, k], written at the step's index
+    return logits, pool, _record_step(record[0], ids[:, None], record[1])
 
+  args = (params, pool, vec(), vec(), tables, vec(), vec(), vec())
+  if record is not None:
+    args += (record, jax.ShapeDtypeStruct((), jnp.int32))
   return _compile("decode_paged", f"{slots} slots x {length} tokens, pool {blocks} blocks of {C}",
-                  jax.jit(decode_paged, donate_argnums=1),
-                  (params, pool, vec(), vec(), tables, vec(), vec(), vec()), plan_bytes)
+                  jax.jit(decode_paged, donate_argnums=(1, 8) if record is not None else 1),
+                  args, plan_bytes)
+
+
+def _routing_record(cfg, mesh, rows: int, tokens: int) -> jax.ShapeDtypeStruct | None:
+  """A mixture of experts: the sampler's record of each response token's experts, [rows,
+  tokens, MoE layers, top-k] in `transformer.expert_id_dtype`, carried (donated) through
+  decode; None for a dense model."""
+  layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+  if not layers:
+    return None
+  return _struct((rows, tokens, layers, cfg.experts_per_token), transformer.expert_id_dtype(cfg),
+                 ("batch", None, None, None), mesh)
+
+
+def _record_step(record, ids, index):
+  """Writes one step's ids [rows, 1, L, k] at response index `index` of the record."""
+  return jax.lax.dynamic_update_slice(record, ids.astype(record.dtype), (0, index, 0, 0))
+
+
+def abstract_state(config: Any, cfg: transformer.ModelConfig, mesh):
+  """(graphdef, params, optimizer, opt_state, param shardings, opt shardings): abstract
+  parameters and optimizer state as `jax.ShapeDtypeStruct`s, laid out as the trainer lays them
+  out. Call before the mesh is set: with compile-only devices as the mesh, jax can make no
+  array, which optax's tree_map_params does."""
+  rules = parallel.rules_from_config(config.get("sharding_rules"))
+  abstract = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  param_sh = parallel.state_shardings(state, mesh, rules)
+  as_struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  params = jax.tree.map(as_struct, state, param_sh)
+  optimizer = update.make_optimizer(config.optimizer)
+  opt_sh = update.optimizer_shardings(optimizer, params, param_sh, mesh)
+  opt = jax.tree.map(as_struct, jax.eval_shape(optimizer.init, params), opt_sh)
+  return graphdef, params, optimizer, opt, param_sh, opt_sh
+
+
+def train_batch(cfg: transformer.ModelConfig, mesh, R: int, T: int, k: int,
+                replay: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """The RL train step's batch (k15.rl.trainer.build_batch) of R rows x T tokens in groups of
+  k, split over the batch axes; `replay` adds the sampler's expert ids [R, T, MoE layers,
+  top-k] that rl.routing_replay routes by."""
+  tok = lambda shape: _struct(shape, jnp.int32, ("batch", None), mesh)
+  f32 = lambda shape: _struct(shape, jnp.float32, ("batch", None), mesh)
+  batch = {"tokens": tok((R, T)), "positions": tok((R, T)), "segment_ids": tok((R, T)),
+           "mask": f32((R, T)), "ref_logp": f32((R, T)), "rewards": f32((R // k, k)),
+           "sample_weight": f32((R // k, k))}
+  if replay:
+    batch["expert_ids"] = _routing_record(cfg, mesh, R, T)
+  return batch
 
 
 def compile_programs(config: Any, topology: str | None = None, *,
@@ -193,58 +256,48 @@ def compile_programs(config: Any, topology: str | None = None, *,
     from k15 import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
     bar = metrics_lib.progress(len(programs), desc="aot compile", enabled=True)
 
-  # Abstract parameters and optimizer state, laid out as the trainer lays them out. Computed
-  # before the mesh is set: with compile-only devices as the mesh, jax can make no array,
-  # which optax's tree_map_params does.
   rules = parallel.rules_from_config(config.get("sharding_rules"))
-  abstract = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  param_sh = parallel.state_shardings(state, mesh, rules)
-  as_struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  params = jax.tree.map(as_struct, state, param_sh)
-  optimizer = update.make_optimizer(config.optimizer)
-  opt_sh = update.optimizer_shardings(optimizer, params, param_sh, mesh)
-  opt = jax.tree.map(as_struct, jax.eval_shape(optimizer.init, params), opt_sh)
+  graphdef, params, optimizer, opt, param_sh, opt_sh = abstract_state(config, cfg, mesh)
 
   with parallel.use_mesh(mesh, rules):
     t = p["train"]
     R, T = t["rows"], t["seq_len"]
-    G = R // k
     tok = lambda shape: _struct(shape, jnp.int32, ("batch", None), mesh)
-    f32 = lambda shape: _struct(shape, jnp.float32, ("batch", None), mesh)
     plan_params = t["params"]
+    # A mixture of experts with rl.routing_replay: the train batch and the reference pass carry
+    # the sampler's expert ids [R, T, MoE layers, top-k] (k15.rl.trainer.build_batch).
+    replay = (_routing_record(cfg, mesh, R, T) if rl.get("routing_replay", False) else None)
 
     for name in programs:
       if name == "train":
-        batch = {"tokens": tok((R, T)), "positions": tok((R, T)), "segment_ids": tok((R, T)),
-                 "mask": f32((R, T)), "ref_logp": f32((R, T)), "rewards": f32((G, k)),
-                 "sample_weight": f32((G, k))}
+        batch = train_batch(cfg, mesh, R, T, k, replay=replay is not None)
         step = update.make_train_step(graphdef, trainer.make_loss_fn(rl, k), optimizer,
                                       microbatches=t["microbatches"], param_shardings=param_sh,
                                       opt_shardings=opt_sh)
         prog = _compile("train", f"{R} rows x {T} tokens, {t['microbatches']} microbatch(es)",
                         step, (params, opt, batch), t["peak"])
       elif name == "ref_logprobs":
-        # The trainer runs the reference pass one microbatch of groups at a time.
+        # The trainer's reference pass (`trainer.make_reference_fn`), one microbatch of groups
+        # at a time: the loss's forward, routed by the recorded experts with rl.routing_replay.
         Rm = R // t["microbatches"]
-        fn = jax.jit(lambda s, a, b, c: update.token_logprobs(nnx.merge(graphdef, s), a, b, c))
+        fn = jax.jit(lambda s, a, b, c, *ids: update.logprobs_and_router_aux(
+            nnx.merge(graphdef, s), a, b, c, *ids)[0])
+        replay_m = (None if replay is None else
+                    _routing_record(cfg, mesh, Rm, T))
         prog = _compile("ref_logprobs", f"{Rm} rows x {T} tokens", fn,
-                        (params, tok((Rm, T)), tok((Rm, T)), tok((Rm, T))), p["ref_logprobs"])
+                        (params, tok((Rm, T)), tok((Rm, T)), tok((Rm, T)))
+                        + ((replay_m,) if replay_m is not None else ()), p["ref_logprobs"])
       elif name == "prefill":
         s = p["sampling"]
         U, P = s["sequences"], s["prompt_bucket"]
 
-        def prefill(state, tokens, positions, segment_ids, P=P, U=U):
-          # As the sampler does: all but the last prompt token fill the cache (their logits
-          # are dropped), then the last token alone gives the first new token's logits.
-          model = nnx.merge(graphdef, state)
-          cache = sampler._constrain_cache(transformer.init_cache(cfg, U, P))  # pylint: disable=protected-access
-          _, cache = model(tokens[:, :-1], positions=positions[:, :-1],
-                           segment_ids=segment_ids[:, :-1], cache=cache, cache_index=0)
-          logits, cache = model(tokens[:, -1:], positions=positions[:, -1:],
-                                segment_ids=segment_ids[:, -1:], cache=cache,
-                                cache_index=P - 1)
-          return logits, cache
+        def prefill(state, tokens, positions, segment_ids):
+          # The sampler's prefill: all but the last prompt token fill the cache (their logits
+          # are dropped), then the last token alone gives the first new token's logits; a
+          # mixture of experts also returns the prompts' expert ids [U, P, L, k].
+          return sampler._prefill(  # pylint: disable=protected-access
+              nnx.merge(graphdef, state),
+              {"tokens": tokens, "positions": positions, "segment_ids": segment_ids})
 
         seq = lambda: _struct((U, P), jnp.int32, ("batch", "length"), mesh)
         prog = _compile("prefill", f"{U} sequences x {P} tokens", jax.jit(prefill),
@@ -256,21 +309,32 @@ def compile_programs(config: Any, topology: str | None = None, *,
         cache = sampler._map_cache(  # pylint: disable=protected-access
             lambda a, axes: _struct(a.shape, a.dtype, axes, mesh), cache)
 
-        def decode(state, cache, tokens, positions, index):
+        record = _routing_record(cfg, mesh, Rs, S - s["prompt_bucket"])
+
+        def decode(state, cache, tokens, positions, index, *record):
           model = nnx.merge(graphdef, state)
-          logits, cache = model(tokens, positions=positions,
-                                segment_ids=jnp.ones_like(tokens), cache=cache,
-                                cache_index=index)
-          return logits[:, 0], sampler._constrain_cache(cache)  # pylint: disable=protected-access
+          logits, cache, *routing = model(tokens, positions=positions,
+                                          segment_ids=jnp.ones_like(tokens), cache=cache,
+                                          cache_index=index, return_routing=bool(record))
+          cache = sampler._constrain_cache(cache)  # pylint: disable=protected-access
+          if not record:
+            return logits[:, 0], cache
+          # As the sampler records a step's experts, at the token's response index.
+          ids = sampler._stack_routing(routing[0], cfg)  # pylint: disable=protected-access
+          return logits[:, 0], cache, _record_step(record[0], ids, index - s["prompt_bucket"])
 
         row = lambda: _struct((Rs, 1), jnp.int32, ("batch", None), mesh)
-        prog = _compile("decode", f"{Rs} rows, cache {S}", jax.jit(decode, donate_argnums=1),
-                        (params, cache, row(), row(), jax.ShapeDtypeStruct((), jnp.int32)),
+        args = (params, cache, row(), row(), jax.ShapeDtypeStruct((), jnp.int32))
+        prog = _compile("decode", f"{Rs} rows, cache {S}",
+                        jax.jit(decode, donate_argnums=(1, 5) if record is not None else 1),
+                        args + ((record,) if record is not None else ()),
                         plan_params + s["kv_cache"] + s["decode"])
       elif name == "decode_paged":
         s = p["sampling"]
-        prog = _compile_decode_paged(graphdef, params, cfg, mesh, s["rows"], s["cache_length"],
-                                     plan_params + s["kv_cache"] + s["decode_paged"])
+        prog = _compile_decode_paged(
+            graphdef, params, cfg, mesh, s["rows"], s["cache_length"],
+            plan_params + s["kv_cache"] + s["decode_paged"],
+            record=_routing_record(cfg, mesh, s["rows"], s["cache_length"] - s["prompt_bucket"]))
       else:
         raise ValueError(f"unknown program {name!r}; known: train, ref_logprobs, prefill, "
                          f"decode, decode_paged")

@@ -96,6 +96,13 @@ tokens + 6 B T^2 N H L (causal attention, forward and backward, useful half of t
 MFU counts model FLOPs only, so a remat policy's recomputation shows up as a lower MFU, not as
 more FLOPs here.
 
+Mixture of experts (the section at `_moe_plan`): expert and router weights and their Adam
+moments are in the parameter totals (exact, as above: experts on the 'expert' axis) and broken
+out; a uniform MoE stack counts no dense SwiGLU; each MoE layer adds its dispatch's buffers per
+token (router, the k routed rows of the sorted 'ragged' dispatch, or the [E, F] arrays of the
+one-hot 'dense' one), the replayed expert ids in the batch and the sampler's routing record;
+FLOPs count the k routed experts.
+
 Note (XLA scheduling): the 'full' and 'dots' figures assume the compiler recomputes a layer
 right before that layer's backward. XLA:CPU's scheduler hoists the recomputation of an
 unrolled Python loop of layers (the model's `for block in self.layers`) and so keeps almost
@@ -254,8 +261,9 @@ def _param_memory(cfg: transformer.ModelConfig, sh: _Sharder, optimizer):
 
 
 def _matmul_params(cfg: transformer.ModelConfig) -> int:
-  """Parameters that take part in a matmul per token (the embedding lookup does not)."""
-  n = cfg.num_params()
+  """Parameters that take part in a matmul per token (the embedding lookup and the experts a
+  token is not routed to do not)."""
+  n = cfg.num_params() - _inactive_expert_params(cfg)
   if not cfg.tie_embeddings:
     n -= cfg.vocab_size * cfg.embed_dim
   return n
@@ -427,6 +435,134 @@ def _sampling(cfg: transformer.ModelConfig, sh: _Sharder, rl: Any, prompt_len: i
           "prefill_logits_mode": prefill_logits, "decode": decode, "decode_paged": paged}
 
 
+# --- Mixture of experts (Qwen3-MoE, k15.model.transformer.MoE) ---------------------------------
+# Letters as above, and E experts, k experts per token, Fe an expert's SwiGLU width, Lm MoE
+# layers. The dense terms above count no SwiGLU for a model whose every layer is MoE
+# (`_without_unused_mlp`); these add the experts' own.
+
+
+def _moe_layers(cfg: transformer.ModelConfig) -> int:
+  return sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+
+
+def _without_unused_mlp(cfg: transformer.ModelConfig) -> transformer.ModelConfig:
+  """cfg with mlp_dim 0 when no layer has a dense MLP (a uniform MoE stack: model.mlp_dim
+  describes no parameter then), so the dense activation and prefill terms count no SwiGLU. With
+  `moe_dense_layers` they keep one in every layer (an upper bound)."""
+  if cfg.num_experts and _moe_layers(cfg) == cfg.num_layers:
+    return dataclasses.replace(cfg, mlp_dim=0)
+  return cfg
+
+
+def _inactive_expert_params(cfg: transformer.ModelConfig) -> int:
+  """Expert weights a token does not use: (E - k) experts of each MoE layer (FLOPs count the
+  k chosen ones, as the 'ragged' dispatch computes; 'dense' runs all E, E / k times more)."""
+  if not cfg.num_experts:
+    return 0
+  return (_moe_layers(cfg) * (cfg.num_experts - cfg.experts_per_token) * 3 * cfg.embed_dim
+          * cfg.moe_mlp_dim)
+
+
+def _moe_param_memory(cfg: transformer.ModelConfig, sh: _Sharder) -> dict[str, float]:
+  """Per-chip bytes of the experts' and routers' weights as laid out by the rules (the experts
+  on 'expert', their width on 'fsdp'/'tensor'), their Adam moments (two param-shaped copies
+  in the param dtype, laid out alike), and one layer's experts as the dispatch reads them.
+
+  These are part of `_param_memory`'s totals, broken out. 'ragged' runs per device under
+  `jax.shard_map` with each device's experts whole ([E / expert, D, Fe], gathered over the
+  other axes); 'dense' reads them cast to the compute dtype, still split over the non-FSDP axes.
+  """
+  D, E, Fe, Lm = cfg.embed_dim, cfg.num_experts, cfg.moe_mlp_dim, _moe_layers(cfg)
+  p, b = _itemsize(cfg.param_dtype), _itemsize(cfg.dtype)
+  expert_axes, router_axes = ("expert", "embed", "mlp"), ("embed", None)
+  experts = Lm * 3 * sh.per_chip(expert_axes, (E, D, Fe), p)
+  router = Lm * sh.per_chip(router_axes, (D, E), p)
+  if cfg.moe_dispatch == "ragged":
+    gathered = 3 * sh.per_chip(("expert", None, None), (E, D, Fe), b)
+  else:
+    kept = 1
+    for entry in sh.spec(expert_axes, (E, D, Fe)):
+      for a in (() if entry is None else (entry,) if isinstance(entry, str) else entry):
+        kept *= 1 if a in ("data", "fsdp") else sh.mesh.shape[a]
+    gathered = 3 * E * D * Fe * b / kept
+  return {"experts": experts, "router": router, "opt_state": 2 * (experts + router),
+          "gathered_layer": gathered}
+
+
+def _moe_token_bytes(cfg: transformer.ModelConfig, backward: bool) -> tuple[float, float]:
+  """(bytes per token per MoE layer replicated over the expert axis, bytes per token and
+  expert (dense dispatch; split over the expert and tensor axes)) of one layer's dispatch.
+
+  Router (both): float32 logits, probabilities and the top-k rounds' masked copy, 12E.
+  'ragged', per token's k rows: the gathered inputs, the expert outputs, their weighted and
+  unsorted copies (b(3D) each row), gate, up and their SwiGLU product (3b Fe), the sort order,
+  its inverse and the ids (int32, 12); the backward adds the cotangents of the inputs, outputs
+  and the three SwiGLU arrays, b(2D + 3Fe) per row. 'dense', per token and expert: gate, up,
+  SiLU and the combined product (4b Fe), 3b Fe more in the backward, plus the [E] combine row.
+  """
+  D, E, Fe, k = cfg.embed_dim, cfg.num_experts, cfg.moe_mlp_dim, cfg.experts_per_token
+  b = _itemsize(cfg.dtype)
+  router = 12 * E
+  if cfg.moe_dispatch == "ragged":
+    per_row = b * (3 * D + 3 * Fe) + 12 + (b * (2 * D + 3 * Fe) if backward else 0)
+    return router + k * per_row, 0.0
+  per_expert = b * (4 * Fe + (3 * Fe if backward else 0)) + b
+  return router, per_expert
+
+
+def _moe_dispatch(cfg: transformer.ModelConfig, sh: _Sharder, B: int, T: int,
+                  backward: bool) -> float:
+  """Per-chip bytes of one MoE layer's dispatch on B x T tokens (`_moe_token_bytes`). The
+  tokens are those of the chip's batch shard: 'ragged' runs each device's experts on all of
+  them."""
+  tok, per_expert = _moe_token_bytes(cfg, backward)
+  out = sh.per_chip(("batch", "length"), (B, T), tok)
+  if per_expert:
+    out += sh.per_chip(("batch", "length", "act_expert"), (B, T, cfg.num_experts), per_expert)
+  return out
+
+
+def _moe_routing_bytes(cfg: transformer.ModelConfig, sh: _Sharder, rows: int,
+                       tokens: int) -> float:
+  """Recorded expert ids [rows, tokens, Lm, k] (routing replay) per chip, in
+  `transformer.expert_id_dtype`, split over the batch axes."""
+  itemsize = jnp.dtype(transformer.expert_id_dtype(cfg)).itemsize
+  shape = (rows, tokens, _moe_layers(cfg), cfg.experts_per_token)
+  return sh.per_chip(("batch", None, None, None), shape, itemsize)
+
+
+def _moe_plan(cfg: transformer.ModelConfig, sh: _Sharder, B: int, T: int, rows: int,
+              replay: bool) -> dict[str, float]:
+  """The MoE terms of the train step and the reference pass (per chip).
+
+  saved / recompute: added to the activations as the remat policy keeps them (every MoE layer's
+  forward set for 'none' and 'dots', whose saved matmul outputs are most of it; one layer's
+  forward and backward for 'full'). layer_forward: one layer's forward set (the reference pass).
+  batch: the replayed expert ids of the step's rows (rl.routing_replay).
+  """
+  forward = _moe_dispatch(cfg, sh, B, T, backward=False)
+  both = _moe_dispatch(cfg, sh, B, T, backward=True)
+  if cfg.remat == "full":
+    saved, recompute = 0.0, both
+  else:
+    saved, recompute = _moe_layers(cfg) * forward, both - forward
+  return {**_moe_param_memory(cfg, sh), "saved": saved, "recompute": recompute,
+          "layer_forward": forward,
+          "batch": _moe_routing_bytes(cfg, sh, rows, T) if replay else 0.0}
+
+
+def _moe_sampling(cfg: transformer.ModelConfig, sh: _Sharder, smp: dict) -> dict[str, float]:
+  """The MoE terms of one rollout call: the prefill's dispatch on its U x P tokens (forward) and
+  the prompts' recorded experts [U, P, Lm, k]; decode's dispatch on R tokens and the response
+  record [R, S - P, Lm, k] that the sampler carries through its loop (k15.sampling.sampler)."""
+  U, P, R, S = smp["sequences"], smp["prompt_bucket"], smp["rows"], smp["cache_length"]
+  record = _moe_routing_bytes(cfg, sh, R, S - P)
+  return {"prefill": (_moe_dispatch(cfg, sh, U, P, backward=False)
+                      + _moe_routing_bytes(cfg, sh, U, P) + record),
+          "decode": _moe_dispatch(cfg, sh, R, 1, backward=False) + record,
+          "routing_record": record}
+
+
 def _default_shapes(config, prompt_len: int) -> tuple[int, int, int]:
   """(rows per gradient step, tokens per row, microbatches) from the rl or smoke block."""
   if "rl" in config:
@@ -483,7 +619,8 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
                      f"config.accelerator_type, e.g. 'v5p-64')") from e
   sh = _Sharder(mesh_sizes, config.get("sharding_rules"))
 
-  cfg = transformer.ModelConfig.from_config(config.model)
+  # A uniform MoE stack: model.mlp_dim sizes nothing, so the dense terms count no SwiGLU.
+  cfg = _without_unused_mlp(transformer.ModelConfig.from_config(config.model))
   opt_cfg = config.optimizer if "optimizer" in config else k15_config.optimizer_block()
   optimizer = update.make_optimizer(opt_cfg)
   if prompt_len is None:
@@ -504,6 +641,12 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
   act = (_tpu_activations(cfg, sh, Bm, T, chunk) if tpu
          else _activations(cfg, sh, Bm, T, layer_copy, chunk))
   batch_bytes = sh.per_chip(("batch", None), (rows, T), 20)  # tokens, positions, ids, mask, logp
+  moe = (_moe_plan(cfg, sh, Bm, T, rows, "rl" in config and config.rl.get("routing_replay", False))
+         if cfg.num_experts else {})
+  if moe:  # the experts' dispatch, and the replayed routing in the batch
+    act = dict(act, saved=act["saved"] + moe["saved"],
+               recompute=act["recompute"] + moe["recompute"])
+    batch_bytes += moe["batch"]
   activations = act["saved"] + act["recompute"]
   backward = grads + activations + act["logits"]
   update_phase = 2.25 * params
@@ -518,6 +661,7 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
     one_layer = _activations(dataclasses.replace(cfg, remat="full"), sh, Bm, T, layer_copy,
                              chunk)
     ref_logprobs = params + batch_bytes + one_layer["recompute"] + 2 * one_layer["logits_tile"]
+  ref_logprobs += moe.get("layer_forward", 0.0)
 
   out: dict[str, Any] = {
       "chip": chip, "chip_name": CHIPS[chip].name, "num_chips": num_chips,
@@ -531,8 +675,18 @@ def plan(config: Any, batch: int | None = None, seq_len: int | None = None,
                 "update_phase": update_phase, "peak": train_peak},
       "ref_logprobs": ref_logprobs,
   }
+  if moe:
+    out["moe"] = {key: moe[key] for key in ("experts", "router", "opt_state", "gathered_layer",
+                                            "layer_forward", "batch")}
+    out["moe"]["dispatch"] = moe["saved"] + moe["recompute"]
   if "rl" in config:
     smp = _sampling(cfg, sh, config.rl, prompt_len, prefill_logits, tpu)
+    if moe:
+      moe_smp = _moe_sampling(cfg, sh, smp)
+      smp.update(prefill=smp["prefill"] + moe_smp["prefill"],
+                 decode=smp["decode"] + moe_smp["decode"],
+                 decode_paged=smp["decode_paged"] + moe_smp["decode"],
+                 routing_record=moe_smp["routing_record"])
     # With the optimizer reset each iteration its moments exist only while training
     # (k15.rl.trainer creates them after sampling and drops them after the last update).
     resident_opt = 0.0 if config.rl.get("reset_optimizer", False) else opt
@@ -589,6 +743,17 @@ def format_plan(p: dict[str, Any]) -> str:
       f"  update phase          {g(t['update_phase'])}",
       f"  peak                  {g(t['peak'])}",
   ]
+  if "moe" in p:
+    mo = p["moe"]
+    lines += [
+        "  mixture of experts (included above):",
+        f"    expert weights      {g(mo['experts'])}   (router {g(mo['router']).strip()})",
+        f"    their Adam moments  {g(mo['opt_state'])}",
+        f"    1 layer's experts   {g(mo['gathered_layer'])}   (as the dispatch reads them)",
+        f"    dispatch            {g(mo['dispatch'])}   (1 layer forward: "
+        f"{g(mo['layer_forward']).strip()})",
+        f"    replayed routing    {g(mo['batch'])}   (in the batch)",
+    ]
   if "sampling" in p:
     s = p["sampling"]
     lines += [
@@ -600,6 +765,8 @@ def format_plan(p: dict[str, Any]) -> str:
         f"  prefill transient     {g(s['prefill'])}   (of which logits at "
         f"{s['prefill_logits_mode']} positions {g(s['prefill_logits']).strip()})",
         f"  decode transient      {g(s['decode'])}",
+    ] + ([f"  routing record        {g(s['routing_record'])}   (in both transients: each "
+          f"token's experts, for replay)"] if "routing_record" in s else []) + [
         f"  peak                  {g(s['peak'])}   (params + optimizer state + cache + "
         f"transient)",
     ]

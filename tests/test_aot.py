@@ -89,4 +89,42 @@ def test_sampler_programs_compile_for_v5e8_within_20pc_of_the_plan():
   for program in (prefill, decode, paged_step):
     assert abs(program.plan_bytes - _buffers(program)) <= 0.2 * _buffers(program), (
         program.name, program.plan_bytes / aot.GiB, program.memory)
+
+
+def _moe_config():
+  # configs/qwen3_30b_a3b_v5p.py's structure (FSDP x expert axes, the heads and vocab also on
+  # the expert axis, ragged dispatch, routing replay, bfloat16, remat full, splash, scanned
+  # layers), shrunk to 2 layers of 16 experts on a v5p-16 (8 chips: 2-way FSDP x 4-way expert).
+  from configs import qwen3_30b_a3b_v5p  # pylint: disable=g-import-not-at-top
+  c = qwen3_30b_a3b_v5p.get_config()
+  c.accelerator_type = "v5p-16"
+  c.model.update(vocab_size=4096, embed_dim=256, num_layers=2, num_heads=8, num_kv_heads=4,
+                 head_dim=128, num_experts=16, experts_per_token=4, moe_mlp_dim=256,
+                 logits_chunk=512)
+  c.rl.update(max_new_tokens=1792, segment_budget=1792, minibatch_groups=2, microbatches=1,
+              length_bucket=256, prompts_per_iteration=2, samples_per_prompt=4)
+  c.rl.max_prompt_length = 256
+  return c
+
+
+@pytest.mark.slow  # two TPU compiles of a MoE model: ~2 min on an idle 2-core host, 8 on a busy one
+def test_moe_programs_compile_for_v5p_beside_the_plan():
+  result = aot.compile_programs(_moe_config(), programs=("train", "decode"))
+  assert result["topology"] == "v5p:2x2x2"
+  assert result["mesh"] == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1, "sequence": 1}
+  train, decode = result["programs"]
+  p = result["plan"]
+  # k15.plan's parameters and Adam state (experts split over the expert axis, their width over
+  # FSDP) and the batch (with the replayed expert ids) against XLA's arguments: within 20%.
+  t = p["train"]
+  args = t["params"] + t["opt_state"] + t["batch"]
+  assert abs(args - train.memory["arguments"]) <= 0.2 * train.memory["arguments"], (
+      args, train.memory)
+  moe = p["moe"]["experts"] + p["moe"]["router"] + p["moe"]["opt_state"] + p["moe"]["batch"]
+  assert moe > 0.5 * train.memory["arguments"]
+  # XLA counts at least the routed experts' matmuls (forward + backward, 4 of 16 experts in
+  # 2 layers, 8 x 2048 tokens over 8 chips).
+  assert train.flops > 6 * 2 * 4 * 3 * 256 * 256 * 8 * 2048 / 8
+  # Decode carries the routing record (donated) beside the KV cache.
+  assert decode.memory["aliased"] >= p["sampling"]["routing_record"]
   assert all(row["fits"] for row in aot.to_json(result)["programs"])
