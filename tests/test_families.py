@@ -3,7 +3,6 @@ Qwen3-MoE (router, experts, load-balancing loss, expert parallelism, routing rep
 transformers on tiny random models, and exported back."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -289,6 +288,7 @@ def test_moe_sampling_on_an_expert_parallel_mesh_equals_one_device(dispatch):
   np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
 
 
+@pytest.mark.slow  # ~30 s; tests/test_routing_replay.py replays routing in the default suite
 def test_routing_replay_routes_by_the_given_experts():
   cfg = _moe_cfg()
   model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))

@@ -85,6 +85,7 @@ NOTEBOOKS = {
 }
 
 
+@pytest.mark.slow  # each notebook runs its stages end to end: ~1 min each on 2 cores
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_notebook_executes(name, tmp_path, monkeypatch):
   devices, requires, check = NOTEBOOKS[name]

@@ -229,6 +229,7 @@ def test_stop_when_ends_training_with_a_checkpoint(tmp_path):
   assert trainer.checkpointer.latest_step() == 2
 
 
+@pytest.mark.slow  # three short RL runs (~35 s); tests/test_rollout.py checks the pieces alone
 def test_preemption_while_sampling_saves_the_last_iteration_and_resumes_exactly(tmp_path):
   """With rl.preemption_check_tokens the sampler stops between pieces of an iteration; the
   checkpoint is the previous iteration's, and resuming gives what an uninterrupted run gives."""

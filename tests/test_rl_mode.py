@@ -237,6 +237,7 @@ def test_checkpoint_without_tokenizer_files(tmp_path, qwen_ckpt, data):
     rl_run.run(_config(str(bare), data["train"]), str(tmp_path / "w"))
 
 
+@pytest.mark.slow  # loads and refuses several checkpoints: ~50 s on 2 cores
 def test_checkpoint_path_errors(tmp_path, data):
   # A remote checkpoint is staged (tests/test_epath.py); one that cannot be read is named.
   with pytest.raises(OSError, match=r"config.model_path=gs://b/ckpt: cannot read it"):
