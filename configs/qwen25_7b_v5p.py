@@ -1,4 +1,4 @@
-r"""Qwen2.5-7B on a v5p-64 slice (32 chips, 4 hosts): FSDP across the slice, 4-way tensor.
+r"""Qwen2.5-7B on a v5p-64 slice (32 chips, 8 hosts of 4): FSDP across the slice, 4-way tensor.
 
 Mode `rl` (the default): long-CoT PMD RL from a Hugging Face checkpoint on MATH-format prompts
 with the math verifier, evaluated every 20 iterations, exported to W/export/final:
