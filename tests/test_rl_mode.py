@@ -45,12 +45,13 @@ def data(tmp_path_factory):
           "eval": _write_jsonl(d / "test.jsonl", rows[12:])}
 
 
-def _checkpoint(directory, family: str, rows) -> str:
+def _checkpoint(directory, family: str, rows, texts=None, vocab_size=300) -> str:
   """A random tiny checkpoint written by transformers, with a byte-level BPE tokenizer and
-  ChatML template trained offline; its vocabulary padded beyond the tokenizer's, as Qwen2.5's."""
-  texts = [r["question"] + "\n" + r["answer"] for r in rows]
-  tok = hf_tokenizer.train_bpe(texts, directory, vocab_size=300)
-  common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+  ChatML template trained offline (on `texts`, default the GSM8K-format `rows`); its vocabulary
+  padded beyond the tokenizer's, as Qwen2.5's."""
+  texts = texts or [r["question"] + "\n" + r["answer"] for r in rows]
+  tok = hf_tokenizer.train_bpe(texts, directory, vocab_size=vocab_size)
+  common = dict(vocab_size=vocab_size + 20, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 rms_norm_eps=1e-6)
   torch.manual_seed(0)
@@ -455,53 +456,87 @@ def test_data_seed_fixes_the_prompt_order_apart_from_the_sampling_seed(tmp_path)
   assert draws(1, -1) != draws(2, -1)  # -1: the prompt order follows config.seed
 
 
-# About a minute on a 2-core machine (compiling the sampler and the train step).
-@pytest.mark.slow
-def test_code_rl_mode_end_to_end(tmp_path, qwen_ckpt, sandbox, monkeypatch):
-  """mode=rl with data.format=code and reward=code: the reward function the stage builds from
-  the config grades the decoded trajectories, scores a known-correct completion 1 and hostile
-  ones 0; two iterations run, evaluated on a code eval set, and export."""
+# Code RL through the whole path: prompt file -> chat template -> sampled responses -> the code
+# reward's sandboxes -> metrics. A tiny model is SFT'd to answer each prompt with one program, so
+# that what the policy samples is known: the right program for one prompt, a hostile one (which
+# prints the right sum too once its attack has run) for each of the others.
+SUM_PROGRAM = "a,b=map(int,input().split())\nprint(a+b)\n"
+SUM_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "5 7\n", "output": "12\n"}]
+PWNED = "/tmp/k15_pwned"
+
+
+def _known_programs(port: int) -> dict[str, str]:
+  attacks = {
+      "add": "",
+      # Processes past the sandbox's limit: fork raises, the program dies.
+      "fork": "import os\nfor _ in range(99):\n os.fork()\n",
+      # A server the test listens on: reachable from the host, not from the sandbox's network.
+      "net": f"import socket\nsocket.create_connection(('127.0.0.1',{port}))\n",
+      # The host's /tmp: the sandbox has a read-only root without it.
+      "write": f"open('{PWNED}','w').write('x')\n",
+  }
+  return {name: f"```python\n{attack}{SUM_PROGRAM}```" for name, attack in attacks.items()}
+
+
+@pytest.mark.slow  # ~4 minutes on a busy 2-core machine, most of it SFT
+def test_code_rl_mode_end_to_end(tmp_path, tmp_path_factory, sandbox):
+  """`python -m k15.main --config.mode=rl --config.data.format=code --config.reward=code` on a
+  policy whose answers are known: the right program scores 1 and each hostile one 0 in every
+  iteration's reward, and the attacks leave no trace on the host."""
   del sandbox
+  import socket  # pylint: disable=g-import-not-at-top
   from k15.rewards import verifier  # pylint: disable=g-import-not-at-top
-  path = _write_jsonl(tmp_path / "code.jsonl", [dict(r, id=f"{r['id']}{i}") for i in range(2)
-                                                for r in CODE_ROWS])
-  config = _config(qwen_ckpt, path, **{"data.format": "code", "reward": "code",
-                                       "data.eval": path, "rl.max_new_tokens": 24,
-                                       "evaluate.max_new_tokens": 8})
-  built, calls = [], []
-  make = hf_policy.make_reward_fn
+  from k15.sampling import text as text_lib  # pylint: disable=g-import-not-at-top
+  from k15.stages import evaluate as evaluate_stage, sft  # pylint: disable=g-import-not-at-top
+  if os.path.exists(PWNED):
+    os.unlink(PWNED)
+  server = socket.socket()
+  server.bind(("127.0.0.1", 0))
+  server.listen()
+  server.setblocking(False)
+  programs = _known_programs(server.getsockname()[1])
+  rows = [{"id": name, "prompt": f"Read two integers and print their sum ({name}).",
+           "tests": SUM_TESTS} for name in programs]
+  code = _write_jsonl(tmp_path / "code.jsonl", rows)
+  files = {"train": code, "eval": code}
+  pairs = _write_jsonl(tmp_path / "pairs.jsonl", [
+      {"prompt": r["prompt"], "response": programs[r["id"]]} for r in rows])
+  instruction = verifier.INSTRUCTIONS["code"]
+  ckpt = _checkpoint(tmp_path_factory.mktemp("code_tiny"), "qwen2", [], vocab_size=400, texts=[
+      instruction.format(question=r["prompt"]) + programs[r["id"]] for r in rows] * 4)
+  code_keys = {"data.format": "code", "reward": "code", "evaluate.max_new_tokens": 64,
+               "evaluate.temperature": 0.5}
 
-  def capture(tok, records, grade):
-    fn = make(tok, records, grade)
-    built.append((fn, tok, records))
+  # SFT until each prompt's program is the policy's answer (all 4 examples in every batch).
+  w = tmp_path / "w"
+  out = sft.run(_stage_config(ckpt, files, "sft", **code_keys, **{
+      "sft.data": pairs, "sft.steps": 150, "sft.batch_size": 4, "sft.seq_len": 128,
+      "sft.optimizer.learning_rate": 1e-2, "sft.optimizer.warmup_steps": 10}), str(w))
+  answers = [r[0].text for _, _, r in text_lib.sample_text(
+      out["model"], out["tokenizer"], [r["prompt"] for r in rows], num_samples=1,
+      batch_size=4, max_new_tokens=64, temperature=0.0)]
+  assert answers == list(programs.values())
 
-    def logged(ids, responses):
-      rewards = fn(ids, responses)
-      calls.append((list(ids), [np.asarray(r) for r in responses], rewards))
-      return rewards
-    return logged
-  monkeypatch.setattr(hf_policy, "make_reward_fn", capture)
-  out = rl_run.run(config, str(tmp_path / "w"))
-  assert out["results"]["iterations"] == 2 and len(built) == 1
+  # The command: two iterations of 4 prompts x 4 samples. Each iteration draws every prompt once
+  # (without replacement), so its task reward is 1/4 exactly when the right program scores 1 and
+  # each hostile one 0.
+  r = _main(f"--config={CONFIG}", f"--workdir={w}", "--config.mode=rl",
+            f"--config.model_path={w / 'export' / 'sft'}", f"--config.data.train={code}",
+            "--config.data.format=code", "--config.reward=code", "--config.rl.iterations=2",
+            "--config.rl.max_new_tokens=64", "--config.rl.temperature=0.5")
+  assert r.returncode == 0, r.stderr[-4000:]
+  metrics = [json.loads(l) for l in open(w / "rl" / "metrics.jsonl")]
+  rl_rows = [m for m in metrics if "rl/task_reward" in m]
+  assert {m["step"]: m["rl/task_reward"] for m in rl_rows} == {1: 0.25, 2: 0.25}
+  assert all(m["rl/share_truncated"] == 0 for m in rl_rows)
 
-  # Every trajectory's reward is the sandbox verdict on its decoded text.
-  fn, tok, records = built[0]
-  grade = verifier.make_grader("code", config.reward_options)
-  assert len(calls) == 2 and all(len(ids) == 4 * 4 for ids, _, _ in calls)  # prompts x k
-  for ids, responses, rewards in calls:
-    texts = [tok.decode(r[r < tok.vocab_size]) for r in responses]
-    np.testing.assert_array_equal(rewards, grade([records[i] for i in ids], texts))
-  rows = [json.loads(l) for l in open(tmp_path / "w" / "rl" / "metrics.jsonl")]
-  assert sorted(r["step"] for r in rows if "rl/task_reward" in r) == [1, 2]
-  assert os.path.isfile(tmp_path / "w" / "export" / "final" / "model.safetensors")
-
-  # The same function on known completions: right = 1, hostile = 0, nothing escapes.
-  ids = lambda text: np.asarray(tok.encode(text) + [tok.eos_id])
-  index = {r.id: i for i, r in enumerate(records)}
-  good = fn([index["add0"], index["double1"]], [ids(GOOD["add"]), ids(GOOD["double"])])
-  assert list(good) == [1.0, 1.0]
-  if os.path.exists("/tmp/k15_hostile_was_here"):
-    os.unlink("/tmp/k15_hostile_was_here")
-  assert list(fn([index["add1"]] * len(HOSTILE), [ids(h) for h in HOSTILE])) == [0.0] * len(
-      HOSTILE)
-  assert not os.path.exists("/tmp/k15_hostile_was_here")
+  # Which prompt scored: the exported policy evaluated per problem (mode evaluate).
+  ev = evaluate_stage.run(_stage_config(str(w / "export" / "final"), files, "evaluate",
+                                        **code_keys), str(tmp_path / "ev"))
+  for mode in ("sampled", "greedy"):
+    assert {p["id"]: p["accuracy"] for p in ev[mode]["per_problem"]} == {
+        "add": 1.0, "fork": 0.0, "net": 0.0, "write": 0.0}
+  with pytest.raises(BlockingIOError):
+    server.accept()  # no program reached the host's network
+  server.close()
+  assert not os.path.exists(PWNED)  # nor its files
