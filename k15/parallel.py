@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -276,6 +276,36 @@ def global_to_host(tree: Any) -> Any:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   return jax.tree.map(one, tree)
+
+
+def host_share(n: int, index: int | None = None, count: int | None = None) -> tuple[int, int]:
+  """[start, stop) of process `index`'s share (default: this process's) of n items split into
+  `count` (default: all processes) contiguous runs of ceil(n / count); the last may be short or
+  empty."""
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  size = -(-n // count)
+  return min(n, index * size), min(n, (index + 1) * size)
+
+
+def gather_host_shares(fn: Callable[[int, int], Any], n: int) -> np.ndarray:
+  """float32 [n] on every process, each process computing only its `host_share` of it.
+
+  fn(start, stop) -> the values of items [start, stop) (a sequence of floats). For host work
+  that every process would otherwise repeat in full, such as grading an RL batch's responses
+  (sandboxed programs, math verification): each host grades its share and the shares are
+  all-gathered, so every host holds the same values. A collective with several processes:
+  every process must call it with the same n.
+  """
+  count = jax.process_count()
+  if count == 1:
+    return np.asarray(fn(0, n), np.float32).reshape(n)
+  start, stop = host_share(n)
+  local = np.zeros(-(-n // count), np.float32)
+  if stop > start:
+    local[:stop - start] = np.asarray(fn(start, stop), np.float32).reshape(stop - start)
+  every = np.asarray(multihost_utils.process_allgather(local))  # [count, ceil(n / count)]
+  return every.reshape(-1)[:n]
 
 
 # Programs that compile faster than this are not written to the persistent cache: reading an

@@ -169,7 +169,9 @@ def stage(remote: str | os.PathLike[str], cache_dir: str | os.PathLike[str], *,
       raise OSError(f"{what}={remote}: cannot copy {rel}: {e}") from e
     os.replace(tmp, target)
   bar.close()
-  with open(manifest + ".tmp", "w", encoding="utf-8") as f:
+  # Per process: two processes of one host (local multi-process runs) may stage at once.
+  tmp = f"{manifest}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
     json.dump({"source": os.fspath(remote), "files": files}, f, indent=1)
-  os.replace(manifest + ".tmp", manifest)
+  os.replace(tmp, manifest)
   return dest

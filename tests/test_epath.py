@@ -189,12 +189,12 @@ def test_stage_copies_once_resumes_a_cut_copy_and_names_bad_paths(gcs, tiny_ckpt
 
 def test_modes_on_a_gs_checkpoint_prompt_file_and_workdir(gcs, tiny_ckpt, tmp_path,
                                                           monkeypatch):
-  """Mode `evaluate` with model_path, data.eval and the workdir all on gs://: the checkpoint is
-  staged to config.model_cache_dir; an export to gs:// stages back to the same weights."""
+  """Mode `evaluate` (through k15.main.run, as the command line calls it) with model_path,
+  data.eval and the workdir all on gs://: the checkpoint is staged to config.model_cache_dir;
+  an export to gs:// stages back to the same weights."""
   import test_rl_mode  # pylint: disable=g-import-not-at-top
-  from k15 import hf_policy, parallel  # pylint: disable=g-import-not-at-top
+  from k15 import hf_policy, main, parallel  # pylint: disable=g-import-not-at-top
   from k15.model import hf  # pylint: disable=g-import-not-at-top
-  from k15.stages import evaluate as evaluate_stage  # pylint: disable=g-import-not-at-top
   ckpt, rows = tiny_ckpt
   monkeypatch.chdir(tmp_path)
   remote = _upload(ckpt, "gs://b/models/tiny")
@@ -203,13 +203,15 @@ def test_modes_on_a_gs_checkpoint_prompt_file_and_workdir(gcs, tiny_ckpt, tmp_pa
       "data.eval": "gs://b/data/test.jsonl", "evaluate.max_new_tokens": 4,
       "evaluate.num_samples": 1, "model_cache_dir": str(tmp_path / "cache")})
   config.mode = "evaluate"
-  results = evaluate_stage.run(config, "gs://b/w")
+  results = main.run(config, "gs://b/w", {"model_path": remote, "mode": "evaluate"})
   assert results["sampled"]["n"] == 3
   assert set(storage.read_json("gs://b/w/eval.json")) == {"sampled", "greedy"}
   (staged,) = os.listdir(tmp_path / "cache")
   assert staged.startswith("tiny-") and sorted(os.listdir(tmp_path)) == ["cache"]
 
-  local = hf_policy.with_checkpoint_architecture(config)
+  assert config.model_path == str(tmp_path / "cache" / staged)  # main.run ran on the copy
+  config.model_path = remote
+  local = hf_policy.with_checkpoint_architecture(config)  # staged already: reused
   assert local.model_path == str(tmp_path / "cache" / staged)
   tok = hf_policy.load_tokenizer(local.model_path, hf_policy.instruction(local))
   with parallel.use_mesh(parallel.make_mesh({"data": -1}), config.sharding_rules):

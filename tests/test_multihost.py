@@ -63,6 +63,13 @@ def named(params):
   walk(ckpt_lib._to_named(params, lambda x: x), "")
   return flat
 
+# How many responses each call of the reward function grades on this host.
+graded, reward = [], t._reward
+def counting_reward(ids, responses):
+  graded.append(len(ids))
+  return reward(ids, responses)
+t._reward = counting_reward
+
 mesh = parallel.make_mesh({{"data": 4, "fsdp": 2}})
 with parallel.use_mesh(mesh):
   trainer = t._trainer(config, workdir, mesh)
@@ -78,7 +85,7 @@ if process_id == 0:
   np.savez(os.path.join(out, "final.npz"), **final)
 with open(os.path.join(out, f"result-{{process_id}}.json"), "w") as f:
   json.dump({{"history": history, "resumed": resumed, "iteration": again.iteration,
-             "restored_equal": restored_equal, "keys": sorted(final)}}, f)
+             "restored_equal": restored_equal, "keys": sorted(final), "graded": graded}}, f)
 '''
 
 
@@ -147,6 +154,19 @@ def _flatten(nested: dict, prefix: str = "") -> dict[str, np.ndarray]:
   return out
 
 
+def test_host_share_splits_items_into_contiguous_runs():
+  shares = [parallel.host_share(10, i, 4) for i in range(4)]
+  assert shares == [(0, 3), (3, 6), (6, 9), (9, 10)]
+  assert [parallel.host_share(2, i, 4) for i in range(4)] == [(0, 1), (1, 2), (2, 2), (2, 2)]
+  assert parallel.host_share(7) == (0, 7)  # one process here
+  calls = []
+  def fn(a, b):
+    calls.append((a, b))
+    return np.arange(a, b) * 0.5
+  np.testing.assert_array_equal(parallel.gather_host_shares(fn, 5), np.arange(5) * 0.5)
+  assert calls == [(0, 5)]
+
+
 def test_host_to_global_and_back():
   # One process here (conftest's 8 devices): each device gets its slice, and back again.
   mesh = parallel.make_mesh({"data": 4, "fsdp": 2})
@@ -210,6 +230,12 @@ def test_two_processes_equal_one(tmp_path):
         if key in m1:
           np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-7, err_msg=key)
   assert [m["rl/groups_trained"] > 0 for m in one["history"]] == [False, True, True]
+  # Each host graded its half of every iteration's responses; the rewards above are all of them.
+  assert len(one["graded"]) == 2 and all(n > 0 for n in one["graded"])
+  for i, host in enumerate(hosts):
+    assert host["graded"] == [parallel.host_share(n, i, 2)[1] - parallel.host_share(n, i, 2)[0]
+                              for n in one["graded"]]
+  assert [a + b for a, b in zip(hosts[0]["graded"], hosts[1]["graded"])] == one["graded"]
   assert all(m["rl/buffer_size"] > 0 for m in one["history"])
 
   # Metrics written once, by process 0: one JSONL line and one TensorBoard scalar per

@@ -563,8 +563,10 @@ class RLTrainer:
                                  "rl/sampled_tokens": sampled_tokens}
     if groups:
       flat = [t for g in groups for t in g]
-      task = np.asarray(self.reward_fn([t.prompt_id for t in flat], [t.tokens for t in flat]),
-                        np.float32)
+      # Each host grades its share of the responses; every host then holds all the rewards.
+      task = parallel.gather_host_shares(
+          lambda a, b: self.reward_fn([t.prompt_id for t in flat[a:b]],
+                                      [t.tokens for t in flat[a:b]]), len(flat))
       task = task.reshape(len(groups), self.k)
       # A response that did not end by itself has no final answer (k15.rewards.finish).
       task = finish_lib.final_score(
@@ -654,8 +656,9 @@ class RLTrainer:
     """A 48-bit digest (exact as a float) of the iteration's prompt ids and task rewards.
 
     Every host must draw the same prompts and hold the same rewards (each builds the whole
-    batch and places its own rows); with several processes the digests are compared here, so
-    a host that diverged stops the run instead of training on a batch the others do not have.
+    batch and places its own rows; the rewards are graded a share per host and gathered); with
+    several processes the digests are compared here, so a host that diverged stops the run
+    instead of training on a batch the others do not have.
     """
     h = hashlib.sha256(np.asarray(ids, np.int64).tobytes())
     if groups:
@@ -668,8 +671,8 @@ class RLTrainer:
           np.asarray([digest >> 24, digest & 0xFFFFFF], np.int32)))
       if not (every == every[0]).all():
         raise RuntimeError(f"RL iteration {self.iteration}: the hosts hold different prompts "
-                           f"or rewards (digests {every.tolist()}); every host must grade the "
-                           "same responses identically")
+                           f"or rewards (digests {every.tolist()}); every host must draw the "
+                           "same prompts and responses")
     return float(digest)
 
   def train(self, num_iterations: int | None = None, progress: bool | None = None,

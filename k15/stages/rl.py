@@ -6,7 +6,8 @@ r"""Mode `rl`: the k1.5 RL iteration on a Hugging Face checkpoint, real prompts 
 
   checkpoint (k15.hf_policy) -> prompts rendered with its chat template
   -> k15.rl.trainer.RLTrainer (the loop the tiny pipeline runs too), rewarded by
-     k15.rewards.verifier on the decoded responses
+     k15.rewards.verifier on the decoded responses (with several hosts, each grades its share
+     of them and the rewards are gathered onto every host)
   -> pass@1 and greedy accuracy on data.eval every rl.eval_every iterations and at the end
   -> W/export/final/, a Hugging Face checkpoint of the final policy
 
