@@ -563,9 +563,7 @@ class RLTrainer:
                                  "rl/sampled_tokens": sampled_tokens}
     if groups:
       flat = [t for g in groups for t in g]
-      task = np.asarray(self.reward_fn([t.prompt_id for t in flat], [t.tokens for t in flat]),
-                        np.float32)
-      task = task.reshape(len(groups), self.k)
+      task = self._grade(flat).reshape(len(groups), self.k)
       # A response that did not end by itself has no final answer (k15.rewards.finish).
       task = finish_lib.final_score(
           task, np.array([[t.finish_reason for t in g] for g in groups]),
@@ -650,12 +648,33 @@ class RLTrainer:
     self.iteration += 1
     return metrics
 
+  def _grade(self, flat: list[sampling.Trajectory]) -> np.ndarray:
+    """The task rewards [n] of the finished samples, the same on every host by construction.
+
+    A grader can give different answers on different hosts (a sandbox's wall-clock timeout, a
+    verifier worker that dies), which would split the hosts' rewards and success rates. With
+    several processes each grades an equal share of the samples (host h the h-th slice) and
+    the shares are all-gathered, so every host holds the one grading (and the grading work
+    is split between the hosts).
+    """
+    hosts, n = jax.process_count(), len(flat)
+    share = -(-n // hosts)
+    mine = flat[jax.process_index() * share:][:share]
+    graded = np.zeros(share, np.float32)
+    if mine:
+      graded[:len(mine)] = self.reward_fn([t.prompt_id for t in mine], [t.tokens for t in mine])
+    if hosts == 1:
+      return graded
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(graded)).reshape(-1)[:n]
+
   def _batch_hash(self, ids, groups, task) -> float:
     """A 48-bit digest (exact as a float) of the iteration's prompt ids and task rewards.
 
     Every host must draw the same prompts and hold the same rewards (each builds the whole
-    batch and places its own rows); with several processes the digests are compared here, so
-    a host that diverged stops the run instead of training on a batch the others do not have.
+    batch and places its own rows; the rewards are all-gathered, `_grade`); with several
+    processes the digests are compared here, so a host that diverged stops the run instead of
+    training on a batch the others do not have.
     """
     h = hashlib.sha256(np.asarray(ids, np.int64).tobytes())
     if groups:
