@@ -40,7 +40,7 @@ def get_config(arg=None):
       iterations=1000,
       # k = 8 per group (§2.3.2 baseline). 14 prompts: the most whose rollout keeps the prefill
       # at 128 sequences (14 new + up to 112 continued rows, 44.4 GiB per chip compiled) and the
-      # decode step at 256 rows (~43 GiB); 15 would prefill 256 sequences (docs/scaling.md).
+      # decode step at 256 rows (24.5 GiB); 15 would prefill 256 sequences (docs/scaling.md).
       prompts_per_iteration=14, samples_per_prompt=8,
       max_new_tokens=32_768,       # long CoT
       segment_budget=16_384,       # partial rollouts (§2.6): two segments at most

@@ -83,8 +83,8 @@ Per token of a chip, in [T, D] arrays of the compute dtype (`_tpu_activations`):
   reference pass: the larger of the embedding lookup (the table's rows for every token of the
     step, sliced by the FSDP shards of the embedding, twice in the parameter dtype) and the
     head's forward (the same head arrays)
-  prefill / decode with scanned layers: the stacked KV cache that the layer scan carries is
-    copied once, so each holds two caches (the paged decode step updates its pool in place)
+  prefill: its cache and the embedding lookup's arrays (as the reference pass's); the decode
+    steps: one cache, updated in place (static and paged alike)
 Compared with k15.aot's compiled programs (tests/test_aot.py; docs/scaling.md, programs'
 buffers without code): within 20% for the train step, the reference pass, the prefill and
 both decode steps of the 1.5B config and of a shrunk one on v5e-8; not yet on the 7B config's
@@ -373,7 +373,7 @@ def _tpu_activations(cfg: transformer.ModelConfig, sh: _Sharder, B: int, T: int,
   f = sh.per_chip(tok + ("act_mlp",), (B, T, cfg.mlp_dim), b)
   layer_backward = TPU_LAYER_BACKWARD_D * d(b) + TPU_LAYER_BACKWARD_F * f
   return {"saved": saved, "recompute": layer_backward, "logits": head, "logits_tile": tile,
-          "reference": max(embedding, head)}
+          "embedding": embedding, "reference": max(embedding, head)}
 
 
 def _sampling(cfg: transformer.ModelConfig, sh: _Sharder, rl: Any, prompt_len: int,
@@ -384,10 +384,10 @@ def _sampling(cfg: transformer.ModelConfig, sh: _Sharder, rl: Any, prompt_len: i
   each, prefilled with prompt + partial response) and the new prompts (k rows each), padded to
   one prompt bucket: the longest sequence's.
 
-  On XLA:TPU (`tpu`) with scanned layers, the stacked cache the layer scan carries is copied
-  once: the prefill and the decode step each hold a second [L, ...] cache in temporaries
-  (measured on k15.aot's programs; the paged decode of continuous batching does not). The
-  prefill's layer is otherwise fused down to its [T, D] stream.
+  On XLA:TPU (`tpu`) the decode steps hold one cache, updated in place (the layer scan reads
+  the stacked cache as its input, see `Transformer._scan_layers`), and the prefill's
+  temporaries are those of the embedding lookup before the first layer (`_tpu_activations`),
+  its layer fused down to a few [T, D] and [T, F] streams (measured on k15.aot's programs).
   """
   b = _itemsize(cfg.dtype)
   L, K, H, N, V = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads, cfg.vocab_size
@@ -424,11 +424,7 @@ def _sampling(cfg: transformer.ModelConfig, sh: _Sharder, rl: Any, prompt_len: i
   prefill = cache(U, P) + logits + layer
   paged = decode
   if tpu:
-    carried = cfg.scanned
-    prefill = ((2 if carried else 1) * cache(U, P) + logits
-               + sh.per_chip(tok + ("act_embed",), (U, P, cfg.embed_dim), b))
-    paged = decode  # continuous batching's decode step: its block pool is updated in place
-    decode += cache(R, S) if carried else 0.0
+    prefill = cache(U, P) + logits + _tpu_activations(cfg, sh, U, P, 0)["embedding"]
   return {"rows": R, "new_rows": new_rows, "continued_rows": continued, "sequences": U,
           "prompt_bucket": P, "cache_length": S, "kv_cache": cache(R, S),
           "prefill": prefill, "prefill_logits": logits,

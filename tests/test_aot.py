@@ -75,8 +75,9 @@ def test_sampler_programs_compile_for_v5e8_within_20pc_of_the_plan():
   # The prefill of one rollout call, the static decode step and continuous batching's paged
   # decode step on the 2-way FSDP x 4-way tensor mesh. The paged step's block pool is split
   # over fsdp (2 kv heads do not split over 4 tensor shards: whole on each), donated, read by
-  # the Pallas paged-attention kernel per shard; the static step carries the stacked cache
-  # through the layer scan, which XLA:TPU copies once, so it holds twice the paged pool.
+  # the Pallas paged-attention kernel per shard. The static step's layer scan reads the
+  # stacked cache as its input and the step's slots are written after it, in place: one cache
+  # (carried through the scan, XLA:TPU copied it, and the step held two).
   c = _config()
   result = aot.compile_programs(c, programs=("prefill", "decode", "decode_paged"))
   prefill, decode, paged_step = result["programs"]
@@ -85,7 +86,8 @@ def test_sampler_programs_compile_for_v5e8_within_20pc_of_the_plan():
   blocks = 2 * (1 + s["rows"] // 2 * -(-s["cache_length"] // 16))
   pool_per_chip = 2 * L * K * blocks * 16 * H * 2 // 2  # k, v; bf16; split over 2 fsdp shards
   assert paged_step.memory["aliased"] >= pool_per_chip, (pool_per_chip, paged_step.memory)
-  assert paged_step.total <= decode.total, (paged_step.memory, decode.memory)
+  assert decode.memory["aliased"] >= s["kv_cache"], (s["kv_cache"], decode.memory)
+  assert decode.memory["temporaries"] < 0.5 * s["kv_cache"], (s["kv_cache"], decode.memory)
   for program in (prefill, decode, paged_step):
     assert abs(program.plan_bytes - _buffers(program)) <= 0.2 * _buffers(program), (
         program.name, program.plan_bytes / aot.GiB, program.memory)

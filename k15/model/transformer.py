@@ -326,20 +326,11 @@ class Attention(nnx.Module):
       # decode step touches one slot per row and head, not the whole cache), then attend over
       # the whole cache as it lies: kv heads before length, so each (row, head)'s values are one
       # contiguous [S, H] matrix and its keys one [H, S] matrix (see `init_cache`).
-      # Under the layer scan (`cache["layer"]` set) the arrays are the whole stacked [L, ...]
-      # cache, carried through the scan and updated in place at this layer's index.
-      layer = cache.get("layer")
-      lead = () if layer is None else (layer,)
       new_k = jnp.einsum("BTKH->BKHT", k).astype(cache["k"].dtype)
       new_v = jnp.einsum("BTKH->BKTH", v).astype(cache["v"].dtype)
-      if layer is not None:
-        new_k, new_v = new_k[None], new_v[None]
-      new_kv = (
-          jax.lax.dynamic_update_slice(cache["k"], new_k, lead + (0, 0, 0, cache_index)),
-          jax.lax.dynamic_update_slice(cache["v"], new_v, lead + (0, 0, cache_index, 0)))
-      kv_k, kv_v = new_kv if layer is None else (
-          jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in new_kv)
-      kv_k, kv_v = kv_k.astype(dt), kv_v.astype(dt)
+      new_kv = (jax.lax.dynamic_update_slice(cache["k"], new_k, (0, 0, 0, cache_index)),
+                jax.lax.dynamic_update_slice(cache["v"], new_v, (0, 0, cache_index, 0)))
+      kv_k, kv_v = (c.astype(dt) for c in new_kv)
       kv_seg, kv_pos, kv_layout, k_layout = (cache["segment_ids"], cache["positions"], "BKSH",
                                              "BKHS")
 
@@ -696,33 +687,57 @@ class Transformer(nnx.Module):
     """The stacked layers under `jax.lax.scan`: one traced and compiled layer body.
 
     -> (x, (k, v) stacked caches or None, routing as the loop's: one (router logits, expert
-    ids) per layer for a MoE model). The KV cache rides in the carry, so each layer writes its
-    step in place; the remat policy wraps the body, so the backward pass keeps only each
-    layer's input (for 'full').
+    ids) per layer for a MoE model). The remat policy wraps the body, so the backward pass
+    keeps only each layer's input (for 'full').
+
+    The stacked KV cache is scanned over as an input (each layer reads its own [B, K, H, S]
+    slice), not carried: XLA:TPU copies a carried buffer once, so a decode step held two whole
+    caches. Each layer attends over its slice with this call's keys and values written in (a
+    copy of one layer's slice), as the unscanned loop's layers do, and hands back
+      - when the call writes a few slots (decode, 2T <= S): only those T slots, which one
+        `dynamic_update_slice` after the scan writes into the stacked cache, in place when the
+        caller donates it, so the step holds one cache;
+      - when it writes most of the cache (the sampler's prefill of `init_cache`'s zeros,
+        2T > S): the whole updated slice; the stacked outputs are the new cache.
     """
     cfg = self.cfg
     graphdef, params = nnx.split(self.layers)
     if expert_ids is not None and not isinstance(expert_ids, jax.Array):
       expert_ids = jnp.stack(expert_ids)                                  # [L, B, T, k]
+    T = x.shape[1]
+    whole = cache is not None and 2 * T > cache["segment_ids"].shape[1]
 
-    def layer(carry, xs):
-      x, kv = carry
-      p, i, ids = xs
+    def layer(x, xs):
+      p, ids, kv = xs
       block = nnx.merge(graphdef, p)
-      layer_cache = None if kv is None else dict(cache, k=kv[0], v=kv[1], layer=i)
+      # The layer's slices laid out as the cache lies (kv heads over 'tensor' when they
+      # divide it), going in and, whole, coming out: left free, the partitioner re-lays out the
+      # whole stacked cache outside the scan into a second one (with 2 kv heads on 4 tensor
+      # shards: each shard's own head going in, an all-gather of every layer's coming out).
+      lay_out = lambda kv: tuple(parallel.constrain(c, CACHE_AXES[n]) for c, n in zip(kv, "kv"))
+      layer_cache = None if kv is None else dict(cache, **dict(zip("kv", lay_out(kv))))
       x, new_kv, route = block(x, positions, segment_ids, layer_cache, cache_index, angles, ids)
-      return (x, new_kv), route
+      if new_kv is not None and whole:
+        new_kv = lay_out(new_kv)
+      elif new_kv is not None:  # This call's slots: [B, K, H, T], [B, K, T, H].
+        new_kv = (jax.lax.dynamic_slice_in_dim(new_kv[0], cache_index, T, axis=3),
+                  jax.lax.dynamic_slice_in_dim(new_kv[1], cache_index, T, axis=2))
+      return x, (new_kv, route)
 
     if cache is None and cfg.remat != "none":
       policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
                 if cfg.remat == "dots" else None)
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
     kv = None if cache is None else (cache["k"], cache["v"])
-    (x, kv), route = jax.lax.scan(
-        layer, (x, kv), (params, jnp.arange(cfg.num_layers, dtype=jnp.int32), expert_ids))
+    x, (new_kv, route) = jax.lax.scan(layer, x, (params, expert_ids, kv))
+    if new_kv is not None and not whole:  # [L, B, K, H, T], [L, B, K, T, H] into the cache.
+      new_kv = (jax.lax.dynamic_update_slice(cache["k"], new_kv[0], (0, 0, 0, 0, cache_index)),
+                jax.lax.dynamic_update_slice(cache["v"], new_kv[1], (0, 0, 0, cache_index, 0)))
+    if new_kv is not None:
+      new_kv = tuple(parallel.constrain(c, cache_axes(n, c)) for c, n in zip(new_kv, "kv"))
     routing = [] if route is None else [(route[0][i], route[1][i])
                                         for i in range(cfg.num_layers)]
-    return x, kv, routing
+    return x, new_kv, routing
 
   def block(self, i: int) -> Block:
     """Layer i as a Block (of the stacked parameters when scanned: a slice of each)."""
@@ -767,11 +782,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
   stored transposed so that a step's scores are a plain [G, H] x [H, S] product per row and
   kv head (XLA:CPU computed q . k against [S, H] keys about 2x slower). A scanned model
   (`ModelConfig.scanned`) keeps one stacked [L, B, K, H, S] / [L, B, K, S, H] array instead: the
-  layer scan carries it and writes each layer's slot in place.
+  layer scan reads each layer's slice, and the step's slots are written in place after it.
   """
   dtype = to_dtype(dtype or cfg.dtype)
   K, H, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
-  if cfg.scanned:  # One [L, ...] array each, carried through the layer scan.
+  if cfg.scanned:  # One [L, ...] array each, scanned over by the layers.
     return {
         "k": jnp.zeros((L, batch, K, H, length), dtype),
         "v": jnp.zeros((L, batch, K, length, H), dtype),
