@@ -206,6 +206,28 @@ def _compare_rows(a, b, prompts, seed: int, ref, tie: float = 1e-5) -> dict:
 LONGPROMPT = dict(prompts=64, samples=4, prompt_len=(512, 1024), limit=1024, devices=2)
 
 
+def _workload_prompts(w: dict) -> list:
+  """The workload's random prompts (seed 0): w['prompt_len'] tokens, or (lo, hi) uniform."""
+  rng = np.random.RandomState(0)
+  if isinstance(w["prompt_len"], int):
+    return list(rng.randint(0, ARCH["vocab_size"] - 4, (w["prompts"], w["prompt_len"])))
+  lo, hi = w["prompt_len"]
+  return [rng.randint(0, ARCH["vocab_size"] - 4, (n,))
+          for n in rng.randint(lo, hi + 1, w["prompts"])]
+
+
+def _data_parallel(model, w: dict, workload: str):
+  """A mesh {'data': w['devices']} and the model's parameters replicated on it."""
+  if jax.device_count() < w["devices"]:
+    raise SystemExit(f"the {workload} workload needs {w['devices']} devices, found "
+                     f"{jax.device_count()}")
+  mesh = parallel.make_mesh({"data": w["devices"]}, devices=jax.devices()[:w["devices"]])
+  state = nnx.state(model)
+  with parallel.use_mesh(mesh):
+    placed = nnx.merge(nnx.graphdef(model), jax.device_put(state, parallel.state_shardings(state)))
+  return mesh, placed
+
+
 def _design(name: str) -> dict:
   """'batchQ' -> prefill_batch=Q; 'chunkN' -> prefill_chunk=N (generate's arguments)."""
   for prefix, key in (("batch", "prefill_batch"), ("chunk", "prefill_chunk")):
@@ -218,17 +240,9 @@ def _prefill_designs(args, ref, model):
   """Continuous batching's prefill designs side by side on one workload (see the docstring)."""
   w = LONGTAIL if args.workload == "longtail" else LONGPROMPT
   designs = {name: _design(name) for name in args.prefill_designs.split(",")}
-  rng = np.random.RandomState(0)
-  lo, hi = (w["prompt_len"],) * 2 if isinstance(w["prompt_len"], int) else w["prompt_len"]
-  prompts = [rng.randint(0, ARCH["vocab_size"] - 4, (n,)) for n in rng.randint(lo, hi + 1,
-                                                                                 w["prompts"])]
-  if jax.device_count() < w["devices"]:
-    raise SystemExit(f"the {args.workload} workload needs {w['devices']} devices, found "
-                     f"{jax.device_count()}")
-  mesh = parallel.make_mesh({"data": w["devices"]}, devices=jax.devices()[:w["devices"]])
-  state = nnx.state(model)
-  with parallel.use_mesh(mesh):
-    placed = nnx.merge(nnx.graphdef(model), jax.device_put(state, parallel.state_shardings(state)))
+  prompts = _workload_prompts(w)
+  lo, hi = min(map(len, prompts)), max(map(len, prompts))
+  mesh, placed = _data_parallel(model, w, args.workload)
   print(f"backend {jax.default_backend()}, k15 continuous on {w['devices']} devices (data); "
         f"{w['prompts']} prompts of {lo}-{hi} tokens x {w['samples']} samples, limit "
         f"{w['limit']}, stop ids {list(STOP_IDS)}; designs {list(designs)}")
@@ -236,11 +250,14 @@ def _prefill_designs(args, ref, model):
 
   def runner(name, kw):
     def run(seed, limits=w["limit"]):
+      t0 = time.perf_counter()
       with parallel.use_mesh(mesh):
         res = sampler.generate(placed, prompts, max_new_tokens=limits, eos_id=list(STOP_IDS),
                                temperature=1.0, seed=seed, num_samples=w["samples"],
                                continuous=True, **kw)
       results[name], seeds[name] = res, seed
+      print(f"  {name}, seed {seed}: {time.perf_counter() - t0:.1f} s, "
+            f"{int(res.lengths.sum())} new tokens", flush=True)
       return res
     return run
 
@@ -289,17 +306,9 @@ def _longtail(args, ref, model):
   import torch  # pylint: disable=g-import-not-at-top
   w = LONGTAIL
   paths = args.paths.split(",")
-  rng = np.random.RandomState(0)
-  prompts = rng.randint(0, ARCH["vocab_size"] - 4, (w["prompts"], w["prompt_len"]))
-  cfg = model.cfg
-  per_token = _kv_bytes_per_token(cfg)
-  if jax.device_count() < w["devices"]:
-    raise SystemExit(f"the longtail workload needs {w['devices']} devices, found "
-                     f"{jax.device_count()}")
-  mesh = parallel.make_mesh({"data": w["devices"]}, devices=jax.devices()[:w["devices"]])
-  state = nnx.state(model)
-  with parallel.use_mesh(mesh):
-    placed = nnx.merge(nnx.graphdef(model), jax.device_put(state, parallel.state_shardings(state)))
+  prompts = np.stack(_workload_prompts(w))
+  per_token = _kv_bytes_per_token(model.cfg)
+  mesh, placed = _data_parallel(model, w, "longtail")
   print(f"backend {jax.default_backend()}, k15 on {w['devices']} devices (data), torch threads 1; "
         f"{w['prompts']} prompts x {w['samples']} samples, prompt {w['prompt_len']}, limit "
         f"{w['limit']}, stop ids {list(STOP_IDS)}")

@@ -69,6 +69,24 @@ def column_buckets(width: int, block_size: int, minimum_tokens: int = 64) -> lis
   return out + [width]
 
 
+def _attend(q: Array, k: Array, v: Array, lengths: Array, scale: float, *, kv: str) -> Array:
+  """Query s of q [S, N, H] over the first lengths[s] of T gathered keys and values: each
+  query's own (kv 'KSTH': k, v [K, S, T, H]) or shared ones (kv 'KTH': [K, T, H])."""
+  S, N, H = q.shape
+  K, T = k.shape[0], k.shape[-2]
+  qg = jnp.swapaxes(q.reshape(S, K, N // K, H), 0, 1)                  # [K, S, G, H]
+  s = jnp.einsum(f"KSGH,{kv}->KSGT", qg, k.astype(q.dtype),
+                 preferred_element_type=jnp.float32) * scale
+  mask = (jnp.arange(T)[None] < lengths[:, None])[None, :, None]      # [1, S, 1, T]
+  s = jnp.where(mask, s, _NEG)
+  m = s.max(axis=-1, keepdims=True)
+  p = jnp.where(mask, jnp.exp(s - m), 0.0)
+  l = p.sum(axis=-1, keepdims=True)
+  p = p / jnp.where(l == 0.0, 1.0, l)
+  out = jnp.einsum(f"KSGT,{kv}->KSGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return jnp.swapaxes(out, 0, 1).reshape(S, N, H).astype(q.dtype)
+
+
 def attend_gather(q: Array, k_pool: Array, v_pool: Array, tables: Array, lengths: Array,
                   *, columns: int, scale: float) -> Array:
   """Attention of one query token per slot over its first lengths[s] logical tokens.
@@ -76,24 +94,12 @@ def attend_gather(q: Array, k_pool: Array, v_pool: Array, tables: Array, lengths
   q [S, N, H]; k_pool, v_pool [K, NB, C, H]; tables int32 [S, M]; lengths int32 [S] (>= 1 for
   a real slot, 0 gives zeros). Reads table columns [0, columns). Returns [S, N, H] in q.dtype.
   """
-  S, N, H = q.shape
-  K, _, C, _ = k_pool.shape
-  G = N // K
+  K, _, C, H = k_pool.shape
+  S = q.shape[0]
   cols = tables[:, :columns]                                           # [S, M']
   k = k_pool[:, cols].reshape(K, S, columns * C, H)                    # [K, S, T, H]
   v = v_pool[:, cols].reshape(K, S, columns * C, H)
-  qg = jnp.swapaxes(q.reshape(S, K, G, H), 0, 1)                       # [K, S, G, H]
-  s = jnp.einsum("KSGH,KSTH->KSGT", qg, k.astype(q.dtype),
-                 preferred_element_type=jnp.float32) * scale
-  mask = (jnp.arange(columns * C)[None] < lengths[:, None])[None, :, None]  # [1, S, 1, T]
-  s = jnp.where(mask, s, _NEG)
-  m = s.max(axis=-1, keepdims=True)
-  p = jnp.where(mask, jnp.exp(s - m), 0.0)
-  l = p.sum(axis=-1, keepdims=True)
-  p = p / jnp.where(l == 0.0, 1.0, l)
-  out = jnp.einsum("KSGT,KSTH->KSGH", p.astype(v_pool.dtype), v.astype(v_pool.dtype),
-                   preferred_element_type=jnp.float32)
-  return jnp.swapaxes(out, 0, 1).reshape(S, N, H).astype(q.dtype)
+  return _attend(q, k, v, lengths, scale, kv="KSTH")
 
 
 def attend_chunk(q: Array, k_pool: Array, v_pool: Array, table: Array, lengths: Array,
@@ -104,23 +110,10 @@ def attend_chunk(q: Array, k_pool: Array, v_pool: Array, table: Array, lengths: 
   What `attend_gather` computes with every query as a slot of the same table, but the table's
   first `columns` blocks are gathered once for all Q queries. Returns [Q, N, H] in q.dtype.
   """
-  Q, N, H = q.shape
-  K, _, C, _ = k_pool.shape
-  G = N // K
+  K, _, C, H = k_pool.shape
   k = k_pool[:, table[:columns]].reshape(K, columns * C, H)            # [K, T, H]
   v = v_pool[:, table[:columns]].reshape(K, columns * C, H)
-  qg = jnp.swapaxes(q.reshape(Q, K, G, H), 0, 1)                       # [K, Q, G, H]
-  s = jnp.einsum("KQGH,KTH->KQGT", qg, k.astype(q.dtype),
-                 preferred_element_type=jnp.float32) * scale
-  mask = (jnp.arange(columns * C)[None] < lengths[:, None])[None, :, None]  # [1, Q, 1, T]
-  s = jnp.where(mask, s, _NEG)
-  m = s.max(axis=-1, keepdims=True)
-  p = jnp.where(mask, jnp.exp(s - m), 0.0)
-  l = p.sum(axis=-1, keepdims=True)
-  p = p / jnp.where(l == 0.0, 1.0, l)
-  out = jnp.einsum("KQGT,KTH->KQGH", p.astype(v_pool.dtype), v.astype(v_pool.dtype),
-                   preferred_element_type=jnp.float32)
-  return jnp.swapaxes(out, 0, 1).reshape(Q, N, H).astype(q.dtype)
+  return _attend(q, k, v, lengths, scale, kv="KTH")
 
 
 def attend_tpu(q: Array, k_pool: Array, v_pool: Array, tables: Array, lengths: Array,
