@@ -155,10 +155,12 @@ def test_pool_by_tokens_queues_rows_and_frees_prompts():
   gen = dict(max_new_tokens=8, temperature=1.0, seed=3, eos_id=[5, 6, 7])
   static = sampling.generate(model, prompts, continuous=False, **gen)
   per_block = 2 * 1 * 2 * 16 * 4 * 4  # k and v, 1 layer, 2 kv heads, head dim 16, f32, 4 tokens
-  # Chunked prefill reserves a prompt and its first row when the prefill starts: the same
-  # bounds.
+  # Chunked prefill reserves a prompt and its first row when the prefill starts, and with the
+  # default pool prefills the next prompt while the last one's row waits for a slot (one
+  # prompt more in flight); the small pool cannot hold that ahead, so it waits as above.
   for kv_tokens, prefill_batch, chunk, most_blocks in (
-      (None, 8, 0, 2 * (6 + 3)), (40, 1, 0, 6 + 3), (None, 8, 7, 2 * (6 + 3)), (40, 8, 7, 6 + 3)):
+      (None, 8, 0, 2 * (6 + 3)), (40, 1, 0, 6 + 3), (None, 8, 7, 2 * (6 + 3) + 6),
+      (40, 8, 7, 6 + 3)):
     got = sampling.generate(model, prompts, continuous=True, slots=2, block_size=4,
                             kv_tokens=kv_tokens, prefill_batch=prefill_batch,
                             prefill_chunk=chunk, **gen)

@@ -500,9 +500,10 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   together with the slots' decode step (`paged.decode_step`'s chunk: the same projections
   and MLP, the chunk attending to the prompt's blocks written so far and causally within
   itself), writing their keys and values into the prompt's blocks. A prompt's prefill starts
-  when its first row is the queue's head (so every earlier row has a slot) and the pool can
-  hold the prompt and that row, both reserved then; when its last chunk is done, its rows take
-  slots (the next iteration) and sample their first token from that chunk's last logits. A
+  when the last one's is done and the pool can hold it and its first row, both reserved then
+  (`start_prefill`: also while the last prompt's rows still wait for slots, where that cannot
+  deadlock); when its last chunk is done, its rows take slots (the next iteration) and sample
+  their first token from that chunk's last logits. A
   chunk holds one prompt's tokens: a prompt's last chunk runs partly empty. The slots' step
   keeps its kernel; the chunk's attention is the gather path on every backend (`paged`).
 
@@ -527,6 +528,8 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   samples = jnp.zeros((U,), jnp.int32).at[row_source].add((limits > 0).astype(jnp.int32))
   plen_row = lengths[row_source]
   own_row = _own_blocks(plen_row, limits, C)                         # [B] worst case
+  first_row = jnp.full((U,), B, jnp.int32).at[jnp.where(limits > 0, row_source, U)].min(
+      jnp.arange(B, dtype=jnp.int32), mode="drop")                   # [U]; B: no row
 
   def everywhere(n):
     """n (an int32 scalar) maxed over the batch shards when they must run in step: with
@@ -585,10 +588,10 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
     row = jnp.minimum(row, B - 1)
     src = row_source[row]
     if CH:
-      # Chunked prefill: only rows whose prompt is prefilled; the queue's head holds its
-      # reservation already when its prompt's prefill started with it (`start_prefill`).
+      # Chunked prefill: only rows whose prompt is prefilled; a prompt's first row holds its
+      # reservation already, made when the prompt's prefill started (`start_prefill`).
       cand &= src < c["pd"]
-      need = jnp.where(cand & ~((rank == 0) & c["head_reserved"]), own_row[row], 0)
+      need = jnp.where(cand & (row != c["reserved"]), own_row[row], 0)
     else:
       # Candidates are consecutive rows; a prompt not yet prefilled is new at its first one.
       new_prompt = cand & (src >= c["pf"]) & ((rank == 0) | (src != row_source[
@@ -598,7 +601,7 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
     c = dict(c, committed=c["committed"] + jnp.sum(jnp.where(take, need, 0)),
              next=c["next"] + jnp.sum(take, dtype=jnp.int32))
     if CH:
-      c["head_reserved"] &= ~jnp.any(take)
+      c["reserved"] = jnp.where(jnp.any(take & (row == c["reserved"])), -1, c["reserved"])
     else:
       end = jnp.maximum(c["pf"], jnp.max(jnp.where(take, src + 1, 0)))
       batches = everywhere(-(-(end - c["pf"]) // Q))
@@ -631,23 +634,31 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
 
   def start_prefill(c):
     """Chunked prefill: the next prompt's prefill starts (its blocks off the free list) when no
-    other prompt is in prefill, the queue's head is its first row (so every earlier row has
-    entered a slot) and the pool can hold the prompt and that row, which are reserved now:
-    the row takes a slot when the prompt's last chunk is done. (Prompts enter in order and
-    each has a row here, so the head's prompt is the next one.)"""
+    other prompt is in prefill and the pool can hold the prompt and its first row, which are
+    reserved now (the row takes a slot when the prompt's last chunk is done), and either its
+    first row is the queue's head (every earlier row has a slot) or the head's rows are the
+    previous prompt's, waiting for slots, and the pool could hold both prompts, this first
+    row and one of those rows once every running row has ended (so the rows ahead can always
+    enter: no deadlock). The second case prefills the next prompt while the last one's rows
+    wait for slots, so that the slots do not wait for the prefill."""
+    p = c["pf"]
+    pc = jnp.minimum(p, U - 1)
     head = jnp.minimum(c["next"], B - 1)
-    p = row_source[head]
-    need = prompt_blocks[p] + own_row[head]
-    go = ((c["next"] < queue) & (c["pf"] == c["pd"]) & (p == c["pf"])
-          & (need <= usable - c["committed"]))
+    first = first_row[pc]
+    first_c = jnp.minimum(first, B - 1)
+    need = prompt_blocks[pc] + own_row[first_c]
+    h = row_source[head]
+    ahead = (h == p - 1) & (prompt_blocks[h] + need + own_row[head] <= usable)
+    go = ((c["next"] < queue) & (p < U) & (first < B) & (c["pf"] == c["pd"])
+          & ((first == c["next"]) | ahead) & (need <= usable - c["committed"]))
     ids, c["top"] = paged.pop_many(c["free"], c["top"],
-                                   jnp.where(go, prompt_blocks[p], 0)[None], PB)
-    dest = jnp.where(go, p, U)                                       # U: dropped
+                                   jnp.where(go, prompt_blocks[pc], 0)[None], PB)
+    dest = jnp.where(go, pc, U)                                      # U: dropped
     c["ptable"] = c["ptable"].at[dest].set(ids[0], mode="drop")
-    c["refs"] = c["refs"].at[dest].set(samples[p], mode="drop")
+    c["refs"] = c["refs"].at[dest].set(samples[pc], mode="drop")
     c["committed"] = c["committed"] + jnp.where(go, need, 0)
     c["pf"] = c["pf"] + go.astype(jnp.int32)
-    c["head_reserved"] = c["head_reserved"] | go
+    c["reserved"] = jnp.where(go, first, c["reserved"])
     return c
 
   def chunk_of(c):
@@ -790,7 +801,7 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
     c["history"] = jnp.zeros((S, static.repeat_window), jnp.int32)
   if CH:
     c.update(pd=jnp.int32(0), pdone=jnp.int32(0), wake=jnp.bool_(False),
-             head_reserved=jnp.bool_(False))
+             reserved=jnp.int32(-1))
   if routing:
     c["expert_ids"] = _routing_outputs(cfg, B, N)
     c["prompt_expert_ids"] = _routing_outputs(cfg, U, P)
