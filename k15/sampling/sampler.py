@@ -503,9 +503,19 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   when the last one's is done and the pool can hold it and its first row, both reserved then
   (`start_prefill`: also while the last prompt's rows still wait for slots, where that cannot
   deadlock); when its last chunk is done, its rows take slots (the next iteration) and sample
-  their first token from that chunk's last logits. A
-  chunk holds one prompt's tokens: a prompt's last chunk runs partly empty. The slots' step
-  keeps its kernel; the chunk's attention is the gather path on every backend (`paged`).
+  their first token from that chunk's last logits. A chunk holds one prompt's tokens: a
+  prompt's last chunk runs partly empty. The slots' step keeps its kernel; the chunk's
+  attention is the gather path on every backend (`paged`).
+
+  Prefill batches are the default (prefill_chunk=0), chunks the measured alternative: on CPU
+  chunked prefill sampled slower on both workloads of benchmarks/sampler.py, short prompts
+  and long ones (benchmarks/README.md). A step that carries a chunk costs the decode step
+  plus the chunk's tokens (a CPU step is not bound by memory traffic, so the chunk does not
+  ride along for free), small chunks cannot prefill prompts as fast as the slots consume them,
+  and XLA:CPU copies the pool around the conditional step every iteration; a dense prefill
+  of whole prompts does the same tokens in a few large matmuls. Chunks are meant for
+  accelerators whose decode step is bound by memory traffic, where that remains to be
+  measured.
 
   Per-slot letters: S slots, M block-table width, C block size, NB pool blocks, Q prefill
   batch, PB blocks of the padded prompt length, CH prefill chunk.
@@ -1054,8 +1064,9 @@ def generate(
     prefill_batch: prompts prefilled together inside the continuous loop; static.
     prefill_chunk: 0 (default): continuous batching prefills a prompt whole, in batches of
       `prefill_batch` prompts between two decode steps; n > 0: in chunks of n tokens that go
-      through the model together with the slots' decode step (`_program_continuous`); static.
-      The same rows either way, up to float summation order.
+      through the model together with the slots' decode step (`_program_continuous`, which
+      says why 0 is the default); static. The same rows either way, up to float summation
+      order.
 
   Returns:
     SampleResult with R = sum of num_samples rows, prompt-major.
