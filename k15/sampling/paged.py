@@ -176,7 +176,8 @@ def pool_specs(cfg: transformer.ModelConfig, mesh) -> dict:
 
 def _write_attend(q, k, v, k_pool, v_pool, tables, write_block, write_offset, lengths, *,
                   buckets, num_groups, scale, impl):
-  """One layer's paged step for the slots of one batch shard: writes k, v [S, K, H], attends."""
+  """One layer's paged step for the slots of one batch shard: writes k, v [S (+ Q), K, H] (a
+  prefill chunk's too), then attends for the S slots' queries q [S, N, H]."""
   k_pool = write(k_pool, k, write_block, write_offset)
   v_pool = write(v_pool, v, write_block, write_offset)
   if impl == "tpu":
@@ -189,15 +190,10 @@ def _write_attend(q, k, v, k_pool, v_pool, tables, write_block, write_offset, le
   return out, k_pool, v_pool
 
 
-def _write_attend_chunk(q, k, v, k_pool, v_pool, table, write_block, write_offset, lengths,
-                        width, *, buckets, scale):
-  """One layer's paged step for a prefill chunk: writes k, v [Q, K, H], attends
-  (`attend_chunk`), reading the first buckets[width] table columns."""
-  k_pool = write(k_pool, k, write_block, write_offset)
-  v_pool = write(v_pool, v, write_block, write_offset)
+def _attend_chunk_width(q, k_pool, v_pool, table, lengths, width, *, buckets, scale):
+  """`attend_chunk` reading the first buckets[width] table columns."""
   branches = [functools.partial(attend_chunk, columns=c, scale=scale) for c in buckets]
-  out = jax.lax.switch(width, branches, q, k_pool, v_pool, table, lengths)
-  return out, k_pool, v_pool
+  return jax.lax.switch(width, branches, q, k_pool, v_pool, table, lengths)
 
 
 def decode_step(model: transformer.Transformer, tokens: Array, positions: Array, pool: dict,
@@ -220,10 +216,12 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
   prompt's blocks; 'block', 'offset' [Q], where each token's key and value go (SCRATCH past
   the prompt); 'lengths' [Q], the tokens each attends to (position + 1, 0 past the prompt);
   'width', the index in chunk_buckets of the table width to read; 'last', the index of the
-  token whose logits are returned. Each layer writes the slots' keys and values, then the
-  chunk's, then the chunk attends (`attend_chunk`), so a chunk token sees the prompt's earlier
-  chunks and its own chunk up to itself. Under a mesh the pool must not be split over batch
-  shards (one prompt's blocks lie in one shard).
+  token whose logits are returned. Each layer writes the slots' and the chunk's keys and
+  values in one scatter (a second one after the slots' attention has read the pool made
+  XLA:CPU copy the pool every step), then the slots attend and the chunk attends
+  (`attend_chunk`), so a chunk token sees the prompt's earlier chunks and its own chunk up to
+  itself (no slot reads a prompt in prefill). Under a mesh the pool must not be split over
+  batch shards (one prompt's blocks lie in one shard).
 
   Returns (float32 logits [S, V], updated pool); with a chunk, the logits of its 'last' token
   [V] after the slots' logits; and with `return_routing` (a mixture of experts) the tokens'
@@ -234,7 +232,7 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
   scale = cfg.head_dim ** -0.5
   step = functools.partial(_write_attend, buckets=buckets, scale=scale, impl=impl,
                            num_groups=num_groups)
-  chunk_step = functools.partial(_write_attend_chunk, buckets=chunk_buckets, scale=scale)
+  chunk_attend = functools.partial(_attend_chunk_width, buckets=chunk_buckets, scale=scale)
   mesh = parallel.active_mesh()
   if mesh is not None:
     sp = pool_specs(cfg, mesh)
@@ -255,15 +253,16 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
             "chunked prefill (prefill_chunk > 0) in one SPMD program needs a pool that is not "
             f"split over batch shards; this mesh splits it {shards} ways (run each batch shard "
             "its own loop, or use prefill_chunk=0)")
-      whole = PartitionSpec(None, sp["heads"][1], None)
-      chunk_step = jax.shard_map(
-          chunk_step, mesh=mesh,
-          in_specs=(whole, whole, whole, sp["pool"], sp["pool"]) + (PartitionSpec(),) * 5,
-          out_specs=(whole, sp["pool"], sp["pool"]), check_vma=False)
+      chunk_attend = jax.shard_map(
+          chunk_attend, mesh=mesh,
+          in_specs=(sp["heads"], sp["pool"], sp["pool"]) + (PartitionSpec(),) * 3,
+          out_specs=sp["heads"], check_vma=False)
   S = tokens.shape[0]
   if chunk is not None:
     tokens = jnp.concatenate([tokens, chunk["tokens"]])
     positions = jnp.concatenate([positions, chunk["positions"]])
+    write_block = jnp.concatenate([write_block, chunk["block"]])
+    write_offset = jnp.concatenate([write_offset, chunk["offset"]])
   x = jnp.take(model.embed[...], tokens[:, None], axis=0).astype(dt)   # [S (+ Q), 1, D]
   angles = transformer.rope_angles(positions[:, None], cfg.head_dim, cfg.rope_theta,
                                      cfg.rope_scaling)
@@ -271,12 +270,12 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
   for i in range(cfg.num_layers):
     block = model.block(i)
     q, k, v = block.attn.project(block.attn_norm(x), angles)          # [S (+ Q), 1, *, H]
-    out, k_pool, v_pool = step(q[:S, 0], k[:S, 0], v[:S, 0], pool["k"][i], pool["v"][i],
+    # (With a chunk: the slots' and the chunk's keys and values, written together.)
+    out, k_pool, v_pool = step(q[:S, 0], k[:, 0], v[:, 0], pool["k"][i], pool["v"][i],
                                tables, write_block, write_offset, lengths)
     if chunk is not None:
-      out_c, k_pool, v_pool = chunk_step(q[S:, 0], k[S:, 0], v[S:, 0], k_pool, v_pool,
-                                         chunk["table"], chunk["block"], chunk["offset"],
-                                         chunk["lengths"], chunk["width"])
+      out_c = chunk_attend(q[S:, 0], k_pool, v_pool, chunk["table"], chunk["lengths"],
+                           chunk["width"])
       out = jnp.concatenate([out, out_c])
     x = x + block.attn.output(out[:, None])
     x, routing = block.feed_forward(x)

@@ -692,7 +692,7 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
         "last": jnp.clip(plen - 1 - c["pdone"], 0, CH - 1),
     }, p, plen, valid
 
-  def body(c):
+  def body(c, chunked=False):
     active, row, t = c["active"], c["row"], c["t"]
     # Token t of every active slot's row, from the logits its slot holds.
     u = uniforms[row, jnp.minimum(t, N - 1)]
@@ -752,24 +752,17 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
         paged.decode_step, model, tok, ctx, tables=table, write_block=block, write_offset=ctx % C,
         lengths=seen, buckets=buckets, num_groups=num_groups, impl=static.paged_impl,
         return_routing=routing)
-    if not CH:
+    if not chunked:
       logits, c["pool"], *ids = step(pool=c["pool"])
+      if CH:
+        c["wake"] = jnp.bool_(False)
     else:
       # Chunked prefill: the prompt in prefill's next CH tokens go through the model with the
-      # slots' tokens (a plain decode step when no prompt is in prefill).
+      # slots' tokens.
       chunk, p, plen, valid = chunk_of(c)
-
-      def with_chunk(pool):
-        return step(pool=pool, chunk=chunk, chunk_buckets=chunk_buckets)
-
-      def without_chunk(pool):
-        logits, pool, *ids = step(pool=pool)
-        ids = [jnp.concatenate([i, jnp.full((CH,) + i.shape[1:], -1, i.dtype)]) for i in ids]
-        return (logits, jnp.zeros_like(logits[0]), pool, *ids)
-
+      logits, plogits, c["pool"], *ids = step(pool=c["pool"], chunk=chunk,
+                                              chunk_buckets=chunk_buckets)
       pending = c["pf"] > c["pd"]
-      logits, plogits, c["pool"], *ids = jax.lax.cond(
-          everywhere(pending.astype(jnp.int32)) > 0, with_chunk, without_chunk, c["pool"])
       done = pending & (c["pdone"] + CH >= plen)                    # its last chunk
       c["plogits"] = c["plogits"].at[jnp.where(done, p, U)].set(plogits, mode="drop")
       if routing:  # the prompt's routing, left-padded as in the static program
@@ -823,7 +816,21 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
       busy |= (c["pf"] > c["pd"]) | c["wake"]
     return everywhere(busy.astype(jnp.int32)) > 0
 
-  c = jax.lax.while_loop(running, body, c)
+  if not CH:
+    c = jax.lax.while_loop(running, body, c)
+  else:
+    # Chunked prefill: decode steps while no prompt is in prefill, steps with a chunk while one
+    # is, each in its own loop (a conditional around the step made XLA:CPU copy the pool every
+    # iteration).
+    def pending(c):
+      return everywhere((c["pf"] > c["pd"]).astype(jnp.int32)) > 0
+
+    def phases(c):
+      c = jax.lax.while_loop(lambda c: running(c) & ~pending(c), body, c)
+      return jax.lax.while_loop(lambda c: running(c) & pending(c),
+                                functools.partial(body, chunked=True), c)
+
+    c = jax.lax.while_loop(running, phases, c)
   out = {k: c[k] for k in ("tokens", "logprobs", "lengths", "reason")
          + ("expert_ids", "prompt_expert_ids") * routing}
   out["peak_blocks"] = c["peak"][None]                               # blocks in use at most
