@@ -507,15 +507,15 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   prompt's last chunk runs partly empty. The slots' step keeps its kernel; the chunk's
   attention is the gather path on every backend (`paged`).
 
-  Prefill batches are the default (prefill_chunk=0), chunks the measured alternative: on CPU
-  chunked prefill sampled slower on both workloads of benchmarks/sampler.py, short prompts
-  and long ones (benchmarks/README.md). A step that carries a chunk costs the decode step
-  plus the chunk's tokens (a CPU step is not bound by memory traffic, so the chunk does not
-  ride along for free), small chunks cannot prefill prompts as fast as the slots consume them,
-  and XLA:CPU copies the pool around the conditional step every iteration; a dense prefill
-  of whole prompts does the same tokens in a few large matmuls. Chunks are meant for
-  accelerators whose decode step is bound by memory traffic, where that remains to be
-  measured.
+  Prefill batches are the default (prefill_chunk=0), chunks the measured alternative: on CPU,
+  side by side on the short- and the long-prompt workloads of benchmarks/sampler.py
+  (benchmarks/README.md), chunked prefill came out about even with batches of one prompt,
+  not clearly ahead on either, so nothing justified a change of default or a rule. A CPU step
+  costs about its tokens, so a chunk does not ride along for free as on an accelerator whose
+  decode step is bound by memory traffic (where chunks should gain; not measured), and a
+  dense prefill does the same tokens in a few large matmuls. Steps with and without a chunk
+  run in loops of their own: a conditional around the step made XLA:CPU copy the pool every
+  iteration, and so did a second scatter into the pool after the slots' attention.
 
   Per-slot letters: S slots, M block-table width, C block size, NB pool blocks, Q prefill
   batch, PB blocks of the padded prompt length, CH prefill chunk.
