@@ -54,11 +54,27 @@ at once; transformers' is its dynamic cache at the end (rows x (prompt + longest
 paths first run once with another seed (compilation); then every sampler runs --repeats
 rounds (default 1 for this workload), interleaved, and its best time counts.
 
+Prefill designs (--prefill_designs=batch1,batch8,chunk16,chunk64): continuous batching
+prefills a prompt inside its loop when its first sample takes a slot, either whole in batches
+of Q prompts between two decode steps (`prefill_batch=Q`, 'batchQ'; a batch runs Q prompts even
+when fewer are new) or in chunks of n tokens that go through the model together with the
+slots' decode step (`prefill_chunk=n`, 'chunkN'). The flag runs only these continuous designs,
+side by side on the chosen workload (same seed, so the same rows up to float32 ties, checked
+against the first design as above), and prints each design's useful new tokens/s and its ratio
+to the first design and the best chunked / best batched ratio. Workloads: `longtail` (above,
+64-token prompts: prefill is a small share) and `longprompt` (--workload=longprompt: where
+prefill matters: 64 random prompts of 512-1024 tokens, uniform, padded to 1024, x 4 samples,
+the same stop ids, limit 1024, 2 devices data-parallel). Each design first runs once on the
+same shapes with every prompt but the first cut to one token and one new token (compilation,
+a short run), then --repeats rounds (default 1), interleaved; the best counts.
+
 Run from the repository root (not part of the tests):
 
   python -m benchmarks.sampler                       # writes benchmarks/results/sampler.json
   python -m benchmarks.sampler --repeats=1 --torch_threads=1 --out=/tmp/sampler.json
   python -m benchmarks.sampler --workload=longtail   # writes benchmarks/results/sampler_longtail.json
+  python -m benchmarks.sampler --workload=longprompt --prefill_designs=batch1,batch8,chunk16,chunk64
+      # writes benchmarks/results/sampler_prefill_longprompt.json
 """
 
 import argparse
@@ -186,22 +202,115 @@ def _compare_rows(a, b, prompts, seed: int, ref, tie: float = 1e-5) -> dict:
   return {"identical": identical, "ties": ties, "diverged": diverged, "same": not diverged}
 
 
-def _longtail(args, ref, model):
-  """Static path vs continuous batching vs transformers on long-tailed response lengths."""
-  import torch  # pylint: disable=g-import-not-at-top
-  w = LONGTAIL
-  paths = args.paths.split(",")
+# The longprompt workload: prefill matters (see the docstring).
+LONGPROMPT = dict(prompts=64, samples=4, prompt_len=(512, 1024), limit=1024, devices=2)
+
+
+def _workload_prompts(w: dict) -> list:
+  """The workload's random prompts (seed 0): w['prompt_len'] tokens, or (lo, hi) uniform."""
   rng = np.random.RandomState(0)
-  prompts = rng.randint(0, ARCH["vocab_size"] - 4, (w["prompts"], w["prompt_len"]))
-  cfg = model.cfg
-  per_token = _kv_bytes_per_token(cfg)
+  if isinstance(w["prompt_len"], int):
+    return list(rng.randint(0, ARCH["vocab_size"] - 4, (w["prompts"], w["prompt_len"])))
+  lo, hi = w["prompt_len"]
+  return [rng.randint(0, ARCH["vocab_size"] - 4, (n,))
+          for n in rng.randint(lo, hi + 1, w["prompts"])]
+
+
+def _data_parallel(model, w: dict, workload: str):
+  """A mesh {'data': w['devices']} and the model's parameters replicated on it."""
   if jax.device_count() < w["devices"]:
-    raise SystemExit(f"the longtail workload needs {w['devices']} devices, found "
+    raise SystemExit(f"the {workload} workload needs {w['devices']} devices, found "
                      f"{jax.device_count()}")
   mesh = parallel.make_mesh({"data": w["devices"]}, devices=jax.devices()[:w["devices"]])
   state = nnx.state(model)
   with parallel.use_mesh(mesh):
     placed = nnx.merge(nnx.graphdef(model), jax.device_put(state, parallel.state_shardings(state)))
+  return mesh, placed
+
+
+def _design(name: str) -> dict:
+  """'batchQ' -> prefill_batch=Q; 'chunkN' -> prefill_chunk=N (generate's arguments)."""
+  for prefix, key in (("batch", "prefill_batch"), ("chunk", "prefill_chunk")):
+    if name.startswith(prefix) and name[len(prefix):].isdigit():
+      return {key: int(name[len(prefix):])}
+  raise SystemExit(f"--prefill_designs: {name!r} is not batchQ or chunkN (e.g. batch8, chunk64)")
+
+
+def _prefill_designs(args, ref, model):
+  """Continuous batching's prefill designs side by side on one workload (see the docstring)."""
+  w = LONGTAIL if args.workload == "longtail" else LONGPROMPT
+  designs = {name: _design(name) for name in args.prefill_designs.split(",")}
+  prompts = _workload_prompts(w)
+  lo, hi = min(map(len, prompts)), max(map(len, prompts))
+  mesh, placed = _data_parallel(model, w, args.workload)
+  print(f"backend {jax.default_backend()}, k15 continuous on {w['devices']} devices (data); "
+        f"{w['prompts']} prompts of {lo}-{hi} tokens x {w['samples']} samples, limit "
+        f"{w['limit']}, stop ids {list(STOP_IDS)}; designs {list(designs)}")
+  rows, runs, results, seeds = {}, {}, {}, {}
+
+  def runner(name, kw):
+    def run(seed, limits=w["limit"], prompts=prompts):
+      t0 = time.perf_counter()
+      with parallel.use_mesh(mesh):
+        res = sampler.generate(placed, prompts, max_new_tokens=limits, eos_id=list(STOP_IDS),
+                               temperature=1.0, seed=seed, num_samples=w["samples"],
+                               continuous=True, **kw)
+      results[name], seeds[name] = res, seed
+      print(f"  {name}, seed {seed}: {time.perf_counter() - t0:.1f} s, "
+            f"{int(res.lengths.sum())} new tokens", flush=True)
+      return res
+    return run
+
+  for name, kw in designs.items():
+    run = runner(name, kw)
+    # The same program (the same buckets: the first prompt whole with the limit, the others
+    # one token with one new token), on a short run.
+    short = [w["limit"]] + [1] * (len(prompts) - 1)
+    stubs = prompts[:1] + [p[:1] for p in prompts[1:]]
+    rows[name] = {"first_call_s": _timed(lambda _, run=run: run(12345, short, stubs), None), **kw}
+    runs[name] = lambda i, run=run: run(1000 + i)
+  for name, times in _interleaved_times(runs, args.repeats or 1).items():
+    lengths = results[name].lengths
+    rows[name].update(_spread(times), useful_tokens=int(lengths.sum()),
+                      mean_length=float(lengths.mean()), max_length=int(lengths.max()),
+                      tokens_per_s=float(lengths.sum()) / min(times),
+                      kv_peak_bytes=results[name].stats["kv_peak_bytes"])
+  first = next(iter(designs))
+  row_prompts = [p for p in prompts for _ in range(w["samples"])]
+  for name in list(designs)[1:]:
+    check = _compare_rows(results[first], results[name], row_prompts, seeds[first], ref)
+    rows[name].update(same_rows_as_first=check["same"], rows_identical_to_first=check["identical"],
+                      rows_split_at_a_tie=check["ties"])
+    print(f"{name} vs {first}: {check['identical']} of {len(row_prompts)} rows identical, "
+          f"{len(check['ties'])} split at a float32 tie, diverged {check['diverged']}")
+  base = rows[first]["tokens_per_s"]
+  print(f"\n{'design':<10}{'seconds':>9}{'median':>8}{'max':>8}{'useful tok':>12}{'mean len':>10}"
+        f"{'max len':>9}{'tok/s':>9}{'KV peak':>9}{f'vs {first}':>12}{'first call s':>14}")
+  for name, r in rows.items():
+    r["vs_first"] = r["tokens_per_s"] / base
+    print(f"{name:<10}{r['seconds']:>9.2f}{r['seconds_median']:>8.2f}{r['seconds_max']:>8.2f}"
+          f"{r['useful_tokens']:>12}{r['mean_length']:>10.1f}{r['max_length']:>9}"
+          f"{r['tokens_per_s']:>9.0f}{r['kv_peak_bytes'] / 2**20:>9.1f}{r['vs_first']:>11.2f}x"
+          f"{r['first_call_s']:>14.1f}")
+  best = {kind: max((r["tokens_per_s"], n) for n, r in rows.items() if n.startswith(kind))
+          for kind in ("chunk", "batch") if any(n.startswith(kind) for n in rows)}
+  ratio = None
+  if len(best) == 2:
+    ratio = best["chunk"][0] / best["batch"][0]
+    print(f"best chunked ({best['chunk'][1]}) / best batched ({best['batch'][1]}): {ratio:.2f}x")
+  print(f"load average now {os.getloadavg()[0]:.2f}")
+  return {"workload": args.workload, **w, "stop_ids": list(STOP_IDS), "rows": rows,
+          "chunked_over_batched": ratio}
+
+
+def _longtail(args, ref, model):
+  """Static path vs continuous batching vs transformers on long-tailed response lengths."""
+  import torch  # pylint: disable=g-import-not-at-top
+  w = LONGTAIL
+  paths = args.paths.split(",")
+  prompts = np.stack(_workload_prompts(w))
+  per_token = _kv_bytes_per_token(model.cfg)
+  mesh, placed = _data_parallel(model, w, "longtail")
   print(f"backend {jax.default_backend()}, k15 on {w['devices']} devices (data), torch threads 1; "
         f"{w['prompts']} prompts x {w['samples']} samples, prompt {w['prompt_len']}, limit "
         f"{w['limit']}, stop ids {list(STOP_IDS)}")
@@ -294,9 +403,13 @@ def _longtail(args, ref, model):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workload", default="uniform", choices=("uniform", "longtail"))
+  parser.add_argument("--workload", default="uniform",
+                      choices=("uniform", "longtail", "longprompt"))
   parser.add_argument("--paths", default="static,continuous,transformers",
                       help="longtail: which samplers to run (comma-separated)")
+  parser.add_argument("--prefill_designs", default="",
+                      help="longtail / longprompt: compare continuous batching's prefill designs "
+                           "instead, e.g. batch1,batch8,chunk16,chunk64 (see the docstring)")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--prompt_len", type=int, default=64)
   parser.add_argument("--new_tokens", type=int, default=256)
@@ -324,6 +437,16 @@ def main(argv=None):
     ref.save_pretrained(tmp, safe_serialization=True)
     model = hf.load(tmp, jnp.float32)
   cfg = model.cfg
+  if args.prefill_designs or args.workload == "longprompt":
+    if not args.prefill_designs or args.workload == "uniform":
+      raise SystemExit("--prefill_designs goes with --workload=longtail or longprompt")
+    result = _prefill_designs(args, ref, model)
+    out = args.out or f"benchmarks/results/sampler_prefill_{args.workload}.json"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"wrote {out}")
+    return
   if args.workload == "longtail":
     result = _longtail(args, ref, model)
     out = args.out or "benchmarks/results/sampler_longtail.json"

@@ -59,6 +59,56 @@ def test_rows_equal_each_prompt_sampled_alone(temperature):
     _assert_same_rows(got, alone, slice(start[i], start[i + 1]), f"prompt {i}")
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_chunked_prefill_equals_prefill_batches_and_static(temperature):
+  # Prompts of 3 to 22 tokens prefilled in chunks of 5 tokens (smaller than most prompts, not a
+  # multiple of the block size 4 or of any prompt's length) or of 32 (a prompt per chunk),
+  # together with the slots' decode steps: the rows of the static path and of prefill batches,
+  # with an EOS list, a repeat check and per-prompt limits, rows refilling 3 slots mid-loop.
+  model = _native(seed=12)
+  gen = dict(max_new_tokens=[24, 40, 8, 40, 33], num_samples=[1, 5, 2, 3, 1],
+             temperature=temperature, seed=5, repeat_ngram=2, repeat_window=8)
+  free = sampling.generate(model, PROMPTS, eos_id=None, **gen)
+  gen["eos_id"] = [int(free.tokens[3, 4]), int(free.tokens[9, 6])]
+  static = sampling.generate(model, PROMPTS, **gen)
+  batches = sampling.generate(model, PROMPTS, continuous=True, slots=3, block_size=4, **gen)
+  assert len(set(static.reasons())) >= 2, static.reasons()
+  _assert_same_rows(batches, static)
+  for chunk in (5, 32):
+    got = sampling.generate(model, PROMPTS, continuous=True, slots=3, block_size=4,
+                            prefill_chunk=chunk, **gen)
+    _assert_same_rows(got, static, msg=f"prefill_chunk={chunk}")
+    assert got.stats["kv_bytes"] == batches.stats["kv_bytes"]
+
+
+def test_chunk_attention_is_causal_over_the_prompts_blocks():
+  # Q queries of one prompt (positions 5..11 of a 12-token prompt, blocks in random order)
+  # attend as causal attention over the contiguous prompt does; a query past the prompt
+  # (length 0) gives zeros.
+  rng = np.random.RandomState(2)
+  K, G, H, C, M, L = 2, 2, 8, 4, 4, 12
+  k_seq = rng.randn(1, M * C, K, H).astype(np.float32)
+  v_seq = rng.randn(1, M * C, K, H).astype(np.float32)
+  q = rng.randn(8, K * G, H).astype(np.float32)
+  table = rng.permutation(np.arange(1, 1 + M)).astype(np.int32)
+  k_pool = np.zeros((K, 1 + M, C, H), np.float32)
+  v_pool = np.zeros_like(k_pool)
+  for j in range(M):
+    k_pool[:, table[j]] = k_seq[0, j * C:(j + 1) * C].transpose(1, 0, 2)
+    v_pool[:, table[j]] = v_seq[0, j * C:(j + 1) * C].transpose(1, 0, 2)
+  pos = 5 + np.arange(7)
+  want = attention.attend(jnp.asarray(q[None, :7]), jnp.asarray(k_seq), jnp.asarray(v_seq),
+                          q_segment_ids=jnp.ones((1, 7), jnp.int32),
+                          kv_segment_ids=jnp.asarray((np.arange(M * C) < L)[None], jnp.int32),
+                          q_positions=jnp.asarray(pos[None]),
+                          kv_positions=jnp.arange(M * C)[None], impl="reference")[0]
+  lengths = jnp.asarray(np.append(pos + 1, 0), jnp.int32)
+  got = paged.attend_chunk(jnp.asarray(q), jnp.asarray(k_pool), jnp.asarray(v_pool),
+                           jnp.asarray(table), lengths, columns=M, scale=H ** -0.5)
+  np.testing.assert_allclose(got[:7], want, atol=1e-5)
+  np.testing.assert_array_equal(got[7], 0.0)
+
+
 def test_draws_invert_the_cdf_at_row_uniforms():
   # At temperature 1 token t of row r is the first whose cumulative probability exceeds the
   # row's uniform (`sampler.row_uniforms`). Recomputed in float64 from the model's logits of
@@ -105,10 +155,16 @@ def test_pool_by_tokens_queues_rows_and_frees_prompts():
   gen = dict(max_new_tokens=8, temperature=1.0, seed=3, eos_id=[5, 6, 7])
   static = sampling.generate(model, prompts, continuous=False, **gen)
   per_block = 2 * 1 * 2 * 16 * 4 * 4  # k and v, 1 layer, 2 kv heads, head dim 16, f32, 4 tokens
-  for kv_tokens, prefill_batch, most_blocks in ((None, 8, 2 * (6 + 3)), (40, 1, 6 + 3)):
+  # Chunked prefill reserves a prompt and its first row when the prefill starts, and with the
+  # default pool prefills the next prompt while the last one's row waits for a slot (one
+  # prompt more in flight); the small pool cannot hold that ahead, so it waits as above.
+  for kv_tokens, prefill_batch, chunk, most_blocks in (
+      (None, 8, 0, 2 * (6 + 3)), (40, 1, 0, 6 + 3), (None, 8, 7, 2 * (6 + 3) + 6),
+      (40, 8, 7, 6 + 3)):
     got = sampling.generate(model, prompts, continuous=True, slots=2, block_size=4,
-                            kv_tokens=kv_tokens, prefill_batch=prefill_batch, **gen)
-    _assert_same_rows(got, static, msg=f"kv_tokens={kv_tokens}")
+                            kv_tokens=kv_tokens, prefill_batch=prefill_batch,
+                            prefill_chunk=chunk, **gen)
+    _assert_same_rows(got, static, msg=f"kv_tokens={kv_tokens}, prefill_chunk={chunk}")
     assert got.stats["kv_peak_bytes"] <= most_blocks * per_block < 12 * 6 * per_block
   assert got.stats["kv_bytes"] == (1 + 10) * per_block  # the scratch block and 40 tokens
 
@@ -172,15 +228,17 @@ def test_rollout_passes_through():
     assert a.finish_reason == b.finish_reason
 
 
-@pytest.mark.parametrize("mesh_axes", [{"data": 8}, {"data": 2, "tensor": 4},
-                                       {"fsdp": 2, "tensor": 4}])
-def test_mesh_equals_unsharded(mesh_axes):
+@pytest.mark.parametrize("mesh_axes,chunk", [({"data": 8}, 0), ({"data": 2, "tensor": 4}, 0),
+                                             ({"fsdp": 2, "tensor": 4}, 0), ({"data": 8}, 6),
+                                             ({"fsdp": 2, "tensor": 4}, 6), ({"tensor": 8}, 6)])
+def test_mesh_equals_unsharded(mesh_axes, chunk):
   # Data parallel: each device runs its own slots over its own rows; on a mesh that splits the
-  # parameters each batch shard runs its own slots, tensor parallel within. All give the
-  # unsharded rows.
+  # parameters each batch shard runs its own slots, tensor parallel within; on a mesh with no
+  # batch axis, one SPMD program. All give the unsharded rows, with prefill in batches or in
+  # chunks.
   model = _native(seed=6)
   gen = dict(max_new_tokens=[24, 40, 8, 40, 33], num_samples=[1, 5, 2, 3, 1], temperature=1.0,
-             seed=2, eos_id=[3, 40])
+             seed=2, eos_id=[3, 40], prefill_chunk=chunk)
   expected = sampling.generate(model, PROMPTS, continuous=True, slots=2, **gen)
   with parallel.use_mesh(parallel.make_mesh(mesh_axes)):
     sharded = parallel.create_sharded(lambda: _native(seed=6))
@@ -239,6 +297,11 @@ def test_bad_inputs_are_named():
   with pytest.raises(ValueError, match="block_size=0 must be >= 1"):
     sampling.generate(model, [[1]], max_new_tokens=4, eos_id=None, continuous=True,
                       block_size=0)
+  with pytest.raises(ValueError, match="prefill_chunk=-1 must be >= 0"):
+    sampling.generate(model, [[1]], max_new_tokens=4, eos_id=None, prefill_chunk=-1)
+  with pytest.raises(ValueError, match="prefill_chunk=8 applies to continuous batching only"):
+    sampling.generate(model, [[1]], max_new_tokens=4, eos_id=None, continuous=False,
+                      prefill_chunk=8)
 
 
 def test_one_program_per_bucket():
@@ -252,9 +315,11 @@ def test_one_program_per_bucket():
   assert sampler.default_slots(100) == 32 and sampler.default_slots(5) == 5
 
 
-def test_paged_program_compiles_for_tpu(monkeypatch):
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_paged_program_compiles_for_tpu(monkeypatch, chunk):
   # The continuous program with the Pallas TPU paged-attention kernel, compiled for a v5e chip
-  # of a compile-only topology (libtpu, no TPU needed).
+  # of a compile-only topology (libtpu, no TPU needed); with chunked prefill too (the chunk's
+  # attention on the gather path).
   import dataclasses  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes may hold libtpu
   topologies = pytest.importorskip("jax.experimental.topologies")
@@ -269,15 +334,16 @@ def test_paged_program_compiles_for_tpu(monkeypatch):
   run = sampler._run
   monkeypatch.setattr(sampler, "_run", lambda *a, **kw: calls.append((a, kw)) or run(*a, **kw))
   sampling.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=64, eos_id=None, num_samples=4,
-                    continuous=True, slots=4)
+                    continuous=True, slots=4, prefill_chunk=chunk)
   (state, x), kw = calls[-1]
   device = jax.sharding.SingleDeviceSharding(topo.devices[0])
   spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype, sharding=device)
   static = dataclasses.replace(kw["static"], paged_impl="tpu")
   compiled = run.lower(jax.tree.map(spec, state), jax.tree.map(spec, x), graphdef=kw["graphdef"],
                        static=static).compile()
-  # One Pallas kernel call per layer, in the decode loop.
-  assert compiled.as_text().count("tpu_custom_call") == model.cfg.num_layers
+  # One Pallas kernel call per layer, in the decode loop (chunked: in the decode step with and
+  # the one without a chunk).
+  assert compiled.as_text().count("tpu_custom_call") == model.cfg.num_layers * (1 + bool(chunk))
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
@@ -317,3 +383,8 @@ def test_paged_step_on_fsdp_tensor_mesh_equals_unsharded(kv_heads):
   np.testing.assert_allclose(got_logits, want_logits, atol=1e-5)
   for name in ("k", "v"):
     np.testing.assert_allclose(got_pool[name][0], want_pool[name][0], atol=1e-6)
+  # A prefill chunk writes one prompt's blocks, which lie in one batch shard: refused here.
+  with parallel.use_mesh(mesh), pytest.raises(ValueError, match="splits it 2 ways"):
+    paged.decode_step(sharded, jnp.asarray(tokens), jnp.asarray(ctx), pool, jnp.asarray(tables),
+                      jnp.asarray(block), jnp.asarray(ctx % C), jnp.asarray(lengths),
+                      buckets=(M,), chunk={})

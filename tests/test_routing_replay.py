@@ -130,17 +130,19 @@ def test_routing_on_a_data_parallel_mesh_equals_one_device(continuous):
   _assert_same_routing(got, expected, prompts)
 
 
-@pytest.mark.parametrize("mesh_axes", [None, {"fsdp": 2, "tensor": 4}])
-def test_continuous_prefill_batches_record_the_static_routing(mesh_axes):
+@pytest.mark.parametrize("mesh_axes,chunk", [(None, 0), ({"fsdp": 2, "tensor": 4}, 0),
+                                             (None, 3), ({"fsdp": 2, "tensor": 4}, 3)])
+def test_continuous_prefill_batches_record_the_static_routing(mesh_axes, chunk):
   """The continuous loop prefills prompts in batches as their first samples take a slot (here
   one prompt per batch, two slots, so prompts are prefilled between decode steps, into slots
-  reused by earlier prompts): each prompt's prefill routing and each response token's come
-  back as the static path records them, also with parameters split over fsdp and tensor."""
+  reused by earlier prompts), or in chunks of 3 tokens with the decode steps: each prompt's
+  prefill routing and each response token's come back as the static path records them, also
+  with parameters split over fsdp and tensor."""
   model = transformer.Transformer(_cfg(), rngs=nnx.Rngs(2))
   prompts = [p for _, p in _prompts(4)]
   gen = dict(max_new_tokens=[6, 3, 5, 4], eos_id=None, num_samples=[3, 1, 2, 2], seed=1)
   expected = sampling.generate(model, prompts, continuous=False, **gen)
-  cont = dict(continuous=True, slots=2, prefill_batch=1)
+  cont = dict(continuous=True, slots=2, prefill_batch=1, prefill_chunk=chunk)
   if mesh_axes is None:
     got = sampling.generate(model, prompts, **cont, **gen)
   else:

@@ -9,7 +9,7 @@ copy of the prompt's last, partly filled block, where its response continues (co
 
 Letters: S slots (rows decoded together), K kv heads, G query heads per kv head (N = K * G),
 H head dim, M blocks per table (the table's width), C block size, NB blocks in the pool,
-T = M' * C keys read by a step (M' <= M table columns).
+T = M' * C keys read by a step (M' <= M table columns), Q query tokens of a prefill chunk.
 
 Pool layout, per layer: k and v [K, NB, C, H], the layout of the TPU paged-attention kernel
 (jax.experimental.pallas.ops.tpu.paged_attention), so both paths read the same arrays. Block 0
@@ -21,6 +21,12 @@ with one masked softmax, like `attention.attend`'s reference path; it reads the 
 columns, where M' is the smallest of a few sizes (powers of two) that covers the longest row
 in the step, so short rows do not pay for the table's full width. On TPU the Pallas kernel reads
 each row's own blocks only.
+
+Chunked prefill (`decode_step(..., chunk=...)`): Q tokens of one prompt go through the model
+with the slots' tokens, their keys and values written into the prompt's blocks and their
+queries attending to the prompt's tokens up to their own positions (`attend_chunk`: one gather
+of the prompt's blocks for the Q queries). That path is the gather path on every backend; there
+is no TPU kernel for it (the slots' decode attention keeps the Pallas kernel).
 """
 
 from __future__ import annotations
@@ -63,6 +69,24 @@ def column_buckets(width: int, block_size: int, minimum_tokens: int = 64) -> lis
   return out + [width]
 
 
+def _attend(q: Array, k: Array, v: Array, lengths: Array, scale: float, *, kv: str) -> Array:
+  """Query s of q [S, N, H] over the first lengths[s] of T gathered keys and values: each
+  query's own (kv 'KSTH': k, v [K, S, T, H]) or shared ones (kv 'KTH': [K, T, H])."""
+  S, N, H = q.shape
+  K, T = k.shape[0], k.shape[-2]
+  qg = jnp.swapaxes(q.reshape(S, K, N // K, H), 0, 1)                  # [K, S, G, H]
+  s = jnp.einsum(f"KSGH,{kv}->KSGT", qg, k.astype(q.dtype),
+                 preferred_element_type=jnp.float32) * scale
+  mask = (jnp.arange(T)[None] < lengths[:, None])[None, :, None]      # [1, S, 1, T]
+  s = jnp.where(mask, s, _NEG)
+  m = s.max(axis=-1, keepdims=True)
+  p = jnp.where(mask, jnp.exp(s - m), 0.0)
+  l = p.sum(axis=-1, keepdims=True)
+  p = p / jnp.where(l == 0.0, 1.0, l)
+  out = jnp.einsum(f"KSGT,{kv}->KSGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return jnp.swapaxes(out, 0, 1).reshape(S, N, H).astype(q.dtype)
+
+
 def attend_gather(q: Array, k_pool: Array, v_pool: Array, tables: Array, lengths: Array,
                   *, columns: int, scale: float) -> Array:
   """Attention of one query token per slot over its first lengths[s] logical tokens.
@@ -70,24 +94,26 @@ def attend_gather(q: Array, k_pool: Array, v_pool: Array, tables: Array, lengths
   q [S, N, H]; k_pool, v_pool [K, NB, C, H]; tables int32 [S, M]; lengths int32 [S] (>= 1 for
   a real slot, 0 gives zeros). Reads table columns [0, columns). Returns [S, N, H] in q.dtype.
   """
-  S, N, H = q.shape
-  K, _, C, _ = k_pool.shape
-  G = N // K
+  K, _, C, H = k_pool.shape
+  S = q.shape[0]
   cols = tables[:, :columns]                                           # [S, M']
   k = k_pool[:, cols].reshape(K, S, columns * C, H)                    # [K, S, T, H]
   v = v_pool[:, cols].reshape(K, S, columns * C, H)
-  qg = jnp.swapaxes(q.reshape(S, K, G, H), 0, 1)                       # [K, S, G, H]
-  s = jnp.einsum("KSGH,KSTH->KSGT", qg, k.astype(q.dtype),
-                 preferred_element_type=jnp.float32) * scale
-  mask = (jnp.arange(columns * C)[None] < lengths[:, None])[None, :, None]  # [1, S, 1, T]
-  s = jnp.where(mask, s, _NEG)
-  m = s.max(axis=-1, keepdims=True)
-  p = jnp.where(mask, jnp.exp(s - m), 0.0)
-  l = p.sum(axis=-1, keepdims=True)
-  p = p / jnp.where(l == 0.0, 1.0, l)
-  out = jnp.einsum("KSGT,KSTH->KSGH", p.astype(v_pool.dtype), v.astype(v_pool.dtype),
-                   preferred_element_type=jnp.float32)
-  return jnp.swapaxes(out, 0, 1).reshape(S, N, H).astype(q.dtype)
+  return _attend(q, k, v, lengths, scale, kv="KSTH")
+
+
+def attend_chunk(q: Array, k_pool: Array, v_pool: Array, table: Array, lengths: Array,
+                 *, columns: int, scale: float) -> Array:
+  """Attention of Q query tokens of one sequence: query j over its first lengths[j] tokens.
+
+  q [Q, N, H]; table int32 [M] (the sequence's blocks); lengths int32 [Q] (0 gives zeros).
+  What `attend_gather` computes with every query as a slot of the same table, but the table's
+  first `columns` blocks are gathered once for all Q queries. Returns [Q, N, H] in q.dtype.
+  """
+  K, _, C, H = k_pool.shape
+  k = k_pool[:, table[:columns]].reshape(K, columns * C, H)            # [K, T, H]
+  v = v_pool[:, table[:columns]].reshape(K, columns * C, H)
+  return _attend(q, k, v, lengths, scale, kv="KTH")
 
 
 def attend_tpu(q: Array, k_pool: Array, v_pool: Array, tables: Array, lengths: Array,
@@ -150,7 +176,8 @@ def pool_specs(cfg: transformer.ModelConfig, mesh) -> dict:
 
 def _write_attend(q, k, v, k_pool, v_pool, tables, write_block, write_offset, lengths, *,
                   buckets, num_groups, scale, impl):
-  """One layer's paged step for the slots of one batch shard: writes k, v [S, K, H], attends."""
+  """One layer's paged step for the slots of one batch shard: writes k, v [S (+ Q), K, H] (a
+  prefill chunk's too), then attends for the S slots' queries q [S, N, H]."""
   k_pool = write(k_pool, k, write_block, write_offset)
   v_pool = write(v_pool, v, write_block, write_offset)
   if impl == "tpu":
@@ -163,10 +190,17 @@ def _write_attend(q, k, v, k_pool, v_pool, tables, write_block, write_offset, le
   return out, k_pool, v_pool
 
 
+def _attend_chunk_width(q, k_pool, v_pool, table, lengths, width, *, buckets, scale):
+  """`attend_chunk` reading the first buckets[width] table columns."""
+  branches = [functools.partial(attend_chunk, columns=c, scale=scale) for c in buckets]
+  return jax.lax.switch(width, branches, q, k_pool, v_pool, table, lengths)
+
+
 def decode_step(model: transformer.Transformer, tokens: Array, positions: Array, pool: dict,
                 tables: Array, write_block: Array, write_offset: Array, lengths: Array,
                 *, buckets: tuple[int, ...], num_groups: int = 1, impl: str = "gather",
-                return_routing: bool = False):
+                return_routing: bool = False, chunk: dict | None = None,
+                chunk_buckets: tuple[int, ...] = ()):
   """One token per slot through `model`, keys and values in the paged pool.
 
   tokens, positions [S]: the slots' current tokens and their positions; their keys and values
@@ -176,14 +210,29 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
   Under `parallel.use_mesh` (an SPMD program) the pool and the slots are laid out as
   `pool_specs` says, block ids count within each batch shard, and each layer's write and
   attention run per shard (`jax.shard_map`); the projections and the MLP stay SPMD.
-  Returns (float32 logits [S, V], updated pool), and with `return_routing` (a mixture of
-  experts) the slots' expert ids [S, L, k] in `transformer.expert_id_dtype` (L MoE layers).
+
+  chunk (chunked prefill): Q tokens of one prompt that go through the model with the slots'
+  tokens, in the same projections and MLP: 'tokens', 'positions' [Q]; 'table' [MP], the
+  prompt's blocks; 'block', 'offset' [Q], where each token's key and value go (SCRATCH past
+  the prompt); 'lengths' [Q], the tokens each attends to (position + 1, 0 past the prompt);
+  'width', the index in chunk_buckets of the table width to read; 'last', the index of the
+  token whose logits are returned. Each layer writes the slots' and the chunk's keys and
+  values in one scatter (a second one after the slots' attention has read the pool made
+  XLA:CPU copy the pool every step), then the slots attend and the chunk attends
+  (`attend_chunk`), so a chunk token sees the prompt's earlier chunks and its own chunk up to
+  itself (no slot reads a prompt in prefill). Under a mesh the pool must not be split over
+  batch shards (one prompt's blocks lie in one shard).
+
+  Returns (float32 logits [S, V], updated pool); with a chunk, the logits of its 'last' token
+  [V] after the slots' logits; and with `return_routing` (a mixture of experts) the tokens'
+  expert ids [S (+ Q), L, k] in `transformer.expert_id_dtype` (L MoE layers), slots first.
   """
   cfg = model.cfg
   dt = transformer.to_dtype(cfg.dtype)
   scale = cfg.head_dim ** -0.5
   step = functools.partial(_write_attend, buckets=buckets, scale=scale, impl=impl,
                            num_groups=num_groups)
+  chunk_attend = functools.partial(_attend_chunk_width, buckets=chunk_buckets, scale=scale)
   mesh = parallel.active_mesh()
   if mesh is not None:
     sp = pool_specs(cfg, mesh)
@@ -198,22 +247,49 @@ def decode_step(model: transformer.Transformer, tokens: Array, positions: Array,
         in_specs=(sp["heads"], sp["heads"], sp["heads"], sp["pool"], sp["pool"],
                   PartitionSpec(sp["slots"][0], None), sp["slots"], sp["slots"], sp["slots"]),
         out_specs=(sp["heads"], sp["pool"], sp["pool"]), check_vma=False)
-  x = jnp.take(model.embed[...], tokens[:, None], axis=0).astype(dt)   # [S, 1, D]
+    if chunk is not None:
+      if shards > 1:
+        raise ValueError(
+            "chunked prefill (prefill_chunk > 0) in one SPMD program needs a pool that is not "
+            f"split over batch shards; this mesh splits it {shards} ways (run each batch shard "
+            "its own loop, or use prefill_chunk=0)")
+      chunk_attend = jax.shard_map(
+          chunk_attend, mesh=mesh,
+          in_specs=(sp["heads"], sp["pool"], sp["pool"]) + (PartitionSpec(),) * 3,
+          out_specs=sp["heads"], check_vma=False)
+  S = tokens.shape[0]
+  if chunk is not None:
+    tokens = jnp.concatenate([tokens, chunk["tokens"]])
+    positions = jnp.concatenate([positions, chunk["positions"]])
+    write_block = jnp.concatenate([write_block, chunk["block"]])
+    write_offset = jnp.concatenate([write_offset, chunk["offset"]])
+  x = jnp.take(model.embed[...], tokens[:, None], axis=0).astype(dt)   # [S (+ Q), 1, D]
   angles = transformer.rope_angles(positions[:, None], cfg.head_dim, cfg.rope_theta,
                                      cfg.rope_scaling)
   new_k, new_v, ids = [], [], []
   for i in range(cfg.num_layers):
     block = model.block(i)
-    q, k, v = block.attn.project(block.attn_norm(x), angles)          # [S, 1, *, H]
-    out, k_pool, v_pool = step(q[:, 0], k[:, 0], v[:, 0], pool["k"][i], pool["v"][i], tables,
-                               write_block, write_offset, lengths)
+    q, k, v = block.attn.project(block.attn_norm(x), angles)          # [S (+ Q), 1, *, H]
+    # (With a chunk: the slots' and the chunk's keys and values, written together.)
+    out, k_pool, v_pool = step(q[:S, 0], k[:, 0], v[:, 0], pool["k"][i], pool["v"][i],
+                               tables, write_block, write_offset, lengths)
+    if chunk is not None:
+      out_c = chunk_attend(q[S:, 0], k_pool, v_pool, chunk["table"], chunk["lengths"],
+                           chunk["width"])
+      out = jnp.concatenate([out, out_c])
     x = x + block.attn.output(out[:, None])
     x, routing = block.feed_forward(x)
     if routing is not None:
-      ids.append(routing[1][:, 0])                                     # [S, k]
+      ids.append(routing[1][:, 0])                                     # [S (+ Q), k]
     new_k.append(k_pool)
     new_v.append(v_pool)
-  out = (model.logits(x)[:, 0], {"k": tuple(new_k), "v": tuple(new_v)})
+  pool = {"k": tuple(new_k), "v": tuple(new_v)}
+  if chunk is None:
+    out = (model.logits(x)[:, 0], pool)
+  else:  # the slots' logits and the chunk's last token's only
+    last = jax.lax.dynamic_index_in_dim(x, S + chunk["last"], axis=0)  # [1, 1, D]
+    logits = model.logits(jnp.concatenate([x[:S], last]))[:, 0]
+    out = (logits[:S], logits[S], pool)
   if return_routing:
     out += (jnp.stack(ids, axis=1).astype(transformer.expert_id_dtype(cfg)),)
   return out

@@ -25,8 +25,10 @@ together, and when a row ends its slot takes the next (prompt, sample) row of th
 same loop iteration, until every row is done (`_program_continuous`), with keys and values in
 a paged KV cache (`k15.sampling.paged`: a pool of fixed-size blocks and per-row block tables,
 the samples of a prompt sharing its blocks). A prompt is prefilled inside the loop when its
-first sample takes a slot, and its blocks return to the pool with its last sample, so the pool
-is sized by tokens in flight (`kv_tokens`), not by all prompts plus rows x limit. Long-CoT
+first sample takes a slot (whole prompts in batches between two decode steps, or, with
+`prefill_chunk`, in chunks of tokens that ride along with the decode steps), and its blocks
+return to the pool with its last sample, so the pool is sized by tokens in flight
+(`kv_tokens`), not by all prompts plus rows x limit. Long-CoT
 lengths are long-tailed (§2.6), and a static batch runs until its longest row ends while the
 finished rows keep their slots and cache; continuous batching spends its steps on unfinished
 rows. It samples the same rows (up to float summation order). By default (`use_continuous`) it
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from typing import Any, Sequence
 
@@ -218,6 +221,7 @@ class _Static:
   paged_impl: str = "gather"  # 'gather' (any backend) or 'tpu' (Pallas paged attention)
   pool_blocks: int = 0  # continuous batching: blocks in the pool (per device), scratch included
   prefill_batch: int = 8  # continuous batching: prompts prefilled together in the loop
+  prefill_chunk: int = 0  # continuous batching: > 0 prefills in chunks of so many tokens
 
 
 def _phase_bounds(steps: int, phases: int) -> list[int]:
@@ -491,12 +495,35 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   does, each prompt's prefill routing (per prefill slot, left-padded) when its batch is
   prefilled and each fed-back token's from the paged decode step.
 
+  Chunked prefill (static.prefill_chunk = CH > 0) instead of prefill batches: one prompt at a
+  time is in prefill, and each loop iteration feeds its next CH tokens through the model
+  together with the slots' decode step (`paged.decode_step`'s chunk: the same projections
+  and MLP, the chunk attending to the prompt's blocks written so far and causally within
+  itself), writing their keys and values into the prompt's blocks. A prompt's prefill starts
+  when the last one's is done and the pool can hold it and its first row, both reserved then
+  (`start_prefill`: also while the last prompt's rows still wait for slots, where that cannot
+  deadlock); when its last chunk is done, its rows take slots (the next iteration) and sample
+  their first token from that chunk's last logits. A chunk holds one prompt's tokens: a
+  prompt's last chunk runs partly empty. The slots' step keeps its kernel; the chunk's
+  attention is the gather path on every backend (`paged`).
+
+  Prefill batches are the default (prefill_chunk=0), chunks the measured alternative: on CPU,
+  side by side on the short- and the long-prompt workloads of benchmarks/sampler.py
+  (benchmarks/README.md), chunked prefill came out about even with batches of one prompt,
+  not clearly ahead on either, so nothing justified a change of default or a rule. A CPU step
+  costs about its tokens, so a chunk does not ride along for free as on an accelerator whose
+  decode step is bound by memory traffic (where chunks should gain; not measured), and a
+  dense prefill does the same tokens in a few large matmuls. Steps with and without a chunk
+  run in loops of their own: a conditional around the step made XLA:CPU copy the pool every
+  iteration, and so did a second scatter into the pool after the slots' attention.
+
   Per-slot letters: S slots, M block-table width, C block size, NB pool blocks, Q prefill
-  batch, PB blocks of the padded prompt length.
+  batch, PB blocks of the padded prompt length, CH prefill chunk.
   """
   U, P = x["tokens"].shape
   B, N, S, C = x["row_source"].shape[0], static.steps, static.slots, static.block_size
   NB, Q = static.pool_blocks, min(static.prefill_batch, U)
+  CH = static.prefill_chunk
   model = nnx.merge(graphdef, state)
   cfg = model.cfg
   routing = _records_routing(cfg)
@@ -511,6 +538,8 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   samples = jnp.zeros((U,), jnp.int32).at[row_source].add((limits > 0).astype(jnp.int32))
   plen_row = lengths[row_source]
   own_row = _own_blocks(plen_row, limits, C)                         # [B] worst case
+  first_row = jnp.full((U,), B, jnp.int32).at[jnp.where(limits > 0, row_source, U)].min(
+      jnp.arange(B, dtype=jnp.int32), mode="drop")                   # [U]; B: no row
 
   def everywhere(n):
     """n (an int32 scalar) maxed over the batch shards when they must run in step: with
@@ -520,6 +549,7 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
 
   uniforms = _uniforms(x, N)                                         # [B, N]
   buckets = tuple(paged.column_buckets(M, C))
+  chunk_buckets = tuple(paged.column_buckets(PB, C))
   # Slots attend in groups of 4 of similar length (`paged.slot_groups`).
   num_groups = S // 4 if S % 4 == 0 else 1
   cols = jnp.arange(M)[None]                                         # [1, M]
@@ -567,16 +597,25 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
     cand = empty & (row < queue)
     row = jnp.minimum(row, B - 1)
     src = row_source[row]
-    # Candidates are consecutive rows; a prompt not yet prefilled is new at its first one.
-    new_prompt = cand & (src >= c["pf"]) & ((rank == 0) | (src != row_source[
-        jnp.maximum(row - 1, 0)]))
-    need = jnp.where(cand, own_row[row] + jnp.where(new_prompt, prompt_blocks[src], 0), 0)
+    if CH:
+      # Chunked prefill: only rows whose prompt is prefilled; a prompt's first row holds its
+      # reservation already, made when the prompt's prefill started (`start_prefill`).
+      cand &= src < c["pd"]
+      need = jnp.where(cand & (row != c["reserved"]), own_row[row], 0)
+    else:
+      # Candidates are consecutive rows; a prompt not yet prefilled is new at its first one.
+      new_prompt = cand & (src >= c["pf"]) & ((rank == 0) | (src != row_source[
+          jnp.maximum(row - 1, 0)]))
+      need = jnp.where(cand, own_row[row] + jnp.where(new_prompt, prompt_blocks[src], 0), 0)
     take = cand & (jnp.cumsum(need) <= usable - c["committed"])
     c = dict(c, committed=c["committed"] + jnp.sum(jnp.where(take, need, 0)),
              next=c["next"] + jnp.sum(take, dtype=jnp.int32))
-    end = jnp.maximum(c["pf"], jnp.max(jnp.where(take, src + 1, 0)))
-    batches = everywhere(-(-(end - c["pf"]) // Q))
-    c = jax.lax.fori_loop(0, batches, lambda _, c: prefill(c, end), c)
+    if CH:
+      c["reserved"] = jnp.where(jnp.any(take & (row == c["reserved"])), -1, c["reserved"])
+    else:
+      end = jnp.maximum(c["pf"], jnp.max(jnp.where(take, src + 1, 0)))
+      batches = everywhere(-(-(end - c["pf"]) // Q))
+      c = jax.lax.fori_loop(0, batches, lambda _, c: prefill(c, end), c)
 
     row = jnp.where(take, row, 0)
     src = row_source[row]
@@ -601,9 +640,59 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
     if static.repeat_ngram:
       c["history"] = jnp.where(take[:, None], x["history"][row], c["history"])
     c["active"] = c["active"] | take
+    return start_prefill(c) if CH else c
+
+  def start_prefill(c):
+    """Chunked prefill: the next prompt's prefill starts (its blocks off the free list) when no
+    other prompt is in prefill and the pool can hold the prompt and its first row, which are
+    reserved now (the row takes a slot when the prompt's last chunk is done), and either its
+    first row is the queue's head (every earlier row has a slot) or the head's rows are the
+    previous prompt's, waiting for slots, and the pool could hold both prompts, this first
+    row and one of those rows once every running row has ended (so the rows ahead can always
+    enter: no deadlock). The second case prefills the next prompt while the last one's rows
+    wait for slots, so that the slots do not wait for the prefill."""
+    p = c["pf"]
+    pc = jnp.minimum(p, U - 1)
+    head = jnp.minimum(c["next"], B - 1)
+    first = first_row[pc]
+    first_c = jnp.minimum(first, B - 1)
+    need = prompt_blocks[pc] + own_row[first_c]
+    h = row_source[head]
+    ahead = (h == p - 1) & (prompt_blocks[h] + need + own_row[head] <= usable)
+    go = ((c["next"] < queue) & (p < U) & (first < B) & (c["pf"] == c["pd"])
+          & ((first == c["next"]) | ahead) & (need <= usable - c["committed"]))
+    ids, c["top"] = paged.pop_many(c["free"], c["top"],
+                                   jnp.where(go, prompt_blocks[pc], 0)[None], PB)
+    dest = jnp.where(go, pc, U)                                      # U: dropped
+    c["ptable"] = c["ptable"].at[dest].set(ids[0], mode="drop")
+    c["refs"] = c["refs"].at[dest].set(samples[pc], mode="drop")
+    c["committed"] = c["committed"] + jnp.where(go, need, 0)
+    c["pf"] = c["pf"] + go.astype(jnp.int32)
+    c["reserved"] = jnp.where(go, first, c["reserved"])
     return c
 
-  def body(c):
+  def chunk_of(c):
+    """Chunked prefill: the next CH tokens of the prompt in prefill (prompt pd, tokens
+    pdone..), as `paged.decode_step` takes them; past the prompt's end (or with no prompt in
+    prefill) they write to the scratch block and attend to nothing."""
+    p = jnp.minimum(c["pd"], U - 1)
+    plen = lengths[p]
+    pos = c["pdone"] + jnp.arange(CH)                                # [CH]
+    valid = (c["pf"] > c["pd"]) & (pos < plen)
+    ptable = c["ptable"][p]                                          # [PB]
+    return {
+        # The prompt's tokens are left-padded to P (as for the static prefill).
+        "tokens": x["tokens"][p, jnp.clip(P - plen + pos, 0, P - 1)],
+        "positions": pos,
+        "table": ptable,
+        "block": jnp.where(valid, ptable[jnp.minimum(pos // C, PB - 1)], paged.SCRATCH),
+        "offset": pos % C,
+        "lengths": jnp.where(valid, pos + 1, 0),
+        "width": jnp.sum(jnp.asarray(chunk_buckets) * C < jnp.minimum(c["pdone"] + CH, plen)),
+        "last": jnp.clip(plen - 1 - c["pdone"], 0, CH - 1),
+    }, p, plen, valid
+
+  def body(c, chunked=False):
     active, row, t = c["active"], c["row"], c["t"]
     # Token t of every active slot's row, from the logits its slot holds.
     u = uniforms[row, jnp.minimum(t, N - 1)]
@@ -645,7 +734,10 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
 
     # Most steps end no row (a slot is only ever empty once the queue is, or the pool is
     # full): skip the bookkeeping then.
-    c = jax.lax.cond(everywhere(jnp.any(finished).astype(jnp.int32)) > 0, release_and_refill,
+    # (Chunked prefill: also when the last step finished a prompt's prefill, so that its rows
+    # take slots.)
+    wake = jnp.any(finished) | c["wake"] if CH else jnp.any(finished)
+    c = jax.lax.cond(everywhere(wake.astype(jnp.int32)) > 0, release_and_refill,
                      lambda c: c, c)
     # Feed token t of the continuing rows at logical position ctx (a new block when it starts
     # one); the rows that just entered a slot already hold their first logits.
@@ -656,9 +748,30 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
                       c["table"])
     block = jnp.where(cont, table[slot_ids, jnp.minimum(ctx // C, M - 1)], paged.SCRATCH)
     seen = jnp.where(cont, ctx + 1, 0)
-    logits, c["pool"], *ids = paged.decode_step(
-        model, tok, ctx, c["pool"], table, block, ctx % C, seen, buckets=buckets,
-        num_groups=num_groups, impl=static.paged_impl, return_routing=routing)
+    step = functools.partial(
+        paged.decode_step, model, tok, ctx, tables=table, write_block=block, write_offset=ctx % C,
+        lengths=seen, buckets=buckets, num_groups=num_groups, impl=static.paged_impl,
+        return_routing=routing)
+    if not chunked:
+      logits, c["pool"], *ids = step(pool=c["pool"])
+      if CH:
+        c["wake"] = jnp.bool_(False)
+    else:
+      # Chunked prefill: the prompt in prefill's next CH tokens go through the model with the
+      # slots' tokens.
+      chunk, p, plen, valid = chunk_of(c)
+      logits, plogits, c["pool"], *ids = step(pool=c["pool"], chunk=chunk,
+                                              chunk_buckets=chunk_buckets)
+      pending = c["pf"] > c["pd"]
+      done = pending & (c["pdone"] + CH >= plen)                    # its last chunk
+      c["plogits"] = c["plogits"].at[jnp.where(done, p, U)].set(plogits, mode="drop")
+      if routing:  # the prompt's routing, left-padded as in the static program
+        c["prompt_expert_ids"] = c["prompt_expert_ids"].at[
+            p, jnp.where(valid, P - plen + chunk["positions"], P)].set(ids[0][S:], mode="drop")
+        ids = [ids[0][:S]]
+      c["pd"] = c["pd"] + done.astype(jnp.int32)
+      c["pdone"] = jnp.where(done, 0, c["pdone"] + jnp.where(pending, CH, 0))
+      c["wake"] = done
     if routing:  # the experts of token t of the rows that continue
       c["expert_ids"] = c["expert_ids"].at[jnp.where(cont, row, B), t].set(ids[0], mode="drop")
     c["table"] = table
@@ -689,12 +802,35 @@ def _program_continuous(state, x: dict, *, graphdef, static: _Static) -> dict:
   }
   if static.repeat_ngram:
     c["history"] = jnp.zeros((S, static.repeat_window), jnp.int32)
+  if CH:
+    c.update(pd=jnp.int32(0), pdone=jnp.int32(0), wake=jnp.bool_(False),
+             reserved=jnp.int32(-1))
   if routing:
     c["expert_ids"] = _routing_outputs(cfg, B, N)
     c["prompt_expert_ids"] = _routing_outputs(cfg, U, P)
   c = refill(c)
-  c = jax.lax.while_loop(lambda c: everywhere(jnp.any(c["active"]).astype(jnp.int32)) > 0,
-                         body, c)
+
+  def running(c):
+    busy = jnp.any(c["active"])
+    if CH:  # a prompt in prefill, or one whose rows have yet to take slots
+      busy |= (c["pf"] > c["pd"]) | c["wake"]
+    return everywhere(busy.astype(jnp.int32)) > 0
+
+  if not CH:
+    c = jax.lax.while_loop(running, body, c)
+  else:
+    # Chunked prefill: decode steps while no prompt is in prefill, steps with a chunk while one
+    # is, each in its own loop (a conditional around the step made XLA:CPU copy the pool every
+    # iteration).
+    def pending(c):
+      return everywhere((c["pf"] > c["pd"]).astype(jnp.int32)) > 0
+
+    def phases(c):
+      c = jax.lax.while_loop(lambda c: running(c) & ~pending(c), body, c)
+      return jax.lax.while_loop(lambda c: running(c) & pending(c),
+                                functools.partial(body, chunked=True), c)
+
+    c = jax.lax.while_loop(running, phases, c)
   out = {k: c[k] for k in ("tokens", "logprobs", "lengths", "reason")
          + ("expert_ids", "prompt_expert_ids") * routing}
   out["peak_blocks"] = c["peak"][None]                               # blocks in use at most
@@ -893,6 +1029,7 @@ def generate(
     block_size: int = 16,
     kv_tokens: int | None = None,
     prefill_batch: int = 8,
+    prefill_chunk: int = 0,
 ) -> SampleResult:
   """Samples continuations of `prompts` with `model`, in one compiled program.
 
@@ -932,6 +1069,11 @@ def generate(
       the pool can hold its prompt and limit on top of the rows in flight, so a smaller pool
       runs fewer rows at once; one that cannot hold some row alone is refused (ValueError).
     prefill_batch: prompts prefilled together inside the continuous loop; static.
+    prefill_chunk: 0 (default): continuous batching prefills a prompt whole, in batches of
+      `prefill_batch` prompts between two decode steps; n > 0: in chunks of n tokens that go
+      through the model together with the slots' decode step (`_program_continuous`, which
+      says why 0 is the default); static. The same rows either way, up to float summation
+      order.
 
   Returns:
     SampleResult with R = sum of num_samples rows, prompt-major.
@@ -1006,6 +1148,11 @@ def generate(
     raise ValueError(f"slots={slots} must be >= 1")
   shards = _batch_shards()
   tpu = jax.default_backend() == "tpu"
+  if prefill_chunk < 0:
+    raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 0 (0: prefill in batches)")
+  if prefill_chunk and continuous is False:
+    raise ValueError(f"prefill_chunk={prefill_chunk} applies to continuous batching only, but "
+                     "this call asks for the static path (continuous=False)")
   if continuous is None:
     continuous = use_continuous(Rb // shards, slots or default_slots(Rb // shards),
                                 early_stop=bool(eos) or repeat_ngram > 0,
@@ -1091,7 +1238,8 @@ def generate(
                    # The Pallas kernel is not partitioned over the axes left SPMD inside a
                    # batch shard (tensor): split_params runs the gather path.
                    paged_impl="tpu" if S and tpu and not split_params else "gather",
-                   pool_blocks=pool_blocks, prefill_batch=int(prefill_batch) if S else 8)
+                   pool_blocks=pool_blocks, prefill_batch=int(prefill_batch) if S else 8,
+                   prefill_chunk=int(prefill_chunk) if S else 0)
   out = _run(state, x, graphdef=graphdef, static=static)
   width = max(limits_u)
   per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(
