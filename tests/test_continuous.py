@@ -228,9 +228,12 @@ def test_rollout_passes_through():
     assert a.finish_reason == b.finish_reason
 
 
-@pytest.mark.parametrize("mesh_axes,chunk", [({"data": 8}, 0), ({"data": 2, "tensor": 4}, 0),
-                                             ({"fsdp": 2, "tensor": 4}, 0), ({"data": 8}, 6),
-                                             ({"fsdp": 2, "tensor": 4}, 6), ({"tensor": 8}, 6)])
+# The chunked cases on the data-only and tensor-only meshes run with the slow tests (the
+# default suite keeps the fsdp x tensor one, which exercises both kinds of split).
+@pytest.mark.parametrize("mesh_axes,chunk", [
+    ({"data": 8}, 0), ({"data": 2, "tensor": 4}, 0), ({"fsdp": 2, "tensor": 4}, 0),
+    pytest.param({"data": 8}, 6, marks=pytest.mark.slow), ({"fsdp": 2, "tensor": 4}, 6),
+    pytest.param({"tensor": 8}, 6, marks=pytest.mark.slow)])
 def test_mesh_equals_unsharded(mesh_axes, chunk):
   # Data parallel: each device runs its own slots over its own rows; on a mesh that splits the
   # parameters each batch shard runs its own slots, tensor parallel within; on a mesh with no
@@ -315,7 +318,7 @@ def test_one_program_per_bucket():
   assert sampler.default_slots(100) == 32 and sampler.default_slots(5) == 5
 
 
-@pytest.mark.parametrize("chunk", [0, 16])
+@pytest.mark.parametrize("chunk", [0, pytest.param(16, marks=pytest.mark.slow)])
 def test_paged_program_compiles_for_tpu(monkeypatch, chunk):
   # The continuous program with the Pallas TPU paged-attention kernel, compiled for a v5e chip
   # of a compile-only topology (libtpu, no TPU needed); with chunked prefill too (the chunk's
