@@ -22,6 +22,9 @@ from k15 import config as k15_config
 def get_config(arg=None):
   arg = k15_config.parse_arg(arg, runlocal=False)
   c = k15_config.add_run_blocks(k15_config.base(mode="pipeline"))
+  # One JAX device per core: the default mesh (data=-1) then trains data-parallel and the
+  # sampler runs each device's rows in its own loop, instead of one device using one core.
+  c.cpu_devices = -1
   c.model = k15_config.model_block(
       vocab_size=384, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
       mlp_dim=384, rope_theta=10_000.0, tie_embeddings=True,

@@ -104,6 +104,11 @@ def base(mode: str = "smoke", seed: int = 0) -> ml_collections.ConfigDict:
   # restart (preemption, a new run from a checkpoint) would pay it again; with the cache a
   # restart loads the executables. See k15.parallel.configure_compilation_cache.
   c.compilation_cache_dir = ""
+  # JAX devices on the CPU backend (k15.parallel.configure_cpu_devices): 0 leaves JAX's default
+  # (one device, or what XLA_FLAGS says), N > 0 asks for N, -1 for one per core of this process.
+  # The CPU backend runs each device's work on its own thread, so with one device most of a
+  # multi-core CPU sits idle; the accelerator backends ignore the key.
+  c.cpu_devices = 0
   # A key set on the command line that the mode does not read (MODE_KEYS): 'error' | 'warn'.
   c.unread_overrides = "error"
   return c
@@ -409,7 +414,7 @@ def add_run_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # records what each mode reads on tiny settings and checks this table against it.
 COMMON_KEYS = ("mode", "mesh", "sharding_rules", "distributed",
                "distributed_coordinator_address", "distributed_num_processes",
-               "distributed_process_id", "compilation_cache_dir", "unread_overrides",
+               "distributed_process_id", "compilation_cache_dir", "cpu_devices", "unread_overrides",
                # Every mode builds its model from these (a checkpoint fixes the architecture).
                "model", "model_path", "model_cache_dir")
 

@@ -50,6 +50,7 @@ def run(config: Any, workdir: str, overrides: dict[str, Any] | None = None) -> A
     raise app.UsageError(f"config.mode={config.mode!r}; expected one of {sorted(MODES)}")
   from_checkpoint = bool(config.get("model_path")) and config.mode in CHECKPOINT_MODES
   check_overrides(config, k15_config.mode_variant(config.mode, from_checkpoint), overrides)
+  parallel.configure_cpu_devices(config)  # before anything starts JAX's backends
   if config.get("model_path"):
     # The checkpoint fixes the architecture; an override on the command line must agree.
     from k15 import hf_policy  # pylint: disable=g-import-not-at-top

@@ -314,6 +314,27 @@ def gather_host_shares(fn: Callable[[int, int], Any], n: int) -> np.ndarray:
 COMPILATION_CACHE_MIN_COMPILE_SECS = 1.0
 
 
+def configure_cpu_devices(config: Any) -> int:
+  """Sets the number of CPU devices from config.cpu_devices (see k15.config.base).
+
+  Must run before JAX starts its backends (k15.main and k15.study call it first). An explicit
+  --xla_force_host_platform_device_count in XLA_FLAGS wins (tests and benchmarks set their own
+  meshes), and once the backends are up the count is left as it is. Returns the count set, or 0
+  when nothing was changed.
+  """
+  n = int(config.get("cpu_devices", 0)) if config is not None else 0
+  if n == 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return 0
+  if n < 0:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    logging.info("config.cpu_devices=%d: JAX's backends are already up; left as they are", n)
+    return 0
+  jax.config.update("jax_num_cpu_devices", n)
+  return n
+
+
 def configure_compilation_cache(config: Any) -> bool:
   """Points JAX's persistent compilation cache at config.compilation_cache_dir, if set.
 

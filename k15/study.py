@@ -932,6 +932,8 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   arms = tuple(a for a in f.arms.split(",") if a) if f.arms else ()
   given = [a[len("--config."):].split("=")[0] for a in sys.argv if a.startswith("--config.")]
+  from k15 import parallel  # pylint: disable=g-import-not-at-top
+  parallel.configure_cpu_devices(f.config)
   if f.study == "long2short":
     run_long2short_study(f.config, f.seeds, f.workdir, arms)
   else:

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _main(*args, devices=8):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices else ""
   return subprocess.run([sys.executable, "-m", "k15.main", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -48,6 +48,18 @@ def test_real_scale_config_has_the_same_keys():
   assert big.model.num_layers == 28 and big.model.qkv_bias
   shrunk = qwen25_7b_v5p.get_config("runlocal=True")
   assert shrunk.model.num_layers == 2 and not shrunk.distributed
+
+
+@pytest.mark.parametrize("xla_devices,expected", [(None, 4), (2, 2)])
+def test_cpu_devices_sets_the_cpu_device_count_unless_xla_flags_do(tmp_path, xla_devices,
+                                                                   expected):
+  # config.cpu_devices=4 gives 4 CPU devices (the default mesh spans them); a device count in
+  # XLA_FLAGS, as tests and benchmarks set it, wins.
+  r = _main("--config=configs/tiny_cpu.py:runlocal=True", f"--workdir={tmp_path}",
+            "--config.mode=smoke", "--config.cpu_devices=4", devices=xla_devices)
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = json.loads((tmp_path / "smoke.json").read_text())
+  assert report["mesh"]["data"] == expected
 
 
 def test_unknown_config_key_names_it(tmp_path):
