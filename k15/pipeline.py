@@ -169,6 +169,10 @@ def base_stages(config: Any, workdir: str, mesh) -> tuple[
                             seed=config.seed, batch_seeds=True)
   records = curate(data["rl_pool"], policy, c, config.seed, data_dir)
   _log(f"curated RL prompts: {len(records)}")
+  if len(records) < config.rl.prompts_per_iteration:
+    _log(f"warning: {len(records)} curated prompts < rl.prompts_per_iteration="
+         f"{config.rl.prompts_per_iteration}, so every iteration draws prompts more than once "
+         f"(data/curation.json has the bucket counts)")
   return data, tok, sft_model, records
 
 

@@ -239,6 +239,20 @@ def test_balance_hits_the_mix():
   assert counts == {"easy": 3, "medium": 5}
 
 
+def test_balance_names_the_bucket_that_caps_a_small_result(caplog):
+  # A model that solves nearly everything: 3 hard prompts cap a 30/40/30 mix at 10 of 160.
+  mix = {"easy": 0.3, "medium": 0.4, "hard": 0.3}
+  with caplog.at_level(logging.WARNING):
+    out = prompts.balance(_with_difficulties((120, 37, 3)), mix, (1 / 3, 2 / 3), seed=0)
+  assert len(out) == 10
+  assert "kept 10 of 160 prompts; bucket 'hard' holds 3" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    out = prompts.balance(_with_difficulties((300, 400, 300)),
+                          {"easy": 1, "medium": 2, "hard": 1}, (1 / 3, 2 / 3), seed=0)
+  assert len(out) == 800 and "kept" not in caplog.text  # most of the set kept: no warning
+
+
 def test_balance_errors():
   with pytest.raises(ValueError, match="run label_difficulty first"):
     prompts.balance([_record(1)], prompts.DEFAULT_MIX)

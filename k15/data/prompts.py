@@ -508,6 +508,13 @@ def balance(records: Sequence[PromptRecord], mix: Mapping[str, float],
   if total == 0 and records:
     logging.warning("balance: a bucket with a positive share is empty (%s); nothing kept",
                     {k: len(v) for k, v in by_bucket.items()})
+  elif records and total < len(records) / 2:
+    # A model that solves most prompts leaves its hardest bucket nearly empty, and the mix
+    # then caps the whole set at a few prompts, which RL then sees over and over.
+    limit = min((k for k in names if shares[k] > 0), key=lambda k: len(by_bucket[k]) / shares[k])
+    logging.warning("balance: kept %d of %d prompts; bucket %r holds %d, limiting the mix %s "
+                    "(bucket sizes %s)", total, len(records), limit, len(by_bucket[limit]),
+                    dict(mix), {k: len(v) for k, v in by_bucket.items()})
   rng = random.Random(f"k15.balance/{seed}")
   keep: set[int] = set()
   for k, q in quotas(total).items():
