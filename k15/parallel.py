@@ -327,11 +327,11 @@ def configure_cpu_devices(config: Any) -> int:
     return 0
   if n < 0:
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  if xla_bridge.backends_are_initialized():
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:  # JAX refuses once its backends are up
     logging.info("config.cpu_devices=%d: JAX's backends are already up; left as they are", n)
     return 0
-  jax.config.update("jax_num_cpu_devices", n)
   return n
 
 

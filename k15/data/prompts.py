@@ -502,7 +502,9 @@ def balance(records: Sequence[PromptRecord], mix: Mapping[str, float],
     rest = sum(shares[k] for k in names if k not in empty)
     shares = {k: 0.0 if k in empty else shares[k] / rest for k in names}
 
-  total = min(math.floor(len(by_bucket[k]) / shares[k] + 1e-9) for k in names if shares[k] > 0)
+  # The bucket with the fewest prompts for its share caps the total.
+  limit = min((k for k in names if shares[k] > 0), key=lambda k: len(by_bucket[k]) / shares[k])
+  total = math.floor(len(by_bucket[limit]) / shares[limit] + 1e-9)
   while total > 0 and any(q > len(by_bucket[k]) for k, q in quotas(total).items()):
     total -= 1  # rounding can ask one too many of a bucket; step down until all fit.
   if total == 0 and records:
@@ -511,7 +513,6 @@ def balance(records: Sequence[PromptRecord], mix: Mapping[str, float],
   elif records and total < len(records) / 2:
     # A model that solves most prompts leaves its hardest bucket nearly empty, and the mix
     # then caps the whole set at a few prompts, which RL then sees over and over.
-    limit = min((k for k in names if shares[k] > 0), key=lambda k: len(by_bucket[k]) / shares[k])
     logging.warning("balance: kept %d of %d prompts; bucket %r holds %d, limiting the mix %s "
                     "(bucket sizes %s)", total, len(records), limit, len(by_bucket[limit]),
                     dict(mix), {k: len(v) for k, v in by_bucket.items()})
