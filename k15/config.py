@@ -291,9 +291,11 @@ def pipeline_block(**overrides: Any) -> ml_collections.ConfigDict:
       # is restated once more, redundant tokens for long2short (§2.4) to trim.
       sft_carry_slip=0.0,
       sft_recheck=0.0,
-      # Countdown: the most search lines a demonstration writes (0: none); a search that needs
-      # more stops without an answer (the length study's short-search demonstrator).
+      # Countdown, the length study's demonstrator who gives up: the most search lines a
+      # demonstration writes (0: no cap) and the chance of giving up after each line that
+      # misses; a search that gives up ends without an answer.
       sft_search_cap=0,
+      sft_search_stop=0.0,
       rl_pool=160,               # per family: candidate RL prompts before curation
       eval_problems=64,          # per family, held out
       vocab_size=384,            # tokenizer pieces (<= model.vocab_size; 256 are byte pieces)

@@ -60,8 +60,8 @@ def make_data(c: Any, seed: int, data_dir: str) -> dict[str, list[prompts_lib.Pr
           options["ops"] = tuple(c.ops)
           if name == "sft":
             options.update(carry_slip=c.sft_carry_slip, recheck=c.sft_recheck)
-        elif family == "countdown" and name == "sft" and c.sft_search_cap:
-          options["search_cap"] = c.sft_search_cap
+        elif family == "countdown" and name == "sft":
+          options.update(search_cap=c.sft_search_cap, search_stop=c.sft_search_stop)
         problems += tasks.generate(family, n, seed=s, split=split,
                                    difficulties=list(c.difficulties),
                                    max_cot_tokens=c.max_cot_tokens, **options)

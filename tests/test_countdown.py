@@ -1,4 +1,4 @@
-"""Countdown for the length study: generator and verifier, the search-capped demonstrator, the
+"""Countdown for the length study: generator and verifier, the demonstrator who gives up, the
 accuracy at token cut-offs, and the per-difficulty RL log (k15.data.tasks, k15.study)."""
 
 import json
@@ -100,11 +100,46 @@ def test_search_cap_changes_demonstrations_not_problems():
     tasks.generate("countdown", 1, seed=0, difficulties=[3], search_cap=-1)
 
 
+def test_search_stop_gives_up_at_random_and_keeps_long_searches():
+  kw = dict(seed=3, difficulties=[3, 4], max_cot_tokens=320)
+  full = tasks.generate("countdown", 300, **kw)
+  lines = np.array([f.meta["search_lines"] for f in full])
+  solved_share = []
+  for stop in (0.1, 0.3):
+    gave = tasks.generate("countdown", 300, search_stop=stop, **kw)
+    assert [p.prompt for p in gave] == [p.prompt for p in full]
+    assert [p.answer for p in gave] == [p.answer for p in full]
+    assert gave == tasks.generate("countdown", 300, search_stop=stop, **kw)  # deterministic
+    solved = np.array([p.meta["demo_solved"] for p in gave])
+    for f, g in zip(full, gave):
+      if g.meta["demo_solved"]:
+        assert g.long_cot == f.long_cot
+      else:  # a prefix of the full search (at least one line, not all), then the stop line
+        tries = g.long_cot.splitlines()[1:-1]
+        assert 1 <= len(tries) < f.meta["search_lines"]
+        assert g.long_cot.splitlines()[:-1] == f.long_cot.splitlines()[:len(tries) + 1]
+        assert g.long_cot.endswith(f"stop: no answer in {len(tries)} tries")
+        assert tasks.grade(g, g.long_cot) == 0.0
+    # A search of L lines survives L - 1 chances to give up: shorter searches are solved more
+    # often, and some solved demonstrations still back up (what a cap of 4 never shows).
+    assert solved[lines <= 3].mean() > solved[lines >= 7].mean() > 0
+    for greedy_path in (2, 3):  # the greedy path's length at 3 and at 4 numbers
+      expected = (1 - stop) ** (greedy_path - 1)
+      assert abs(solved[lines == greedy_path].mean() - expected) < 0.12, (stop, greedy_path)
+    assert any("back to" in g.long_cot and g.meta["demo_solved"] for g in gave)
+    solved_share.append(solved.mean())
+  assert solved_share[0] > solved_share[1]
+  for bad in (-0.1, 1.0):
+    with pytest.raises(ValueError, match="search_stop"):
+      tasks.generate("countdown", 1, seed=0, difficulties=[3], search_stop=bad)
+
+
 def test_pipeline_caps_only_the_sft_demonstrations(tmp_path):
   from k15 import config as k15_config  # pylint: disable=g-import-not-at-top
   from k15 import pipeline  # pylint: disable=g-import-not-at-top
   c = k15_config.pipeline_block(families=("countdown",), difficulties=(3,), sft_examples=30,
-                                rl_pool=20, eval_problems=10, sft_search_cap=2)
+                                rl_pool=20, eval_problems=10, sft_search_cap=2,
+                                sft_search_stop=0.2)
   data = pipeline.make_data(c, 0, str(tmp_path))
   assert any(not r.meta["demo_solved"] for r in data["sft"])
   assert all(r.meta["demo_solved"] for r in data["rl_pool"] + data["eval"])
@@ -221,7 +256,7 @@ def test_summarize_length_verdict_and_curves(tmp_path):
 def test_study_config_keeps_keys_given_on_the_command_line():
   from configs import tiny_cpu  # pylint: disable=g-import-not-at-top
   c = study.study_config(tiny_cpu.get_config(), "length", given=["rl.max_new_tokens"])
-  assert c.pipeline.families == ("countdown",) and c.pipeline.sft_search_cap == 4
+  assert c.pipeline.families == ("countdown",) and c.pipeline.sft_search_stop > 0
   assert c.evaluate.max_new_tokens == 320 and c.rl.max_new_tokens == 256
   assert study.study_config(tiny_cpu.get_config(), "sampling") == tiny_cpu.get_config()
 

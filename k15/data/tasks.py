@@ -457,18 +457,27 @@ def _countdown_target(rng: random.Random, numbers: Sequence[int], lo: int, hi: i
 
 def _make_countdown(rng: random.Random, level: int, split: str, eval_fraction: float,
                     max_cot_tokens: int, max_number: int = 15,
-                    target_range: Sequence[int] = (10, 99), search_cap: int = 0) -> _Made:
+                    target_range: Sequence[int] = (10, 99), search_cap: int = 0,
+                    search_stop: float = 0.0) -> _Made:
   """A countdown problem whose search (see `_search`) succeeds within max_cot_tokens.
 
-  `search_cap` > 0 models a demonstrator with a short search budget, the SFT data of the
-  length study (the paper's ablation: longer responses, better answers): it writes at most
-  that many search lines. A search that needs more stops after the cap with "stop: no answer in N
+  `search_cap` > 0 and `search_stop` > 0 model a demonstrator who gives up early, the SFT data
+  of the length study (the paper's ablation: longer responses, better answers). With a cap it
+  writes at most that many search lines; with `search_stop` it gives up after each line that
+  misses the target with that probability (drawn from the problem's own key, so the habit
+  never changes which problems exist). A search that gives up ends with "stop: no answer in N
   tries" and no \\boxed{} answer. Such a demonstration still shows the format and the search,
   and it is kept rather than dropped, for two reasons: like the arithmetic demonstrator's
-  habits, the cap changes demonstrations and never which problems exist (dropping would leave
-  SFT only the problems a short search solves, so the SFT set would be easier than the RL and
-  held-out sets); and it teaches the habit RL is to unlearn, giving up when the budget is
-  spent, so that RL with a longer token budget can find what the short search misses.
+  habits, giving up changes demonstrations and never which problems exist (dropping would
+  leave SFT only the problems a short search solves, so the SFT set would be easier than the
+  RL and held-out sets); and it teaches the habit RL is to unlearn, so that RL with a longer
+  token budget can find what the short search misses.
+
+  The cap alone teaches less than it seems: the greedy path takes 2 lines at 3 numbers, the
+  first backtrack comes after 5 or more, so a cap of 4 shows no demonstration that backs up,
+  and RL would have to invent backtracking. A stop probability keeps the long searches in the
+  data, fewer of them the longer they are, and gives the SFT model a length distribution that
+  RL can shift.
   """
   if not 2 <= level <= 6:
     raise ValueError(f"countdown difficulty (count of numbers) must be in 2..6, got {level}")
@@ -499,12 +508,18 @@ def _make_countdown(rng: random.Random, level: int, split: str, eval_fraction: f
     return key, None
   if search_cap < 0:
     raise ValueError(f"countdown option search_cap={search_cap} must be >= 0 (0: no cap)")
-  solved = not search_cap or len(lines) <= search_cap
+  if not 0.0 <= search_stop < 1.0:
+    raise ValueError(f"countdown option search_stop={search_stop} must be in [0, 1)")
+  written = len(lines) if not search_cap else min(len(lines), search_cap)
+  if search_stop:
+    give_up = random.Random(f"{key}/search_stop")
+    # Lines before the last one all miss the target; the last one may be the answer.
+    written = next((n for n in range(1, written) if give_up.random() < search_stop), written)
+  solved = written == len(lines)
   if solved:
     long_cot = "\n".join([header] + lines + ending)
-  else:  # the capped demonstrator stops where its search budget ends, without an answer
-    long_cot = "\n".join([header] + lines[:search_cap]
-                         + [f"stop: no answer in {search_cap} tries"])
+  else:  # the demonstrator stops where it gives up, without an answer
+    long_cot = "\n".join([header] + lines[:written] + [f"stop: no answer in {written} tries"])
   prompt = (f"Reach {target} with the numbers {shown}, using + - * / and each number at "
             "most once.")
   return key, dict(prompt=prompt, answer=str(target), long_cot=long_cot,
@@ -591,7 +606,7 @@ _MAKERS: dict[str, Callable[..., _Made]] = {
     "countdown": _make_countdown,
 }
 _OPTIONS = {"arithmetic": ("ops", "carry_slip", "recheck"),
-            "countdown": ("max_number", "target_range", "search_cap")}
+            "countdown": ("max_number", "target_range", "search_cap", "search_stop")}
 
 
 def generate(family: str, n: int, *, seed: int, difficulties: Sequence[int],
@@ -616,7 +631,8 @@ def generate(family: str, n: int, *, seed: int, difficulties: Sequence[int],
       `answer` stays right, the demonstrations arrive at the wrong result) and `recheck`
       (default 0: the chance that a column's working is restated once more);
       countdown `max_number` (default 15), `target_range` (default (10, 99)) and
-      `search_cap` (default 0, none: the most search lines a demonstration writes; see
+      `search_cap` (default 0, none: the most search lines a demonstration writes) and
+      `search_stop` (default 0: the chance of giving up after each line; see
       `_make_countdown`).
 
   Returns:
