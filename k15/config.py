@@ -332,7 +332,10 @@ def long2short_block(**overrides: Any) -> ml_collections.ConfigDict:
       # Shortest rejection sampling: n samples per prompt, SFT on the shortest correct.
       rs=dict(samples=8, temperature=1.0,
               max_new_tokens=0,  # 0: config.rl.max_new_tokens, the long model's budget
-              sft_steps=40, learning_rate=3e-4,
+              # The fine-tune on the shortest correct samples: `sft_epochs` passes over them,
+              # at most `sft_steps` steps (0: no cap). A round under a token budget keeps a
+              # few dozen examples, and a fixed 40 steps were ~80 passes over them.
+              sft_steps=40, sft_epochs=8, learning_rate=3e-4,
               rounds=1),         # > 1: each round samples from the previous round's model
       # DPO on the same samples of the long model as shortest_rs.
       dpo=dict(beta=0.1, steps=60, batch_size=16,  # pairs per step

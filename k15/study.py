@@ -355,6 +355,7 @@ def evaluate_sampled(config: Any, model: Any, tok: Any, problems: Sequence[Any],
   correct = np.zeros((len(problems), n), bool)
   lengths = np.zeros((len(problems), n), np.float64)
   carries = np.zeros((len(problems), 2), np.int64)  # due, forgotten
+  gave_up = np.zeros((len(problems), n), bool)       # countdown: ended with the give-up line
   common = dict(tokenizer=tok, max_new_tokens=ev.max_new_tokens, seed=s.eval_seed,
                 batch_size=ev.batch_size)
   bar = metrics_lib.progress(len(problems), desc="evaluate", unit="problems")
@@ -364,6 +365,7 @@ def evaluate_sampled(config: Any, model: Any, tok: Any, problems: Sequence[Any],
       correct[i, j] = (finish_lib.has_final_answer(resp.finish_reason)
                        and tasks.grade(problems[i], resp.text) > 0.5)
       lengths[i, j] = len(resp.ids)
+      gave_up[i, j] = tasks.gave_up(resp.text)
       if slips:
         carries[i] += tasks.carry_slips(resp.text)
     bar.update(1)
@@ -388,6 +390,10 @@ def evaluate_sampled(config: Any, model: Any, tok: Any, problems: Sequence[Any],
       per_problem=per)
   if cutoffs:
     out["cutoffs"] = {str(c): float(v.mean()) for c, v in cut.items()}
+    # The length study's demonstrator gives up; RL that lengthens responses may unlearn it.
+    out["gave_up"] = float(gave_up.mean())
+    for d, row in out["by_difficulty"].items():
+      row["gave_up"] = float(gave_up[levels == int(d)].mean())
   if slips:
     due, forgotten = (int(v) for v in carries.sum(axis=0))
     out["carries"] = {"due": due, "forgotten": forgotten,
@@ -465,8 +471,12 @@ def summarize_length(config: Any, results: Mapping[str, Mapping[int, Mapping[str
   for level, row in s0["by_difficulty"].items():
     out["by_difficulty"][level] = {
         m: {"sft": row[m], "rl": t_interval([r["by_difficulty"][level][m] for r in rl])}
-        for m in ("pass1", "mean_tokens")}
+        for m in ("pass1", "mean_tokens", "gave_up") if m in row}
     out["by_difficulty"][level]["n"] = row["n"]
+  if "gave_up" in s0:
+    vals = np.array([r["gave_up"] for r in rl])
+    out["gave_up"] = {"sft": s0["gave_up"], "rl": t_interval(vals),
+                      "rl_minus_sft": t_interval(vals - s0["gave_up"])}
   # The gain from the longest cut-off over the longest one at most half as long.
   long = cutoffs[-1]
   short = max((c for c in cutoffs if 2 * int(c) <= int(long)), key=int, default=cutoffs[0])
@@ -523,6 +533,11 @@ def markdown_length(summary: Mapping[str, Any]) -> str:
     lines.append(f"| {d} | {row['n']} | {row['mean_tokens']['sft']:.1f} | "
                  f"{_fmt(row['mean_tokens']['rl'], 1)} | {100 * row['pass1']['sft']:.1f} | "
                  f"{_fmt(row['pass1']['rl'], 100)} |\n")
+  if "gave_up" in L:
+    g = L["gave_up"]
+    lines.append(f"\nSampled responses that give up without an answer (`{_give_up_line()}`): "
+                 f"SFT {100 * g['sft']:.1f}%, RL {_fmt(g['rl'], 100)}%, RL - SFT "
+                 f"{_fmt(g['rl_minus_sft'], 100)} points.\n")
   if L["curves"]:
     w = L["window"]
     lines.append(f"\n## RL training: mean of the first and the last {w} iterations\n\n"
@@ -532,6 +547,11 @@ def markdown_length(summary: Mapping[str, Any]) -> str:
       lines.append(f"| {k} | {_fmt(row['first'], scale)} | {_fmt(row['last'], scale)} | "
                    f"{_fmt(row['last_minus_first'], scale)} |\n")
   return "".join(lines)
+
+
+def _give_up_line() -> str:
+  from k15.data import tasks  # pylint: disable=g-import-not-at-top
+  return f"{tasks.GIVE_UP} N tries"
 
 
 def plot_length(summary: Mapping[str, Any], path: str) -> None:

@@ -209,10 +209,10 @@ def test_level_log_reports_each_iteration_per_difficulty():
   assert set(log.hooks()) == {"on_rewards", "after_iteration"}
 
 
-def _eval(cut, tokens3, seed_noise=0.0):
+def _eval(cut, tokens3, seed_noise=0.0, gave_up=0.5):
   """A fake evaluate_sampled result on 4 problems (levels 3, 3, 4, 4)."""
   cuts = {str(c): [v + seed_noise] * 4 for c, v in cut.items()}
-  return {"cutoffs": {c: float(np.mean(v)) for c, v in cuts.items()},
+  return {"cutoffs": {c: float(np.mean(v)) for c, v in cuts.items()}, "gave_up": gave_up,
           "by_difficulty": {"3": {"pass1": cut[320], "mean_tokens": tokens3, "n": 2},
                             "4": {"pass1": cut[320], "mean_tokens": tokens3 + 20, "n": 2}},
           "per_problem": {f"cut{c}": v for c, v in cuts.items()}}
@@ -222,8 +222,8 @@ def test_summarize_length_verdict_and_curves(tmp_path):
   cfg = types.SimpleNamespace(study=types.SimpleNamespace(bootstrap=200, bootstrap_seed=0))
   sft = {"base": _eval({64: 0.0, 128: 0.3, 256: 0.3, 320: 0.3}, 100.0)}
   # RL gains past 128 tokens; SFT does not.
-  rl = {s: _eval({64: 0.0, 128: 0.3, 256: 0.45, 320: 0.5}, 150.0 + s, 0.01 * s)
-        for s in range(4)}
+  rl = {s: _eval({64: 0.0, 128: 0.3, 256: 0.45, 320: 0.5}, 150.0 + s, 0.01 * s,
+                 gave_up=0.2 + 0.01 * s) for s in range(4)}
   for s in range(4):
     path = tmp_path / "runs" / "rl" / f"seed{s}" / "rl"
     path.mkdir(parents=True)
@@ -249,6 +249,8 @@ def test_summarize_length_verdict_and_curves(tmp_path):
   md = study.markdown_length(summary)
   assert "| RL - SFT |" in md and "<= 320" in md and "**reproduced**" in md
   assert "| by_level/d3_tokens |" in md
+  assert out["gave_up"]["rl_minus_sft"]["mean"] == pytest.approx(-0.285)
+  assert "give up without an answer (`stop: no answer in N tries`): SFT 50.0%" in md
   study.plot_length(summary, str(tmp_path / "length.png"))
   assert (tmp_path / "length.png").stat().st_size > 0
 
@@ -282,6 +284,7 @@ def test_real_shrunk_length_study(tmp_path):
     # A response counted at 64 tokens is counted at 96 too.
     assert all(a <= b for a, b in zip(run["per_problem"]["cut64"], run["per_problem"]["cut96"]))
     assert run["per_problem"]["cut96"] == run["per_problem"]["pass1"]
+    assert 0.0 <= run["gave_up"] <= 1.0 and "gave_up" in run["by_difficulty"]["3"]
     rows = metrics_lib.read_jsonl(str(tmp_path / "runs" / "rl" / f"seed{s}" / "rl"))
     assert {"by_level/d3_tokens", "by_level/d4_tokens"} <= set(rows[-1])
   assert "cut at N tokens" in (tmp_path / "study.md").read_text()

@@ -303,6 +303,23 @@ def test_batch_indices_cover_each_epoch_once():
   np.testing.assert_array_equal(dpo_lib._batch_indices(2, 4, 10, seed=3), seen[8:12])
 
 
+def test_rs_steps_scale_with_the_selected_examples():
+  """A round under a token budget keeps few examples: its fine-tune takes sft_epochs passes
+  over them, not a fixed step count (the cap binds only for many examples)."""
+  config_sft = k15_config.sft_block(seq_len=64, batch_size=4)
+  rs = lambda **kw: ml_collections.ConfigDict(dict(dict(sft_steps=40, sft_epochs=8), **kw))
+  example = lambda n: ([1] * 8, [5] * n)  # 8 prompt tokens, n response tokens
+  few = [example(24) for _ in range(8)]       # 32 tokens each: 2 per packed row, 1 batch/epoch
+  many = [example(24) for _ in range(80)]     # 10 batches per epoch
+  assert driver.rs_steps(config_sft, few, rs(), pad_id=0) == 8
+  assert driver.rs_steps(config_sft, few, rs(sft_epochs=3), pad_id=0) == 3
+  assert driver.rs_steps(config_sft, many, rs(), pad_id=0) == 40      # the cap
+  assert driver.rs_steps(config_sft, many, rs(sft_steps=0), pad_id=0) == 80
+  assert driver.rs_steps(config_sft, many, rs(sft_epochs=0), pad_id=0) == 40
+  with pytest.raises(ValueError, match="both 0"):
+    driver.rs_steps(config_sft, few, rs(sft_steps=0, sft_epochs=0), pad_id=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Config and long2short RL.
 # ---------------------------------------------------------------------------------------------
@@ -452,8 +469,9 @@ def test_run_chains_rejection_sampling_rounds_and_rl_init(tmp_path, monkeypatch,
 
   config = ml_collections.ConfigDict(dict(
       seed=0, mesh=k15_config.mesh_block(data=-1), sharding_rules=tuple(parallel.DEFAULT_RULES),
-      sft=dict(steps=1, optimizer=dict(learning_rate=1.0, end_learning_rate=0.0,
-                                       warmup_steps=0, decay_steps=0)),
+      sft=k15_config.sft_block(steps=1, seq_len=16, batch_size=2,
+                               optimizer=dict(learning_rate=1.0, end_learning_rate=0.0,
+                                              warmup_steps=0, decay_steps=0)),
       rl=dict(max_new_tokens=64),
       evaluate=dict(num_samples=2, temperature=1.0, top_p=1.0, max_new_tokens=64, batch_size=4),
       long2short=k15_config.long2short_block(methods=("shortest_rs", "rl"), token_budget=600,

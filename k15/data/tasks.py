@@ -519,13 +519,22 @@ def _make_countdown(rng: random.Random, level: int, split: str, eval_fraction: f
   if solved:
     long_cot = "\n".join([header] + lines + ending)
   else:  # the demonstrator stops where it gives up, without an answer
-    long_cot = "\n".join([header] + lines[:written] + [f"stop: no answer in {written} tries"])
+    long_cot = "\n".join([header] + lines[:written] + [f"{GIVE_UP} {written} tries"])
   prompt = (f"Reach {target} with the numbers {shown}, using + - * / and each number at "
             "most once.")
   return key, dict(prompt=prompt, answer=str(target), long_cot=long_cot,
                    short_cot=f"\\boxed{{{item.expr}}}",
                    meta={"numbers": list(numbers), "target": target,
                          "search_lines": len(lines), "demo_solved": solved})
+
+
+# How the countdown demonstrator who gives up ends a search without an answer.
+GIVE_UP = "stop: no answer in"
+
+
+def gave_up(response: str) -> bool:
+  """Whether a countdown response ends its search the way the demonstrator gives up."""
+  return GIVE_UP in response
 
 
 class _Invalid(Exception):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -223,8 +223,23 @@ def _rejection_rounds(ctx: Context, source: str, name: str) -> Trained:
         return Trained(None, dict(info, skipped="no correct samples"), spent)
       return Trained(model, dict(info, rounds=r - 1, stopped=f"round {r}: no correct samples"),
                      spent)
-    model = _finetune(ctx, model, selection.examples, c.sft_steps, c.learning_rate, tag)
+    steps = rs_steps(ctx.config.sft, selection.examples, c, pad_id=ctx.tok.pad_id)
+    info[f"{tag}_sft_steps"] = steps
+    model = _finetune(ctx, model, selection.examples, steps, c.learning_rate, tag)
   return Trained(model, dict(info, rounds=c.rounds), spent)
+
+
+def rs_steps(config_sft: Any, examples: Sequence[Any], rs: Any, *, pad_id: int) -> int:
+  """Steps of a rejection-sampling fine-tune: `rs.sft_epochs` passes over `examples` packed as
+  config.sft packs them, capped at `rs.sft_steps` (either 0: the other alone)."""
+  if not rs.sft_epochs:
+    if not rs.sft_steps:
+      raise ValueError("long2short.rs.sft_steps and rs.sft_epochs are both 0: no fine-tune")
+    return int(rs.sft_steps)
+  c = config_sft.copy_and_resolve_references()
+  c.steps, c.epochs = 0, int(rs.sft_epochs)
+  steps = max(1, sft.count_steps(examples, c, pad_id=pad_id))
+  return min(steps, int(rs.sft_steps)) if rs.sft_steps else steps
 
 
 def train_merge_rs(ctx: Context) -> Trained:
