@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import os
 import sys
@@ -89,8 +90,8 @@ STUDIES: dict[str, dict[str, dict[str, Any]]] = {
 # probability 0.15 (k15.data.tasks, `search_stop`): it solves ~55% of its problems, in
 # demonstrations of ~100-130 tokens (median), and still shows some long searches that back up.
 # RL and evaluation get 320 tokens, 2.5-3x those medians, within which every problem's full
-# search fits. 3000 demonstrations and 600 steps: at 1000 and 120 the SFT model had not learnt
-# the task (0.1% pass@1); at 3000 and 300 it solved 27% greedily but miscomputed many moves.
+# search fits. 3000 demonstrations and 600 steps: with fewer the SFT model miscopies the
+# numbers and miscomputes its moves (docs/results.md).
 STUDY_CONFIG: dict[str, dict[str, Any]] = {
     "length": {
         "pipeline.families": ("countdown",),
@@ -642,6 +643,44 @@ def _write(path: str, obj: Any) -> None:
   storage.write_json(path, obj, indent=1)  # whole or absent: a run is done once it is there
 
 
+# Keys that change only the tables made from finished runs, not the runs.
+SUMMARY_ONLY_KEYS = ("study.bootstrap", "study.bootstrap_seed")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_workdir_config(config: Any, study: str, workdir: str) -> None:
+  """Refuses to resume a study whose finished runs were made with another config.
+
+  Runs are reused by their files alone, so a rerun with another override (a token budget, an
+  iteration count) would otherwise mix old runs into new tables. W/config.json records the
+  first run's config; keys that only it has or only this one has (code that added a key) and
+  SUMMARY_ONLY_KEYS are not compared.
+  """
+  now = {k: v for k, v in _flat(json.loads(json.dumps(
+      {"study_name": study, **config.to_dict()}, default=str))).items()
+         if k not in SUMMARY_ONLY_KEYS}
+  path = os.path.join(workdir, "config.json")
+  if not epath.Path(path).exists():
+    _write(path, now)
+    return
+  stored = _read(path)
+  changed = sorted(k for k in set(now) & set(stored) if now[k] != stored[k])
+  if changed:
+    shown = "; ".join(f"{k}: {stored[k]!r} there, {now[k]!r} now" for k in changed[:8])
+    more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+    raise ValueError(f"{workdir} holds a study run with another config: {shown}{more}. Use "
+                     f"another --workdir, or the same settings to resume ({path}).")
+
+
 def study_config(config: Any, study: str, given: Sequence[str] = ()) -> Any:
   """`config` with the study's STUDY_CONFIG settings, except the keys in `given`."""
   return with_overrides(config, {k: v for k, v in STUDY_CONFIG.get(study, {}).items()
@@ -667,6 +706,7 @@ def run_study(config: Any, study: str, seeds: int, workdir: str,
                      f"{config.study.eval_samples}: pass@k needs at least k samples")
   t_start = time.time()
   config = study_config(config, study, given)
+  check_workdir_config(config, study, workdir)
   evaluate = {"length": evaluate_sampled,
               "rl_lift": functools.partial(evaluate_sampled, cutoffs=False, slips=True),
               }.get(study, evaluate_model)
@@ -764,6 +804,7 @@ def run_long2short_study(config: Any, seeds: int, workdir: str,
   if unknown:
     raise ValueError(f"--arms: {unknown} are not arms of study 'long2short': {names}")
   names = [a for a in names if a == "long" or not arms or a in arms]  # long: the reference
+  check_workdir_config(config, "long2short", workdir)
   t_start = time.time()
   base_cfg = with_overrides(config, LONG2SHORT_BASE)
   bname = base_name(config, LONG2SHORT_BASE)

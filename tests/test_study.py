@@ -261,11 +261,25 @@ def test_real_shrunk_study(tmp_path):
   assert (tmp_path / "study.png").exists()
 
 
-def test_resume_refuses_evaluations_made_with_other_settings(tmp_path, monkeypatch):
-  _Fakes(monkeypatch)
-  study.run_study(_config(), "sampling", 1, str(tmp_path), arms=("uniform",))
+def test_resume_refuses_runs_made_with_another_config(tmp_path, monkeypatch):
+  fakes = _Fakes(monkeypatch)
+  w = str(tmp_path)
+  study.run_study(_config(), "sampling", 1, w, arms=("uniform",))
+  other = _config()
+  other.rl.iterations += 1
+  with pytest.raises(ValueError, match=r"another config: rl.iterations: 2 there, 3 now"):
+    study.run_study(other, "sampling", 1, w, arms=("uniform",))
+  with pytest.raises(ValueError, match=r"study_name: 'sampling' there, 'rl_lift' now"):
+    study.run_study(_config(), "rl_lift", 1, w)
+  assert len(fakes.rl) == 1  # neither trained anything
+  # Tables-only keys may change; the runs are reused.
+  out = study.run_study(_config(bootstrap=50), "sampling", 1, w, arms=("uniform",))
+  assert out["reused_runs"] == 1 and len(fakes.rl) == 1
+  # Without W/config.json (a study run before it existed), the evaluations still say how they
+  # were made.
+  os.remove(tmp_path / "config.json")
   with pytest.raises(ValueError, match=r"seed0/eval.json was evaluated with .*'samples': 4"):
-    study.run_study(_config(eval_samples=2), "sampling", 1, str(tmp_path), arms=("uniform",))
+    study.run_study(_config(eval_samples=2), "sampling", 1, w, arms=("uniform",))
 
 
 # --- the long2short study ----------------------------------------------------------------------
