@@ -340,7 +340,9 @@ def long2short_block(**overrides: Any) -> ml_collections.ConfigDict:
       # DPO on the same samples of the long model as shortest_rs.
       dpo=dict(beta=0.1, steps=60, batch_size=16,  # pairs per step
                seq_len=256,      # prompt + response; longer pairs are dropped (counted)
-               learning_rate=1e-4, warmup_steps=5, grad_clip=1.0, seed=0,
+               # 1e-4 collapsed the tiny model in the long2short runs, 1e-5 did not
+               # (docs/results.md).
+               learning_rate=1e-5, warmup_steps=5, grad_clip=1.0, seed=0,
                checkpoint_every=20),
       # Long2short RL: config.rl with these overrides; the length penalty is on from
       # iteration 0 (length_warmup_iterations=0). init: the checkpoint it starts from, 'long'
