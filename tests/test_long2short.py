@@ -320,6 +320,32 @@ def test_rs_steps_scale_with_the_selected_examples():
     driver.rs_steps(config_sft, few, rs(sft_steps=0, sft_epochs=0), pad_id=0)
 
 
+@pytest.mark.parametrize("init", ["sft", "long"])
+def test_short_model_from_sft_is_shared_by_the_seed_pairs(tmp_path, monkeypatch, init):
+  """In a study each seed pair has its own out_dir; a short model made from the SFT model is
+  the same in every pair, so it is trained in the base's shared_dir (train_sft reuses it)."""
+  from k15 import sft  # pylint: disable=g-import-not-at-top
+  from k15.data import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+  workdirs = []
+  monkeypatch.setattr(sft, "train_sft", lambda model, examples, cfg, **kw: (
+      workdirs.append(kw["workdir"]) or f"short({model})", None))
+  monkeypatch.setattr(driver, "obtain", lambda ctx, name: driver.Trained(name))
+  record = prompts_lib.PromptRecord(id="a", prompt="q", answer="1", domain="arithmetic",
+                                    meta={"long_cot": "x", "short_cot": "\\boxed{1}"})
+  config = ml_collections.ConfigDict(dict(
+      sft=k15_config.sft_block(), long2short=k15_config.long2short_block(short=dict(init=init))))
+  tok = types.SimpleNamespace(render_example=lambda q, r: ([1], [2, 3]), pad_id=0)
+  for pair in range(2):
+    ctx = driver.Context(config=config, paths={}, out_dir=tmp_path / f"seed{pair}", tok=tok,
+                         eval_records=[], prompts=[], rl_records=[], sft_records=[record],
+                         mesh=None, template=None, shared_dir=tmp_path / "base" / "long2short")
+    assert driver.train_short(ctx).model == f"short({init})"
+  if init == "sft":
+    assert workdirs == [str(tmp_path / "base" / "long2short" / "short")] * 2
+  else:  # from each pair's long model: its own
+    assert workdirs == [str(tmp_path / f"seed{p}" / "short") for p in range(2)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Config and long2short RL.
 # ---------------------------------------------------------------------------------------------

@@ -121,6 +121,9 @@ class Context:
   mesh: Any
   template: transformer.Transformer
   cache: dict[str, Trained] = dataclasses.field(default_factory=dict)
+  # Where models that depend on the base alone are kept (k15.study: shared by its seed pairs);
+  # None: out_dir.
+  shared_dir: epath.Path | None = None
 
   @property
   def l2s(self) -> Any:
@@ -155,10 +158,11 @@ def _finetune_config(config_sft: Any, steps: int,
 
 
 def _finetune(ctx: Context, model: transformer.Transformer, examples, steps: int,
-              learning_rate: float, tag: str) -> transformer.Transformer:
+              learning_rate: float, tag: str,
+              out_dir: epath.Path | None = None) -> transformer.Transformer:
   cfg = _finetune_config(ctx.config.sft, steps, learning_rate)
   trained, _ = sft.train_sft(model, examples, cfg, mesh=ctx.mesh,
-                             workdir=str(ctx.out_dir / tag), pad_id=ctx.tok.pad_id)
+                             workdir=str((out_dir or ctx.out_dir) / tag), pad_id=ctx.tok.pad_id)
   return trained
 
 
@@ -168,7 +172,11 @@ def train_short(ctx: Context) -> Trained:
   examples = [ctx.tok.render_example(r.prompt, make(r)) for r in ctx.sft_records]
   _log(f"short model: SFT from the {c.init} model on {len(examples)} {c.demonstrations} "
        "short-CoT examples")
-  model = _finetune(ctx, obtain(ctx, c.init).model, examples, c.steps, c.learning_rate, "short")
+  # From the SFT model, the short model depends on the base alone (the fine-tune's seed is
+  # config.sft's): a study trains it once for all its seed pairs (train_sft reuses a finished run).
+  out_dir = ctx.shared_dir if c.init == "sft" else None
+  model = _finetune(ctx, obtain(ctx, c.init).model, examples, c.steps, c.learning_rate, "short",
+                    out_dir)
   ctx.cache.pop("sft", None)
   return Trained(model, {"demonstrations": c.demonstrations})
 
@@ -458,7 +466,8 @@ def make_context(config: Any, workdir: str, mesh: Any, *, base: str | None = Non
   return Context(config=config, paths=paths, out_dir=out_dir,
                  tok=tokenizer_lib.Tokenizer.load(str(paths["tokenizer"])),
                  eval_records=load("eval"), prompts=prompts, rl_records=load("rl_prompts"),
-                 sft_records=load("sft"), mesh=mesh, template=build.build_model(config, mesh))
+                 sft_records=load("sft"), mesh=mesh, template=build.build_model(config, mesh),
+                 shared_dir=epath.Path(base) / "long2short" if base else None)
 
 
 def run(config: Any, workdir: str) -> dict[str, MethodResult]:
