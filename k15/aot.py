@@ -221,7 +221,7 @@ def train_batch(cfg: transformer.ModelConfig, mesh, R: int, T: int, k: int,
   f32 = lambda shape: _struct(shape, jnp.float32, ("batch", None), mesh)
   batch = {"tokens": tok((R, T)), "positions": tok((R, T)), "segment_ids": tok((R, T)),
            "mask": f32((R, T)), "ref_logp": f32((R, T)), "rewards": f32((R // k, k)),
-           "sample_weight": f32((R // k, k))}
+           "sample_weight": f32((R // k, k)), "ref_self": f32((R // k, k))}
   if replay:
     batch["expert_ids"] = _routing_record(cfg, mesh, R, T)
   return batch

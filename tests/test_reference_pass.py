@@ -114,6 +114,56 @@ def test_log_ratio_is_exactly_zero_on_the_first_minibatch(tmp_path):
     assert "rl/sampler_ref_abs_diff_mean" not in m
 
 
+def test_own_forward_is_the_reference_bit_for_bit(tmp_path):
+  # Rows marked ref_self take S_ref from the loss's own forward: the same loss and gradient,
+  # bit for bit, as the reference pass's log-probs give, whatever ref_logp holds for them.
+  config = _config(temperature=0.8)
+  mesh = parallel.make_mesh({"data": -1})
+  with parallel.use_mesh(mesh):
+    trainer = _trainer(config, str(tmp_path), mesh, eos_id=EOS)
+    groups = trainer._ready_groups(trainer._collect(0)[1])
+    rewards = np.arange(len(groups) * 4, dtype=np.float32).reshape(-1, 4) % 3
+    batch = trainer_lib.build_batch(groups, rewards, num_groups=len(groups), length=16,
+                                    version=0, loss_on_old_segments=False, mask_truncated=False,
+                                    drop_equal_reward_groups=False)
+    batch.pop("current")
+    with_pass = dict(batch, ref_logp=trainer._reference_logprobs(batch))
+    own = dict(batch, ref_logp=np.full_like(batch["ref_logp"], -7.0),
+               ref_self=np.ones_like(batch["ref_self"]))
+    wrong = dict(own, ref_self=np.zeros_like(batch["ref_self"]))
+    loss_fn = trainer_lib.make_loss_fn(config.rl, 4)
+    grad = jax.jit(jax.value_and_grad(
+        lambda p, b: loss_fn(nnx.merge(trainer.graphdef, p), b)[0]))
+    (l1, g1), (l2, g2), (l3, _) = (grad(trainer.params, b) for b in (with_pass, own, wrong))
+  assert float(l1) == float(l2)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert abs(float(l3) - float(l1)) > 1e-3  # the -7 reference, used, would change the loss
+
+
+@pytest.mark.parametrize("minibatch_groups,num_passes,passed", [(2, 1, 2), (4, 1, 0), (2, 2, 4)])
+def test_reference_pass_skips_the_first_minibatch(minibatch_groups, num_passes, passed,
+                                                  tmp_path):
+  # 4 groups per iteration: the pass covers every group but the first minibatch's (none with
+  # one minibatch), and all of them when a second pass retrains them after updates.
+  config = _config(minibatch_groups=minibatch_groups, num_passes=num_passes, iterations=2)
+  mesh = parallel.make_mesh({"data": -1})
+  with parallel.use_mesh(mesh):
+    trainer = _trainer(config, str(tmp_path), mesh)
+    rows = []
+    fn = trainer_lib.make_reference_fn(trainer.graphdef, trainer.param_shardings)
+    trainer._ref_fn = lambda p, b: rows.append(b["tokens"].shape[0]) or fn(p, b)
+    calls = _record_steps(trainer)
+    for _ in range(2):
+      rows.clear()
+      n = len(calls)
+      m = trainer.step()
+      assert sum(rows) == passed * 4
+      assert float(calls[n]["log_ratio_abs_mean"]) == 0.0
+      assert ("rl/sampler_ref_abs_diff_mean" in m) == (passed > 0)
+      assert np.isfinite(m["train/loss"])
+
+
 def _traj(sample_index, versions, prompt=(1, 2)):
   n = len(versions)
   return sampling.Trajectory(

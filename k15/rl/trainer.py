@@ -16,8 +16,11 @@ sequence log-prob under the parameters being trained and S_ref the same under pi
 S_ref is computed by the same jitted code as S (k15.update.logprobs_and_router_aux: the same
 chunked head, dtypes and expert routing) on the same parameters before the first update, so
 S - S_ref is 0 exactly on the iteration's first minibatch and measures the update alone after
-it. The sampler's own log-probs differ from that by its kernels (KV cache, decode attention),
-bf16 rounding, and by temperature and top-p, which change the distribution it draws from.
+it. That first minibatch needs no pass: its own forward, before the update, is pi_i's, and the
+loss takes S_ref from it (batch key ref_self), so with one minibatch per iteration and one pass
+the reference pass never runs. The sampler's own log-probs differ from pi_i's by its kernels
+(KV cache, decode attention), bf16 rounding, and by temperature and top-p, which change the
+distribution it draws from.
 Temperature and top-p are handled one way: pi_i is the untempered, untruncated policy, the same
 model the loss evaluates for S, so the two sides of the log-ratio are one distribution; the
 sampler's (tempered, truncated) log-probs are a diagnostic only (rl/sampler_ref_abs_diff_mean
@@ -81,7 +84,7 @@ from k15 import sampling
 RewardFn = Callable[[Sequence[int], Sequence[np.ndarray]], np.ndarray]
 
 
-GROUP_KEYS = ("rewards", "sample_weight")  # [G, k]; every other batch entry is [G*k, T]
+GROUP_KEYS = ("rewards", "sample_weight", "ref_self")  # [G, k]; the others are [G*k, T]
 REFERENCES = ("trainer", "sampler")
 # config.rl.batching -> sampling.generate's `continuous` (None: its default rule).
 BATCHING = {"auto": None, "static": False, "continuous": True}
@@ -104,7 +107,9 @@ def build_batch(groups: list[list[sampling.Trajectory]], rewards: np.ndarray, *,
   trainer replaces it by its own reference pass, see the module docstring); current[t] = 1
   where token t was sampled by policy `version` (the trainer's diagnostics, not a loss input).
   A sample without a token of `version` (an early finisher, see the module docstring) trains
-  on all its tokens ('train') or gets sample_weight 0 ('exclude').
+  on all its tokens ('train') or gets sample_weight 0 ('exclude'). ref_self [G, k] is 0 here;
+  the trainer sets it to 1 on the rows whose reference is their own forward pass (the loss
+  then ignores their ref_logp, see `make_loss_fn`).
   Trajectories of a mixture of experts add expert_ids [rows, length, MoE layers, top-k]: the
   sampler's routing of every token, prompt and response (`Trajectory.expert_ids`), -1 where
   nothing is recorded (padding, a response's last token), for routing replay.
@@ -153,7 +158,8 @@ def build_batch(groups: list[list[sampling.Trajectory]], rewards: np.ndarray, *,
     if drop_equal_reward_groups and equal:
       weight[g] = 0.0
   batch = {"tokens": tokens, "positions": positions, "segment_ids": segment_ids, "mask": mask,
-           "ref_logp": ref_logp, "rewards": r, "sample_weight": weight, "current": current}
+           "ref_logp": ref_logp, "rewards": r, "sample_weight": weight, "current": current,
+           "ref_self": np.zeros((G, k), np.float32)}
   if routed is not None:
     batch["expert_ids"] = expert_ids
   return batch
@@ -226,8 +232,14 @@ def make_loss_fn(rl_cfg: Any, k: int):
         batch.get("expert_ids") if rl_cfg.get("routing_replay") else None)     # [R, T] each
     R, T = logp.shape
     shape = (R // k, k, T)
+    ref = batch["ref_logp"]
+    if "ref_self" in batch:
+      # Rows trained before any update of the iteration take pi_i's log-probs from this very
+      # forward pass: the value the reference pass would give, without running it.
+      own = batch["ref_self"].reshape(R, 1) > 0
+      ref = jnp.where(own, jax.lax.stop_gradient(logp), ref)
     loss, metrics = loss_lib.compute_loss(
-        name, logp.reshape(shape), batch["ref_logp"].reshape(shape),
+        name, logp.reshape(shape), ref.reshape(shape),
         batch["mask"].reshape(shape), batch["rewards"], tau=rl_cfg.tau,
         clip_eps=rl_cfg.clip_eps, sample_weight=batch["sample_weight"])
     # Mean token entropy of the policy on the response tokens (a diagnostic, no gradient).
@@ -459,20 +471,30 @@ class RLTrainer:
                                                               self.mesh))
     return out
 
-  def _reference_logprobs(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-    """pi_i's log-probs of every row of `batch` [G*k, T], before any update (module docstring).
+  def _reference_logprobs(self, batch: dict[str, np.ndarray],
+                          groups: np.ndarray | None = None) -> np.ndarray:
+    """pi_i's log-probs [G*k, T] of the rows of `groups` (default all), before any update.
 
     Run in the train step's microbatch shapes, one microbatch of groups at a time, so that its
-    memory is a forward pass of one microbatch and it compiles to the loss's own forward.
+    memory is a forward pass of one microbatch and it compiles to the loss's own forward. The
+    rows of other groups keep batch["ref_logp"]'s values.
     """
     if self._ref_fn is None:
       self._ref_fn = make_reference_fn(self.graphdef, self.param_shardings)
     keys = [key for key in ("tokens", "positions", "segment_ids", "expert_ids") if key in batch]
     G = batch["rewards"].shape[0]
+    groups = np.arange(G) if groups is None else np.asarray(groups)
     step = self.rl.minibatch_groups // self.rl.microbatches
-    out = [self._ref_fn(self.params, self._place(batch, np.arange(s, s + step), keys))
-           for s in range(0, G, step)]
-    return np.concatenate(parallel.global_to_host(out), axis=0)
+    if len(groups) % step:
+      raise ValueError(f"{len(groups)} groups for the reference pass: not whole microbatches "
+                       f"of {step}")
+    out = [self._ref_fn(self.params, self._place(batch, groups[s:s + step], keys))
+           for s in range(0, len(groups), step)]
+    ref = batch["ref_logp"].copy()
+    if out:
+      rows = (groups[:, None] * self.k + np.arange(self.k)).reshape(-1)
+      ref[rows] = np.concatenate(parallel.global_to_host(out), axis=0)
+    return ref
 
   def _collect(self, it: int):
     """Sampling: new prompts this iteration plus continuations from the replay buffer."""
@@ -597,11 +619,21 @@ class RLTrainer:
           metrics.update(self._routing_metrics(batch))
       if not rl.get("routing_replay"):  # the loss routes by itself: leave them on the host
         batch.pop("expert_ids", None)
+      orders = [np.random.default_rng([self.config.seed, it, p]).permutation(G)
+                for p in range(rl.num_passes)]
       t1 = time.perf_counter()
       if self.reference == "trainer":
+        # The first minibatch trains on pi_i itself, so its forward pass is its reference
+        # (ref_self, see make_loss_fn); the reference pass covers the other groups. With
+        # several passes every group is trained again after updates and needs the pass.
+        own = orders[0][:rl.minibatch_groups] if rl.num_passes == 1 else orders[0][:0]
+        batch["ref_self"][own] = 1.0
+        others = np.setdiff1d(np.arange(G), own)
         sampler_logp = batch["ref_logp"]
-        batch["ref_logp"] = self._reference_logprobs(batch)
-        metrics.update(sampler_gap(sampler_logp, batch["ref_logp"], current))
+        batch["ref_logp"] = self._reference_logprobs(batch, others)
+        if len(others):  # the sampler's gap is measured on the rows the pass covered
+          measured = batch["ref_self"].reshape(-1, 1) == 0
+          metrics.update(sampler_gap(sampler_logp, batch["ref_logp"], current * measured))
         metrics["perf/reference_s"] = time.perf_counter() - t1
       if rl.reset_optimizer:
         # Moments created now, after sampling; dropped after the last update (module docstring).
@@ -610,8 +642,7 @@ class RLTrainer:
       rows = rl.minibatch_groups * self.k
       step_fn = self._train_step(rows)
       step_metrics = []
-      for p in range(rl.num_passes):
-        order = np.random.default_rng([self.config.seed, it, p]).permutation(G)
+      for order in orders:
         for s in range(0, G, rl.minibatch_groups):
           mb = self._place(batch, order[s:s + rl.minibatch_groups])
           self.params, self.opt_state, m = step_fn(self.params, self.opt_state, mb)
