@@ -459,10 +459,14 @@ class RLTrainer:
           param_shardings=self.param_shardings, opt_shardings=self.opt_shardings)
     return self._steps[num_rows]
 
+  def _rows(self, groups: np.ndarray) -> np.ndarray:
+    """The batch rows [len(groups) * k] of `groups`, each group's k samples in order."""
+    return (np.asarray(groups)[:, None] * self.k + np.arange(self.k)).reshape(-1)
+
   def _place(self, batch: dict[str, np.ndarray], groups: np.ndarray,
              keys: Sequence[str] | None = None) -> dict[str, jax.Array]:
     """The entries `keys` (default all) of `groups`' rows of `batch`, as global device arrays."""
-    rows = (groups[:, None] * self.k + np.arange(self.k)).reshape(-1)
+    rows = self._rows(groups)
     out = {}
     for key in (batch.keys() if keys is None else keys):
       v = batch[key][groups] if key in GROUP_KEYS else batch[key][rows]
@@ -492,8 +496,7 @@ class RLTrainer:
            for s in range(0, len(groups), step)]
     ref = batch["ref_logp"].copy()
     if out:
-      rows = (groups[:, None] * self.k + np.arange(self.k)).reshape(-1)
-      ref[rows] = np.concatenate(parallel.global_to_host(out), axis=0)
+      ref[self._rows(groups)] = np.concatenate(parallel.global_to_host(out), axis=0)
     return ref
 
   def _collect(self, it: int):
