@@ -6,10 +6,14 @@ What it does, all from the command line contract of k15.main (the same commands 
 checkpoint and the real GSM8K files take):
   1. writes synthetic one-step problems ("Tom has 7 apples and buys 5 more. How many apples
      does Tom have now?", answer "7 + 5 = 12\n#### 12") as GSM8K train/test JSONL, and SFT
-     pairs (prompt, "7 + 5 = 12. The answer is \boxed{12}.") from part of the train split;
+     pairs (prompt, "7 + 5 = 12. The answer is \boxed{12}.") from part of the train split,
+     by a careless demonstrator: in --slip of them (0.6) it writes its --habit, by default
+     adding where the question takes away ("9 + 4 = 13" for "has 9, gives away 4"), as the
+     tiny reproduction's demonstrator forgets carries. The rewards and the held-out answers
+     are right. With --slip=0 the demonstrations are clean;
   2. trains a byte-level BPE tokenizer with a ChatML template and writes a random tiny Qwen2
      checkpoint with transformers (offline);
-  3. `mode=sft` on the pairs (a short warm-up that leaves room to improve);
+  3. `mode=sft` on the pairs;
   4. `mode=rl` with `reward=math` from W/sft/export/sft on the train split, evaluated on the
      test split before RL (step 0), every --eval_every iterations and at the end.
 Further --config.* arguments go to the RL command as they are.
@@ -50,9 +54,22 @@ def problem(rng: random.Random) -> dict[str, str]:
   return {"question": q, "answer": f"{step}\n#### {ans}"}
 
 
-def response(row: dict[str, str]) -> str:
+HABITS = ("carry", "operation")
+
+
+def response(row: dict[str, str], slip: str = "") -> str:
+  """The demonstration of a problem, or with `slip` a careless one: 'carry' drops the carry of
+  an addition (7 + 5 = 2), 'operation' adds where the question takes away (9 - 4 written as
+  9 + 4 = 13). Problems the habit does not touch are demonstrated correctly either way."""
   step, ans = row["answer"].split("\n#### ")
-  return f"{step}. The answer is \\boxed{{{ans}}}."
+  a, op, b = step.split(" = ")[0].split(" ")
+  if slip == "carry" and op == "+" and int(ans) >= 10:
+    ans = str(int(ans) - 10)
+  elif slip == "operation" and op == "-":
+    op, ans = "+", str(int(a) + int(b))
+  elif slip and slip not in HABITS:
+    raise ValueError(f"unknown habit {slip!r}; valid: {', '.join(HABITS)}")
+  return f"{a} {op} {b} = {ans}. The answer is \\boxed{{{ans}}}."
 
 
 def write_jsonl(path: str, rows: list[dict]) -> str:
@@ -61,7 +78,8 @@ def write_jsonl(path: str, rows: list[dict]) -> str:
   return path
 
 
-def make_data(d: str, seed: int, n_train: int, n_eval: int, n_sft: int) -> dict[str, str]:
+def make_data(d: str, seed: int, n_train: int, n_eval: int, n_sft: int,
+              slip: float, habit: str) -> dict[str, str]:
   rng = random.Random(seed)
   seen, rows = set(), []
   while len(rows) < n_train + n_eval:  # train and test share no question
@@ -70,7 +88,11 @@ def make_data(d: str, seed: int, n_train: int, n_eval: int, n_sft: int) -> dict[
       seen.add(r["question"])
       rows.append(r)
   train, test = rows[:n_train], rows[n_train:]
-  pairs = [{"prompt": r["question"], "response": response(r)} for r in train[:n_sft]]
+  # The careless demonstrator: a fixed share of the SFT pairs, drawn from their own stream so
+  # that the problems are the same at every slip rate.
+  slip_rng = random.Random(seed + 1)
+  pairs = [{"prompt": r["question"], "response": response(r, habit if slip_rng.random() < slip else "")}
+           for r in train[:n_sft]]
   return {"train": write_jsonl(os.path.join(d, "train.jsonl"), train),
           "eval": write_jsonl(os.path.join(d, "test.jsonl"), test),
           "pairs": write_jsonl(os.path.join(d, "pairs.jsonl"), pairs),
@@ -114,20 +136,24 @@ def main() -> None:
   p.add_argument("--workdir", required=True)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--train", type=int, default=512, help="RL prompts (GSM8K train split)")
-  p.add_argument("--eval", type=int, default=64, help="held-out problems")
+  p.add_argument("--eval", type=int, default=128, help="held-out problems")
   p.add_argument("--sft_pairs", type=int, default=256)
-  p.add_argument("--sft_steps", type=int, default=120)
-  p.add_argument("--rl_iterations", type=int, default=24)
-  p.add_argument("--eval_every", type=int, default=8)
-  p.add_argument("--rl_lr", type=float, default=5e-5)
-  p.add_argument("--prompts", type=int, default=8, help="RL prompts per iteration (x 8 samples)")
+  p.add_argument("--sft_steps", type=int, default=400)
+  p.add_argument("--slip", type=float, default=0.6,
+                 help="share of the SFT demonstrations made by a careless demonstrator")
+  p.add_argument("--habit", default="operation", choices=HABITS,
+                 help="the careless demonstrator's habit (see `response`)")
+  p.add_argument("--rl_iterations", type=int, default=32)
+  p.add_argument("--eval_every", type=int, default=16)
+  p.add_argument("--rl_lr", type=float, default=1e-4)
+  p.add_argument("--prompts", type=int, default=64, help="RL prompts per iteration (x 8 samples)")
   p.add_argument("--length_weight", type=float, default=0.0,
                  help="the length penalty's weight (§2.3.3); off by default: this demo asks "
                       "whether the task reward rises, and at 32 new tokens the penalty alone "
                       "pays for shorter, wrong answers")
   p.add_argument("--rl_dir", default="rl", help="W/<rl_dir>: RL variants from one SFT model")
-  p.add_argument("--width", type=int, default=96)
-  p.add_argument("--layers", type=int, default=3)
+  p.add_argument("--width", type=int, default=128)
+  p.add_argument("--layers", type=int, default=4)
   args, rl_overrides = p.parse_known_args()
   if any(not a.startswith("--config.") for a in rl_overrides):
     p.error(f"unknown arguments {rl_overrides}: only --config.* overrides pass through (to RL)")
@@ -135,7 +161,8 @@ def main() -> None:
   w = os.path.abspath(args.workdir)
   os.makedirs(os.path.join(w, "ckpt"), exist_ok=True)
   t0 = time.time()
-  data = make_data(w, args.seed, args.train, args.eval, args.sft_pairs)
+  data = make_data(w, args.seed, args.train, args.eval, args.sft_pairs, args.slip,
+                   args.habit)
   ckpt = make_checkpoint(os.path.join(w, "ckpt"), data["texts"], args.seed, args.width,
                          args.layers)
   common = ["--config.reward=math"]
@@ -153,7 +180,12 @@ def main() -> None:
            f"--config.data.eval={data['eval']}", f"--config.rl.iterations={args.rl_iterations}",
            f"--config.rl.eval_every={args.eval_every}", f"--config.rl.prompts_per_iteration={args.prompts}",
            "--config.rl.samples_per_prompt=8", "--config.rl.max_new_tokens=32",
-           "--config.rl.minibatch_groups=4", f"--config.optimizer.learning_rate={args.rl_lr}",
+           f"--config.rl.minibatch_groups={max(1, args.prompts // 4)}",  # 4 steps per iteration
+           # Uniform, not the config's prioritized sampling: under prioritized sampling the
+           # batches move to the prompts the model fails, so the training reward falls while
+           # the policy improves; uniform draws keep it an estimate of training accuracy.
+           "--config.rl.sampling.mode=uniform",
+           f"--config.optimizer.learning_rate={args.rl_lr}",
            "--config.evaluate.num_samples=4", "--config.evaluate.max_new_tokens=32",
            "--config.evaluate.batch_size=32", "--config.checkpoint.every=10",
            f"--config.rl.length_weight={args.length_weight}",
