@@ -26,6 +26,7 @@ Figures and what they show: benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -119,6 +120,42 @@ def make_checkpoint(d: str, texts: list[str], seed: int, width: int, layers: int
   return d
 
 
+def kind(question: str, answer: str) -> str:
+  """The problem's kind: what each careless habit touches."""
+  if "gives away" in question:
+    return "subtract"
+  return "add_carry" if int(answer) >= 10 else "add"
+
+
+def accuracy_by_kind(model_dir: str, test_path: str, samples: int = 8) -> dict[str, float]:
+  """pass@1 over `samples` samples at T = 1 and greedy accuracy of an exported checkpoint on the
+  test split, per kind of problem: where RL's change is, beside the demo's overall figures."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, ROOT)
+  from k15 import hf_policy, parallel  # pylint: disable=g-import-not-at-top
+  from k15.model import build  # pylint: disable=g-import-not-at-top
+  path, arg = CONFIG.split(":")
+  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg)
+  c.model_path, c.data.eval, c.data.format, c.reward = model_dir, test_path, "gsm8k", "math"
+  c.evaluate.update(num_samples=samples, max_new_tokens=32, batch_size=64)
+  c = hf_policy.with_checkpoint_architecture(c)
+  tok = hf_policy.load_tokenizer(c.model_path, hf_policy.instruction(c))
+  problems = hf_policy.load_problems(c, "eval")
+  mesh = parallel.make_mesh(c.mesh)
+  with parallel.use_mesh(mesh, c.sharding_rules):
+    ev = hf_policy.evaluate(build.build_model(c, mesh), problems, tok, c)
+  out: dict[str, float] = {}
+  for k in ("add", "add_carry", "subtract"):
+    idx = [i for i, p in enumerate(problems) if kind(p.prompt, p.answer) == k]
+    for name, r in (("pass_at_1", ev["sampled"]), ("greedy", ev["greedy"])):
+      out[f"{k}_{name}"] = float(np.mean([r["per_problem"][i]["accuracy"] for i in idx]))
+    out[f"{k}_n"] = len(idx)
+  return out
+
+
 def k15_main(log: str, *args: str) -> None:
   cmd = [sys.executable, "-m", "k15.main", f"--config={CONFIG}", *args]
   print("$", " ".join(cmd[1:]), flush=True)
@@ -206,6 +243,8 @@ def main() -> None:
       f"train_reward_last_{k}": sum(rewards[-k:]) / k,
       "train_reward": [round(x, 3) for x in rewards], "args": vars(args),
       "rl_overrides": rl_overrides}
+  summary["by_kind"] = {"sft": accuracy_by_kind(f"{w}/sft/export/sft", data["eval"]),
+                        "rl": accuracy_by_kind(f"{rl}/export/final", data["eval"])}
   with open(f"{rl}_summary.json", "w") as f:
     json.dump(summary, f, indent=1)
   print(json.dumps({k: v for k, v in summary.items() if k != "train_reward"}, indent=1))
