@@ -26,7 +26,6 @@ Figures and what they show: benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -92,7 +91,8 @@ def make_data(d: str, seed: int, n_train: int, n_eval: int, n_sft: int,
   # The careless demonstrator: a fixed share of the SFT pairs, drawn from their own stream so
   # that the problems are the same at every slip rate.
   slip_rng = random.Random(seed + 1)
-  pairs = [{"prompt": r["question"], "response": response(r, habit if slip_rng.random() < slip else "")}
+  pairs = [{"prompt": r["question"],
+            "response": response(r, habit if slip_rng.random() < slip else "")}
            for r in train[:n_sft]]
   return {"train": write_jsonl(os.path.join(d, "train.jsonl"), train),
           "eval": write_jsonl(os.path.join(d, "test.jsonl"), test),
@@ -131,14 +131,12 @@ def accuracy_by_kind(model_dir: str, test_path: str, samples: int = 8) -> dict[s
   """pass@1 over `samples` samples at T = 1 and greedy accuracy of an exported checkpoint on the
   test split, per kind of problem: where RL's change is, beside the demo's overall figures."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, ROOT)
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
   from k15 import hf_policy, parallel  # pylint: disable=g-import-not-at-top
+  from k15 import config as k15_config  # pylint: disable=g-import-not-at-top
   from k15.model import build  # pylint: disable=g-import-not-at-top
-  path, arg = CONFIG.split(":")
-  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
+  c = k15_config.from_file(os.path.join(ROOT, CONFIG))
   c.model_path, c.data.eval, c.data.format, c.reward = model_dir, test_path, "gsm8k", "math"
   c.evaluate.update(num_samples=samples, max_new_tokens=32, batch_size=64)
   c = hf_policy.with_checkpoint_architecture(c)

@@ -17,7 +17,6 @@ batch digest, loss) that two arms must share when a change is to keep the run's 
 import argparse
 import ast
 import collections
-import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import time
 
 import jax
 
+from k15 import config as k15_config
 from k15 import parallel, pipeline
 from k15.rl import stage
 from k15.rl import trainer as trainer_lib
@@ -52,11 +52,7 @@ def main(argv=None):
   parser.add_argument("--out", default="", help="JSON of the rows (default WORKDIR/timing.json)")
   args = parser.parse_args(argv)
 
-  path, _, config_arg = args.config.partition(":")  # e.g. configs/tiny_cpu.py:runlocal=True
-  spec = importlib.util.spec_from_file_location("_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(config_arg or None)
+  config = k15_config.from_file(args.config)  # e.g. configs/tiny_cpu.py:runlocal=True
   config.rl.iterations = args.iterations
   for item in args.set:
     key, _, value = item.partition("=")

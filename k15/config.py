@@ -8,6 +8,8 @@ ConfigDict with typed defaults, and refuses keys it does not know.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -17,6 +19,18 @@ from k15.model import transformer
 
 # The methods k15.long2short trains and compares (§2.4), in the order of its table.
 LONG2SHORT_METHODS = ("merge", "merge_rs", "shortest_rs", "dpo", "rl")
+
+
+def from_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of 'PATH[:ARG]' (e.g. 'configs/tiny_cpu.py:runlocal=True'), as --config= reads it,
+  for scripts that build a config without absl flags."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} (from {spec!r}) does not exist")
+  module_spec = importlib.util.spec_from_file_location("_k15_config_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

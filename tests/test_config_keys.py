@@ -143,3 +143,14 @@ def test_mode_keys_is_what_each_mode_reads(tmp_path):
   for variant, reads in seen.items():
     _check(variant, reads)
   assert set(seen) == set(k15_config.MODE_KEYS)
+
+
+def test_from_file_reads_path_and_arg_as_the_config_flag_does():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  got = k15_config.from_file(os.path.join(root, "configs/qwen25_1p5b_v5e.py:runlocal=True"))
+  assert got.to_dict() == qwen25_1p5b_v5e.get_config("runlocal=True").to_dict()
+  assert got.to_dict() != qwen25_1p5b_v5e.get_config().to_dict()  # the arg was applied
+  assert (k15_config.from_file(os.path.join(root, "configs/tiny_cpu.py")).to_dict()
+          == tiny_cpu.get_config().to_dict())
+  with pytest.raises(FileNotFoundError, match="configs/missing.py"):
+    k15_config.from_file("configs/missing.py:runlocal=True")
