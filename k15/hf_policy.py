@@ -22,6 +22,7 @@ import numpy as np
 from k15 import config as k15_config
 from k15 import evaluate as evaluate_lib
 from k15 import hf_tokenizer, storage
+from k15.data import prompt_file
 from k15.data import prompts as prompts_lib
 from k15.model import hf, transformer
 from k15.rewards import verifier
@@ -66,13 +67,14 @@ def read_config_json(model_path: str) -> tuple[dict[str, Any], str]:
   return raw, file
 
 
-def check_lengths(config: Any, prompts: Sequence[Sequence[int]], budget_key: str) -> None:
-  """Refuses prompts + config.<budget_key> new tokens past the checkpoint's positions
-  (k15.model.hf.position_limit): the model would sample them without an error, badly."""
-  if not prompts:
+def check_lengths(config: Any, lengths: Sequence[int], budget_key: str) -> None:
+  """Refuses prompts (of these token counts) + config.<budget_key> new tokens past the
+  checkpoint's positions (k15.model.hf.position_limit): the model would sample them without
+  an error, badly."""
+  if not len(lengths):
     return
   raw, file = read_config_json(config.model_path)
-  longest = max(len(p) for p in prompts)
+  longest = int(max(lengths))
   budget = config
   for part in budget_key.split("."):
     budget = budget[part]
@@ -147,14 +149,35 @@ def check_data_config(config: Any, *, need: Sequence[str],
 
 def load_problems(config: Any, which: str) -> list[prompts_lib.PromptRecord]:
   """The records of config.data.<which> ('train' | 'eval') in config.data.format."""
-  path = config.data[which]
-  fmt = (which == "eval" and config.data.eval_format) or config.data.format
+  path, fmt = _data_file(config, which)
   records, skipped = prompts_lib.load_prompts(path, fmt, on_error=config.data.on_error)
-  if skipped and jax.process_index() == 0:
-    print(f"[k15] {path}: skipped {skipped} malformed line(s)", flush=True)
   if which == "eval" and config.data.eval_limit:
     records = records[:config.data.eval_limit]
-  if not records:
+  return _checked(records, skipped, config, which)
+
+
+def open_prompt_file(config: Any, which: str,
+                     tok: hf_tokenizer.HFTokenizer) -> prompt_file.PromptFile:
+  """config.data.<which> as a PromptFile: each host parses and tokenizes (chat template
+  applied) its share of the lines, and reads records only when it needs them."""
+  path, fmt = _data_file(config, which)
+  prompts = prompt_file.PromptFile(path, fmt, on_error=config.data.on_error,
+                                   tokenize=tok.render_prompt)
+  start, stop = prompts.share
+  print(f"[k15 host {jax.process_index()}/{jax.process_count()}] {path}: parsed its share, "
+        f"non-blank lines [{start}, {stop}); {len(prompts)} records in all", flush=True)
+  return _checked(prompts, prompts.skipped, config, which)
+
+
+def _data_file(config: Any, which: str) -> tuple[str, str]:
+  return config.data[which], (which == "eval" and config.data.eval_format) or config.data.format
+
+
+def _checked(records, skipped: int, config: Any, which: str):
+  path = config.data[which]
+  if skipped and jax.process_index() == 0:
+    print(f"[k15] {path}: skipped {skipped} malformed line(s)", flush=True)
+  if not len(records):
     raise ValueError(f"config.data.{which}={path}: no records")
   return records
 

@@ -11,6 +11,7 @@ kv heads on a tensor axis of 4, say), so one set of rules serves every model siz
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -306,6 +307,24 @@ def gather_host_shares(fn: Callable[[int, int], Any], n: int) -> np.ndarray:
     local[:stop - start] = np.asarray(fn(start, stop), np.float32).reshape(stop - start)
   every = np.asarray(multihost_utils.process_allgather(local))  # [count, ceil(n / count)]
   return every.reshape(-1)[:n]
+
+
+def gather_json(value: Any) -> list[Any]:
+  """Every process's `value` (anything JSON can hold), in process order, on every process.
+
+  For host work whose results differ in size from host to host (the records of each host's
+  share of a file). A collective with several processes: every process must call it.
+  """
+  data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+  count = jax.process_count()
+  if count == 1:
+    return [value]
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64)))
+  sizes = sizes.reshape(count)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  every = np.asarray(multihost_utils.process_allgather(padded)).reshape(count, -1)
+  return [json.loads(every[i, :sizes[i]].tobytes().decode("utf-8")) for i in range(count)]
 
 
 # Programs that compile faster than this are not written to the persistent cache: reading an

@@ -403,8 +403,9 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_hold_the_batches_of_one(tmp_path, qwen_ckpt, data):
-  """mode=rl on two local processes (jax.distributed, 4 devices each) draws the prompts and
-  computes the rewards that one process with 8 devices does, iteration by iteration."""
+  """mode=rl on two local processes (jax.distributed, 4 devices each), each reading its share of
+  the prompt file, draws the prompts and computes the rewards that one process with 8 devices
+  does, iteration by iteration."""
   def launch(workdir, devices, *extra):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
@@ -420,6 +421,9 @@ def test_two_processes_hold_the_batches_of_one(tmp_path, qwen_ckpt, data):
   logs = [p.communicate(timeout=900)[0] for p in multi]
   for p, log in zip(multi, logs):
     assert p.returncode == 0, log[-4000:]
+  # Each host parsed its half of the 12 training lines (k15.data.prompt_file).
+  for i, (log, share) in enumerate(zip(logs, ("[0, 6)", "[6, 12)"))):
+    assert f"[k15 host {i}/2] {data['train']}: parsed its share, non-blank lines {share}" in log
   single = launch(tmp_path / "single", 8)
   log = single.communicate(timeout=900)[0]
   assert single.returncode == 0, log[-4000:]

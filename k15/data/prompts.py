@@ -264,6 +264,33 @@ def _detect_format(obj: Any, path: str, line_no: int) -> str:
       "code (prompt, tests)")
 
 
+def detect_format(line: str, path: str, line_no: int) -> str | None:
+  """The format of a file whose first line that parses as JSON is `line`; None when it does
+  not parse (the caller tries the next line); PromptFormatError when its keys fit none."""
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  return _detect_format(obj, path, line_no)
+
+
+def parse_line(line: str, format: str,  # pylint: disable=redefined-builtin
+               default_id: str) -> PromptRecord:
+  """One line of a prompt file in `format` (not 'auto') as a record; ValueError says what is
+  wrong with it (the caller adds file and line). `default_id` names a record without an id."""
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+  if format == "k15":
+    return record_from_json(obj)
+  if format == "gsm8k":
+    return _gsm8k_record(obj, default_id)
+  if format == "code":
+    return _code_record(obj, default_id)
+  return _math_record(obj, default_id)
+
+
 def load_prompts(path: str | os.PathLike[str],
                  format: str = "auto",  # pylint: disable=redefined-builtin
                  *, on_error: str = "raise") -> tuple[list[PromptRecord], int]:
@@ -296,20 +323,10 @@ def load_prompts(path: str | os.PathLike[str],
       if not line.strip():
         continue
       try:
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
         if format == "auto":
-          format = _detect_format(obj, path, line_no)
-        if format == "k15":
-          record = record_from_json(obj)
-        elif format == "gsm8k":
-          record = _gsm8k_record(obj, f"{stem}-{line_no}")
-        elif format == "code":
-          record = _code_record(obj, f"{stem}-{line_no}")
-        else:
-          record = _math_record(obj, f"{stem}-{line_no}")
+          # Stays 'auto' only for a line that is not JSON, which parse_line then refuses.
+          format = detect_format(line, path, line_no) or "auto"
+        record = parse_line(line, format, f"{stem}-{line_no}")
         if record.id in first_line_of_id:
           raise ValueError(f"duplicate id {record.id!r} (first on line "
                            f"{first_line_of_id[record.id]})")

@@ -61,7 +61,7 @@ import json
 import logging
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -329,6 +329,36 @@ class Prompt:
   pass_rate: float | None = None
 
 
+@runtime_checkable
+class PromptSet(Protocol):
+  """The trainer's prompts: labels of every prompt, and the tokens of the ones drawn.
+
+  k15.data.prompt_file.PromptFile is one (a file each host reads its share of); `PromptList`
+  holds them in memory. `tokens` must return the same lists on every host.
+  """
+  difficulties: Sequence[Any]
+  pass_rates: Sequence[float | None]
+
+  def __len__(self) -> int: ...
+
+  def tokens(self, ids: Sequence[int]) -> list[list[int]]: ...
+
+
+class PromptList:
+  """A PromptSet of in-memory `Prompt`s (the tiny pipeline's, the tests')."""
+
+  def __init__(self, prompts: Sequence[Prompt]):
+    self._prompts = list(prompts)
+    self.difficulties = [p.difficulty for p in self._prompts]
+    self.pass_rates = [p.pass_rate for p in self._prompts]
+
+  def __len__(self) -> int:
+    return len(self._prompts)
+
+  def tokens(self, ids: Sequence[int]) -> list[list[int]]:
+    return [self._prompts[int(i)].tokens for i in ids]
+
+
 class RLTrainer:
   """Runs RL iterations on `model` (sharded on `mesh`) over `prompts`.
 
@@ -336,13 +366,14 @@ class RLTrainer:
   0.5 counts as correct for the success-rate table and the length penalty.
   """
 
-  def __init__(self, config: Any, model: transformer.Transformer, prompts: Sequence[Prompt],
-               reward_fn: RewardFn, *, mesh, workdir: str, eos_id: int | Sequence[int] | None,
+  def __init__(self, config: Any, model: transformer.Transformer,
+               prompts: Sequence[Prompt] | PromptSet, reward_fn: RewardFn, *, mesh, workdir: str, eos_id: int | Sequence[int] | None,
                pad_id: int = 0):
     self.config, self.rl = config, config.rl
     loss_lib.check_config(self.rl)
     self.mesh, self.workdir = mesh, workdir
-    self.prompts, self.reward_fn = list(prompts), reward_fn
+    self.prompts = prompts if isinstance(prompts, PromptSet) else PromptList(prompts)
+    self.reward_fn = reward_fn
     self.eos_id, self.pad_id = eos_id, pad_id
     self.graphdef, params = nnx.split(model)
     # The train step donates its params; copy them so the caller's model stays usable (the
@@ -394,10 +425,10 @@ class RLTrainer:
     self._ref_fn = None
     self._mismatch = None  # the jitted `routing_mismatch`, built on first use
 
-    difficulties = [p.difficulty for p in self.prompts]
     self.sampler = samplers.make_sampler(
-        self.rl.sampling, difficulties if self.rl.sampling.get("curriculum") else None,
-        num_prompts=len(self.prompts), pass_rates=[p.pass_rate for p in self.prompts],
+        self.rl.sampling,
+        list(self.prompts.difficulties) if self.rl.sampling.get("curriculum") else None,
+        num_prompts=len(self.prompts), pass_rates=list(self.prompts.pass_rates),
         seed=data_seed(config))
     self.success = self.sampler.success_rates
     self.buffer = sampling.ReplayBuffer()
@@ -505,7 +536,7 @@ class RLTrainer:
     ids = self.sampler.sample(it, rl.prompts_per_iteration)
     model = nnx.merge(self.graphdef, self.params)
     finished, self.buffer = sampling.rollout(
-        model, [(int(i), self.prompts[int(i)].tokens) for i in ids],
+        model, list(zip((int(i) for i in ids), self.prompts.tokens(ids))),
         num_samples=self.k, max_new_tokens=rl.max_new_tokens,
         segment_budget=rl.segment_budget or rl.max_new_tokens, buffer=self.buffer,
         policy_version=it, seed=int(jax.random.randint(

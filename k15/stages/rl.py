@@ -4,7 +4,8 @@ r"""Mode `rl`: the k1.5 RL iteration on a Hugging Face checkpoint, real prompts 
         --config.model_path=CKPT --config.data.train=TRAIN.jsonl --config.data.eval=EVAL.jsonl \
         --config.data.format=gsm8k --config.reward=math --config.rl.iterations=N
 
-  checkpoint (k15.hf_policy) -> prompts rendered with its chat template
+  checkpoint (k15.hf_policy) -> the training file, each host parsing its share of the lines
+     (k15.data.prompt_file); the drawn prompts rendered with the chat template, a share per host
   -> k15.rl.trainer.RLTrainer (the loop the tiny pipeline runs too), rewarded by
      k15.rewards.verifier on the decoded responses (with several hosts, each grades its share
      of them and the rewards are gathered onto every host)
@@ -50,16 +51,15 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   hf_policy.check_data_config(config, need=("train",))
   config = hf_policy.with_checkpoint_architecture(config)
   tok = hf_policy.load_tokenizer(config.model_path, hf_policy.instruction(config))
-  train = hf_policy.load_problems(config, "train")
+  # Each host parses its share of the training file and reads records only as it needs them.
+  train = hf_policy.open_prompt_file(config, "train", tok)
   eval_problems = hf_policy.load_problems(config, "eval") if config.data.eval else []
   grade = verifier.make_grader(config.reward, config.reward_options)
   _log(f"{len(train)} RL prompts, {len(eval_problems)} eval problems; reward {config.reward}")
 
-  prompts = [trainer_lib.Prompt(tokens=tok.render_prompt(r.prompt), difficulty=r.difficulty)
-             for r in train]
   # Before the checkpoint loads: a sample past its positions is refused here.
-  hf_policy.check_lengths(config, [p.tokens for p in prompts], "rl.max_new_tokens")
-  hf_policy.check_lengths(config, [tok.render_prompt(r.prompt) for r in eval_problems],
+  hf_policy.check_lengths(config, train.prompt_lengths, "rl.max_new_tokens")
+  hf_policy.check_lengths(config, [len(tok.render_prompt(r.prompt)) for r in eval_problems],
                           "evaluate.max_new_tokens")
 
   mesh = parallel.make_mesh(config.mesh)
@@ -71,7 +71,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
     reward_fn = hf_policy.make_reward_fn(tok, train, grade)
     rl_dir = os.path.join(workdir, "rl")
-    trainer = trainer_lib.RLTrainer(config, model, prompts, reward_fn, mesh=mesh,
+    trainer = trainer_lib.RLTrainer(config, model, train, reward_fn, mesh=mesh,
                                     workdir=rl_dir, eos_id=tok.stop_ids, pad_id=tok.pad_id)
     every, end = config.rl.eval_every, config.rl.iterations
     if eval_problems and every and trainer.checkpointer.latest_step() is None:
