@@ -112,6 +112,8 @@ class Program:
   bytes: float
   compile_s: float
   plan_bytes: float
+  # The Pallas (Mosaic) kernels the program calls, by name: which attention it really runs.
+  kernels: tuple[str, ...] = ()
 
   @property
   def total(self) -> int:
@@ -121,8 +123,10 @@ class Program:
 
 def _compile(name, shapes, fn, args, plan_bytes) -> Program:
   t0 = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  lowered = fn.lower(*args)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  kernels = tuple(sorted(set(re.findall(r'kernel_name\s*=\s*"([^"]+)"', lowered.as_text()))))
   ma = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
@@ -132,7 +136,7 @@ def _compile(name, shapes, fn, args, plan_bytes) -> Program:
             "temporaries": ma.temp_size_in_bytes, "aliased": ma.alias_size_in_bytes,
             "code": ma.generated_code_size_in_bytes}
   return Program(name, shapes, memory, float(cost.get("flops", 0.0)),
-                 float(cost.get("bytes accessed", 0.0)), compile_s, float(plan_bytes))
+                 float(cost.get("bytes accessed", 0.0)), compile_s, float(plan_bytes), kernels)
 
 
 def _struct(shape, dtype, axes, mesh) -> jax.ShapeDtypeStruct:
@@ -358,6 +362,7 @@ def to_json(result: dict[str, Any]) -> dict[str, Any]:
       "programs": [{"name": pr.name, "shapes": pr.shapes, "memory_gib": pr.total / GiB,
                     "fits": pr.total <= hbm, "flops": pr.flops, "bytes": pr.bytes,
                     "compile_s": pr.compile_s, "plan_gib": pr.plan_bytes / GiB,
+                    "kernels": list(pr.kernels),
                     **{f"{key}_gib": v / GiB for key, v in pr.memory.items()}}
                    for pr in result["programs"]],
   }
@@ -377,7 +382,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"{pr.name:13s} {g(m['arguments'])} {g(m['outputs'])} {g(m['temporaries'])} "
         f"{g(m['code'])} {g(m['aliased'])} {g(pr.total)} {g(pr.plan_bytes)}  "
         f"{'yes' if pr.total <= hbm else 'NO':4s} {pr.flops / 1e12:9.2f} {pr.bytes / 1e9:8.2f} "
-        f"{pr.compile_s:7.1f}s  {pr.shapes}")
+        f"{pr.compile_s:7.1f}s  {pr.shapes}"
+        + (f"; kernels {', '.join(pr.kernels)}" if pr.kernels else ""))
   return "\n".join(lines)
 
 

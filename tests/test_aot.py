@@ -65,6 +65,7 @@ def test_train_step_and_reference_pass_compile_for_v5e8_within_20pc_of_the_plan(
   for program in (train, ref):
     assert abs(program.plan_bytes - _buffers(program)) <= 0.2 * _buffers(program), (
         program.name, program.plan_bytes / aot.GiB, program.memory)
+  assert any(k.startswith("splash") for k in train.kernels), train.kernels
   row = aot.to_json(result)["programs"][0]
   assert row["fits"] and set(row) >= {"name", "memory_gib", "fits", "flops", "bytes",
                                       "compile_s", "plan_gib"}
@@ -88,6 +89,8 @@ def test_sampler_programs_compile_for_v5e8_within_20pc_of_the_plan():
   assert paged_step.memory["aliased"] >= pool_per_chip, (pool_per_chip, paged_step.memory)
   assert decode.memory["aliased"] >= s["kv_cache"], (s["kv_cache"], decode.memory)
   assert decode.memory["temporaries"] < 0.5 * s["kv_cache"], (s["kv_cache"], decode.memory)
+  # The prefill attends over its own tokens with the splash kernel (under shard_map).
+  assert any(k.startswith("splash") for k in prefill.kernels), prefill.kernels
   for program in (prefill, decode, paged_step):
     assert abs(program.plan_bytes - _buffers(program)) <= 0.2 * _buffers(program), (
         program.name, program.plan_bytes / aot.GiB, program.memory)

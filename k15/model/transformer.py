@@ -318,18 +318,22 @@ class Attention(nnx.Module):
       angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     q, k, v = self.project(x, angles)
 
-    if cache is None:
-      kv_k, kv_v, kv_seg, kv_pos, kv_layout, k_layout = k, v, segment_ids, positions, "BSKH", None
-      new_kv = None
-    else:
+    new_kv = None
+    if cache is not None:
       # Write this step's keys/values in place at slot cache_index of this layer's cache (a
-      # decode step touches one slot per row and head, not the whole cache), then attend over
-      # the whole cache as it lies: kv heads before length, so each (row, head)'s values are one
-      # contiguous [S, H] matrix and its keys one [H, S] matrix (see `init_cache`).
+      # decode step touches one slot per row and head, not the whole cache).
       new_k = jnp.einsum("BTKH->BKHT", k).astype(cache["k"].dtype)
       new_v = jnp.einsum("BTKH->BKTH", v).astype(cache["v"].dtype)
       new_kv = (jax.lax.dynamic_update_slice(cache["k"], new_k, (0, 0, 0, cache_index)),
                 jax.lax.dynamic_update_slice(cache["v"], new_v, (0, 0, cache_index, 0)))
+    if cache is None or starts_cache(cache_index):
+      # Without a cache, or filling one from slot 0 (a prefill): the tokens attend to one
+      # another only, with as many keys as queries, the shape the splash kernel takes
+      # (attending over the cache's S slots would give the same values, S - T of them masked).
+      kv_k, kv_v, kv_seg, kv_pos, kv_layout, k_layout = k, v, segment_ids, positions, "BSKH", None
+    else:
+      # Attend over the whole cache as it lies: kv heads before length, so each (row, head)'s
+      # values are one contiguous [S, H] matrix and its keys one [H, S] matrix (`init_cache`).
       kv_k, kv_v = (c.astype(dt) for c in new_kv)
       kv_seg, kv_pos, kv_layout, k_layout = (cache["segment_ids"], cache["positions"], "BKSH",
                                              "BKHS")
@@ -578,7 +582,8 @@ class Transformer(nnx.Module):
   Optional `positions` and `segment_ids` ([B, T] int32) support packed sequences and left
   padding: segment id 0 marks padding, and a token attends to earlier positions of its own
   segment only. With `cache` (from `init_cache`) and `cache_index` the call writes this
-  step's keys/values into the cache at that slot and returns `(logits, cache)`. `angles`
+  step's keys/values into the cache at that slot and returns `(logits, cache)`; a call at
+  slot 0 (a Python int: a prefill) starts the cache, attending to its own tokens only. `angles`
   may pass `rope_angles(positions, ...)` computed ahead (the sampler computes a whole
   generation's before its decode loop, which otherwise evaluates sin and cos in every layer
   of every step). `hidden=True` returns the final norm's output [B, T, D] instead of the
@@ -769,6 +774,12 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     if isinstance(var, nnx.Param):
       var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
   return blocks
+
+
+def starts_cache(cache_index: Array | int | None) -> bool:
+  """Whether a call with this cache_index fills the cache from its first slot (statically 0):
+  such a call starts the cache, so nothing written there before is attended to."""
+  return isinstance(cache_index, int) and not isinstance(cache_index, bool) and cache_index == 0
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
