@@ -192,6 +192,8 @@ def main() -> None:
   args, rl_overrides = p.parse_known_args()
   if any(not a.startswith("--config.") for a in rl_overrides):
     p.error(f"unknown arguments {rl_overrides}: only --config.* overrides pass through (to RL)")
+  if not 0 <= args.slip <= 1:
+    p.error(f"--slip={args.slip} is a share of the demonstrations: give a value in [0, 1]")
 
   w = os.path.abspath(args.workdir)
   os.makedirs(os.path.join(w, "ckpt"), exist_ok=True)
