@@ -1,6 +1,6 @@
 r"""Compile time of the 1.5B config's TPU train step against depth, layers scanned or looped.
 
-    python benchmarks/scan_compile.py [--layers=4,8] [--tokens=1024] [--json=PATH]
+    python -m benchmarks.scan_compile [--layers=4,8] [--tokens=1024] [--json=PATH]
 
 Compiles `k15.aot`'s train program of configs/qwen25_1p5b_v5e.py for its v5e-8 slice (libtpu's
 compile-only devices, no TPU needed) with `model.num_layers` set to each depth, with

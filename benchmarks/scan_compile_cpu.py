@@ -1,7 +1,7 @@
 r"""Compile time of the 1.5B config's train step on XLA:CPU against depth, layers scanned or looped.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-        python benchmarks/scan_compile_cpu.py [--layers=4,16]
+        python -m benchmarks.scan_compile_cpu [--layers=4,16]
 
 The TPU figure is benchmarks/scan_compile.py (libtpu's compile-only devices); this one needs
 nothing but jax and compiles the same train step (`update.make_train_step`, chunked log-probs,
