@@ -111,10 +111,12 @@ class PromptFile:
 
     # Each host parses (and tokenizes) its share; all hosts then merge the same lists.
     start, stop = self.share
+    # A closure, not the bound method: grain names a map by its function's repr, and this
+    # object's repr reads attributes set below.
     mine = (grain.MapDataset.source(self._lines)[start:stop]
-            .map(lambda item: self._validate(item)).to_iter_dataset(grain.ReadOptions(num_threads=0)))
-    rows = [row for row in mine]
-    every = [row for host_rows in parallel.gather_json(rows) for row in host_rows]
+            .map(lambda item: self._validate(item))
+            .to_iter_dataset(grain.ReadOptions(num_threads=0)))
+    every = [row for host_rows in parallel.gather_json(list(mine)) for row in host_rows]
 
     errors: list[tuple[int, str]] = []
     first_line_of_id: dict[str, int] = {}
@@ -167,9 +169,8 @@ class PromptFile:
     return self._parse(*self._lines[int(self._index[i])])
 
   def records(self, ids: Sequence[int]) -> list[prompts_lib.PromptRecord]:
-    """The records of `ids`, read through grain (this host's reads only, no collective)."""
-    lines = grain.MapDataset.source(self._lines)
-    return [self._parse(*lines[int(self._index[int(i)])]) for i in ids]
+    """The records of `ids`, each read from its line (this host's reads only, no collective)."""
+    return [self[int(i)] for i in ids]
 
   def tokens(self, ids: Sequence[int]) -> list[list[int]]:
     """The prompt token ids of records `ids`, the same on every host: each host reads and

@@ -367,8 +367,8 @@ class RLTrainer:
   """
 
   def __init__(self, config: Any, model: transformer.Transformer,
-               prompts: Sequence[Prompt] | PromptSet, reward_fn: RewardFn, *, mesh, workdir: str, eos_id: int | Sequence[int] | None,
-               pad_id: int = 0):
+               prompts: Sequence[Prompt] | PromptSet, reward_fn: RewardFn, *, mesh,
+               workdir: str, eos_id: int | Sequence[int] | None, pad_id: int = 0):
     self.config, self.rl = config, config.rl
     loss_lib.check_config(self.rl)
     self.mesh, self.workdir = mesh, workdir
