@@ -28,7 +28,7 @@ import grain
 import numpy as np
 from etils import epath
 
-from k15 import parallel
+from k15 import metrics, parallel
 from k15.data import prompts as prompts_lib
 
 # Prompt text -> token ids (the chat template applied).
@@ -116,7 +116,13 @@ class PromptFile:
     mine = (grain.MapDataset.source(self._lines)[start:stop]
             .map(lambda item: self._validate(item))
             .to_iter_dataset(grain.ReadOptions(num_threads=0)))
-    every = [row for host_rows in parallel.gather_json(list(mine)) for row in host_rows]
+    rows = []
+    with metrics.progress(stop - start, f"reading {os.path.basename(self.path)}",
+                          unit="line") as bar:
+      for row in mine:
+        rows.append(row)
+        bar.update(1)
+    every = [row for host_rows in parallel.gather_json(rows) for row in host_rows]
 
     errors: list[tuple[int, str]] = []
     first_line_of_id: dict[str, int] = {}
