@@ -64,17 +64,21 @@ def _check_qwen25_gsm8k(outputs, work):
     logits = model(torch.tensor(probe["tokens"], dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(logits, probe["logits"], atol=1e-4, rtol=0)
 
-  # RL moved the weights (lr 1e-3 in the shrunk run) exactly when some group's rewards differed:
-  # with PMD's reference from the trainer's own pass, S - S_ref is 0 on the first minibatch, so
-  # groups of equal rewards (a random tiny model answers nothing right) give a zero gradient.
+  # RL's gradient is real exactly when some group's rewards differed. With equal rewards in
+  # every group (a random tiny model answers nothing right) the advantage is 0 and only the
+  # regulariser tau (S - S_ref) grad S is left: 0 on the first minibatch, whose reference is its
+  # own forward pass, and rounding noise on the others, whose reference comes from a separately
+  # compiled pass. Adam scales even that noise to lr-sized steps, so the check is on the
+  # gradient's norm; the weights must move when there is a signal.
   before = hf.open_safetensors(str(work / "tiny" / "qwen2-tiny" / "model.safetensors"))
   after = hf.open_safetensors(str(saved / "model.safetensors"))
   assert set(after) <= set(before)
   moved = max(float(np.abs(np.asarray(after[k]) - np.asarray(before[k])).max()) for k in after)
+  grad_norm = max(r["train/grad_norm"] for r in rows)
   if all(r["train/frac_groups_all_equal"] == 1.0 for r in rows):
-    assert moved == 0.0, moved
+    assert grad_norm < 1e-5 and all(r["train/advantage_abs_mean"] == 0.0 for r in rows), rows
   else:
-    assert moved > 1e-4, moved
+    assert grad_norm > 1e-5 and moved > 1e-4, (grad_norm, moved)
 
 
 # notebook -> (fake CPU devices, modules it needs beyond k15's own, checks)
