@@ -39,8 +39,9 @@ def get_config(arg=None):
   c.rl = k15_config.rl_block(
       iterations=1000,
       # k = 8 per group (§2.3.2 baseline). 14 prompts: the most whose rollout keeps the prefill
-      # at 128 sequences (14 new + up to 112 continued rows, 44.4 GiB per chip compiled) and the
-      # decode step at 256 rows (24.5 GiB); 15 would prefill 256 sequences (docs/scaling.md).
+      # at 128 sequences (14 new + up to 112 continued rows, 45.2 GiB per chip compiled) and the
+      # decode step at 256 rows (24.5 GiB); 15 would prefill 256 sequences, 88.2 GiB of 95: too
+      # close (docs/scaling.md).
       prompts_per_iteration=14, samples_per_prompt=8,
       max_new_tokens=32_768,       # long CoT
       segment_budget=16_384,       # partial rollouts (§2.6): two segments at most
