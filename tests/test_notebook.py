@@ -76,7 +76,7 @@ def _check_qwen25_gsm8k(outputs, work):
   moved = max(float(np.abs(np.asarray(after[k]) - np.asarray(before[k])).max()) for k in after)
   grad_norm = max(r["train/grad_norm"] for r in rows)
   if all(r["train/frac_groups_all_equal"] == 1.0 for r in rows):
-    assert grad_norm < 1e-5 and all(r["train/advantage_abs_mean"] == 0.0 for r in rows), rows
+    assert grad_norm < 1e-5 and all(r["train/advantage_abs_mean"] < 1e-6 for r in rows), rows
   else:
     assert grad_norm > 1e-5 and moved > 1e-4, (grad_norm, moved)
 
